@@ -1,0 +1,407 @@
+//! Node secrets and the mutual HMAC-SHA256 challenge-response handshake, as pure state machines.
+//!
+//! Neither side ever sends the secret: each proves it knows it by a MAC over both nonces and the
+//! node name, with a different label per direction so one side's proof cannot be replayed as the
+//! other's. The state machines do no I/O, so the fuzzer and the tests drive them directly.
+
+use crate::proto::{Frame, RejectCode, NONCE_LEN, VERSION_MAX, VERSION_MIN};
+use ring::hmac;
+
+const AGENT_LABEL: &[u8] = b"wisp-v1 agent proof";
+const CONTROLLER_LABEL: &[u8] = b"wisp-v1 controller proof";
+
+/// The node's secret as Jenkins derives inbound-agent secrets: hex(HMAC-SHA256(key, name)).
+pub fn node_secret(controller_key: &[u8], node_name: &str) -> String {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, controller_key);
+    hex(hmac::sign(&key, node_name.as_bytes()).as_ref())
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
+
+/// Fresh random bytes from the operating system.
+pub fn random_nonce() -> [u8; NONCE_LEN] {
+    use ring::rand::SecureRandom;
+    let mut n = [0u8; NONCE_LEN];
+    ring::rand::SystemRandom::new().fill(&mut n).expect("the OS random source failed");
+    n
+}
+
+fn proof(
+    label: &[u8],
+    secret: &str,
+    name: &str,
+    agent: &[u8; NONCE_LEN],
+    ctl: &[u8; NONCE_LEN],
+) -> hmac::Tag {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes());
+    let mut ctx = hmac::Context::with_key(&key);
+    ctx.update(label);
+    ctx.update(&(name.len() as u32).to_be_bytes());
+    ctx.update(name.as_bytes());
+    ctx.update(agent);
+    ctx.update(ctl);
+    ctx.sign()
+}
+
+fn verify(
+    label: &[u8],
+    secret: &str,
+    name: &str,
+    a: &[u8; NONCE_LEN],
+    c: &[u8; NONCE_LEN],
+    tag: &[u8],
+) -> bool {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes());
+    let mut msg = Vec::with_capacity(label.len() + 4 + name.len() + 2 * NONCE_LEN);
+    msg.extend_from_slice(label);
+    msg.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    msg.extend_from_slice(name.as_bytes());
+    msg.extend_from_slice(a);
+    msg.extend_from_slice(c);
+    // ring compares in constant time.
+    hmac::verify(&key, &msg, tag).is_ok()
+}
+
+/// Compare two byte strings in constant time (for tokens and secrets).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// What the controller's handshake wants done next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ServerStep<'a> {
+    /// Look up this node's secret and call [`ServerHandshake::on_secret`] (None if unknown).
+    LookupNode(&'a str),
+    /// Send this frame and wait for the agent's next one.
+    Send(Frame<'static>),
+    /// Send this `Welcome` frame: the agent is authenticated.
+    Accept(Frame<'static>),
+    /// Send this `Reject` frame and close the connection.
+    Reject(RejectCode, String),
+}
+
+#[derive(Debug)]
+enum ServerState {
+    AwaitHello,
+    AwaitSecret { agent_nonce: [u8; NONCE_LEN] },
+    AwaitAuth { agent_nonce: [u8; NONCE_LEN], secret: String },
+    Done,
+}
+
+/// The controller's side of the handshake: Hello → Challenge → Auth → Welcome (or Reject).
+#[derive(Debug)]
+pub struct ServerHandshake {
+    nonce: [u8; NONCE_LEN],
+    name: String,
+    version: u16,
+    ping_interval_ms: u32,
+    state: ServerState,
+}
+
+impl ServerHandshake {
+    /// A handshake that will use `nonce` as the controller's challenge.
+    pub fn new(nonce: [u8; NONCE_LEN], ping_interval_ms: u32) -> Self {
+        Self { nonce, name: String::new(), version: 0, ping_interval_ms, state: ServerState::AwaitHello }
+    }
+
+    /// The node name the agent claimed (empty before Hello).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The negotiated protocol version (0 before Hello).
+    pub fn version(&self) -> u16 {
+        self.version
+    }
+
+    /// Feed the next frame from the agent.
+    pub fn on_frame(&mut self, frame: &Frame<'_>) -> ServerStep<'_> {
+        match (&self.state, frame) {
+            (ServerState::AwaitHello, Frame::Hello { min_version, max_version, name, nonce, .. }) => {
+                let (lo, hi) = (*min_version.max(&VERSION_MIN), *max_version.min(&VERSION_MAX));
+                if lo > hi {
+                    self.state = ServerState::Done;
+                    return ServerStep::Reject(
+                        RejectCode::UnsupportedVersion,
+                        format!(
+                            "the agent speaks protocol {min_version}..={max_version} but this controller \
+                             speaks {VERSION_MIN}..={VERSION_MAX}: upgrade the older of the two"
+                        ),
+                    );
+                }
+                if name.is_empty() {
+                    self.state = ServerState::Done;
+                    return ServerStep::Reject(RejectCode::ProtocolError, "empty node name".into());
+                }
+                self.version = hi;
+                self.name = name.to_string();
+                self.state = ServerState::AwaitSecret { agent_nonce: *nonce };
+                ServerStep::LookupNode(&self.name)
+            }
+            (ServerState::AwaitAuth { agent_nonce, secret }, Frame::Auth { proof: tag }) => {
+                if !verify(AGENT_LABEL, secret, &self.name, agent_nonce, &self.nonce, tag) {
+                    self.state = ServerState::Done;
+                    return ServerStep::Reject(
+                        RejectCode::WrongSecret,
+                        format!(
+                            "wrong secret for node '{}': copy the secret from `wisp node add` or \
+                             `wisp node secret {}`",
+                            self.name, self.name
+                        ),
+                    );
+                }
+                let mine = proof(CONTROLLER_LABEL, secret, &self.name, agent_nonce, &self.nonce);
+                let mut p = [0u8; NONCE_LEN];
+                p.copy_from_slice(mine.as_ref());
+                self.state = ServerState::Done;
+                ServerStep::Accept(Frame::Welcome { proof: p, ping_interval_ms: self.ping_interval_ms })
+            }
+            (_, other) => {
+                self.state = ServerState::Done;
+                ServerStep::Reject(
+                    RejectCode::ProtocolError,
+                    format!("unexpected {} frame during the handshake", frame_kind(other)),
+                )
+            }
+        }
+    }
+
+    /// Give the secret of the node named in Hello, or None when no such node exists.
+    pub fn on_secret(&mut self, secret: Option<&str>) -> ServerStep<'_> {
+        let agent_nonce = match self.state {
+            ServerState::AwaitSecret { agent_nonce } => agent_nonce,
+            _ => {
+                self.state = ServerState::Done;
+                return ServerStep::Reject(RejectCode::ProtocolError, "handshake out of order".into());
+            }
+        };
+        match secret {
+            None => {
+                self.state = ServerState::Done;
+                ServerStep::Reject(
+                    RejectCode::UnknownNode,
+                    format!(
+                        "no node named '{}' on this controller: create it with `wisp node add {}`",
+                        self.name, self.name
+                    ),
+                )
+            }
+            Some(s) => {
+                self.state = ServerState::AwaitAuth { agent_nonce, secret: s.to_string() };
+                ServerStep::Send(Frame::Challenge { version: self.version, nonce: self.nonce })
+            }
+        }
+    }
+}
+
+/// What the agent's handshake wants done next.
+#[allow(missing_docs)]
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClientStep {
+    /// Send this frame and wait for the controller's next one.
+    Send(Frame<'static>),
+    /// Authenticated both ways; ping at this interval.
+    Done { version: u16, ping_interval_ms: u32 },
+    /// The controller refused us; print the message and stop (or retry if `code` allows).
+    Rejected(RejectCode, String),
+    /// The peer is not a controller that knows our secret, or broke the protocol.
+    Failed(String),
+}
+
+/// The agent's side of the handshake.
+#[derive(Debug)]
+pub struct ClientHandshake<'s> {
+    name: &'s str,
+    secret: &'s str,
+    nonce: [u8; NONCE_LEN],
+    ctl_nonce: Option<[u8; NONCE_LEN]>,
+    version: u16,
+}
+
+impl<'s> ClientHandshake<'s> {
+    /// Start a handshake; the returned frame (Hello) is to be sent first.
+    pub fn new(
+        name: &'s str,
+        secret: &'s str,
+        nonce: [u8; NONCE_LEN],
+        capabilities: u32,
+    ) -> (Self, Frame<'s>) {
+        let hello =
+            Frame::Hello { min_version: VERSION_MIN, max_version: VERSION_MAX, name, capabilities, nonce };
+        (Self { name, secret, nonce, ctl_nonce: None, version: 0 }, hello)
+    }
+
+    /// Feed the next frame from the controller.
+    pub fn on_frame(&mut self, frame: &Frame<'_>) -> ClientStep {
+        match (self.ctl_nonce, frame) {
+            (None, Frame::Challenge { version, nonce }) => {
+                if !(VERSION_MIN..=VERSION_MAX).contains(version) {
+                    return ClientStep::Failed(format!("controller chose protocol version {version}"));
+                }
+                self.version = *version;
+                self.ctl_nonce = Some(*nonce);
+                let tag = proof(AGENT_LABEL, self.secret, self.name, &self.nonce, nonce);
+                let mut p = [0u8; NONCE_LEN];
+                p.copy_from_slice(tag.as_ref());
+                ClientStep::Send(Frame::Auth { proof: p })
+            }
+            (Some(ctl), Frame::Welcome { proof: tag, ping_interval_ms }) => {
+                if verify(CONTROLLER_LABEL, self.secret, self.name, &self.nonce, &ctl, tag) {
+                    ClientStep::Done { version: self.version, ping_interval_ms: *ping_interval_ms }
+                } else {
+                    ClientStep::Failed(
+                        "the controller could not prove it knows this node's secret: it is not the \
+                         controller you meant, or the node was re-created there"
+                            .into(),
+                    )
+                }
+            }
+            (_, Frame::Reject { code, message }) => ClientStep::Rejected(*code, message.to_string()),
+            (_, other) => {
+                ClientStep::Failed(format!("unexpected {} frame during the handshake", frame_kind(other)))
+            }
+        }
+    }
+}
+
+/// A short name of a frame's type, for messages.
+pub fn frame_kind(f: &Frame<'_>) -> &'static str {
+    match f {
+        Frame::Hello { .. } => "Hello",
+        Frame::Challenge { .. } => "Challenge",
+        Frame::Auth { .. } => "Auth",
+        Frame::Welcome { .. } => "Welcome",
+        Frame::Reject { .. } => "Reject",
+        Frame::StepStart(_) => "StepStart",
+        Frame::Output { .. } => "Output",
+        Frame::Exit { .. } => "Exit",
+        Frame::Cancel { .. } => "Cancel",
+        Frame::Credit { .. } => "Credit",
+        Frame::Ack { .. } => "Ack",
+        Frame::Ping { .. } => "Ping",
+        Frame::Pong { .. } => "Pong",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Run a full handshake; `known` is the controller's view of the secret.
+    fn run(agent_secret: &str, known: Option<&str>) -> (ClientStep, Option<RejectCode>) {
+        let (mut c, hello) = ClientHandshake::new("n1", agent_secret, [1; 32], 0);
+        let mut s = ServerHandshake::new([2; 32], 15000);
+        assert_eq!(s.on_frame(&hello), ServerStep::LookupNode("n1"));
+        let challenge = match s.on_secret(known) {
+            ServerStep::Send(f) => f,
+            ServerStep::Reject(code, msg) => {
+                let r = Frame::Reject { code, message: &msg };
+                return (c.on_frame(&r), Some(code));
+            }
+            other => panic!("{other:?}"),
+        };
+        let auth = match c.on_frame(&challenge) {
+            ClientStep::Send(f) => f,
+            other => panic!("{other:?}"),
+        };
+        match s.on_frame(&auth) {
+            ServerStep::Accept(welcome) => (c.on_frame(&welcome), None),
+            ServerStep::Reject(code, msg) => {
+                let r = Frame::Reject { code, message: &msg };
+                (c.on_frame(&r), Some(code))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn secret_is_64_hex_chars_of_hmac_of_name() {
+        let s = node_secret(b"key", "n1");
+        assert_eq!(s.len(), 64);
+        assert_ne!(s, node_secret(b"key", "n2"));
+        assert_ne!(s, node_secret(b"other", "n1"));
+    }
+
+    #[test]
+    fn matching_secrets_authenticate_both_ways() {
+        let secret = node_secret(b"k", "n1");
+        assert!(matches!(run(&secret, Some(&secret)).0, ClientStep::Done { version: 1, .. }));
+    }
+
+    #[test]
+    fn wrong_secret_is_rejected_with_its_own_code() {
+        let (step, code) = run("bad", Some(&node_secret(b"k", "n1")));
+        assert_eq!(code, Some(RejectCode::WrongSecret));
+        assert!(
+            matches!(step, ClientStep::Rejected(RejectCode::WrongSecret, m) if m.contains("wrong secret"))
+        );
+    }
+
+    #[test]
+    fn unknown_node_is_rejected_with_its_own_code() {
+        let (step, code) = run("x", None);
+        assert_eq!(code, Some(RejectCode::UnknownNode));
+        assert!(
+            matches!(step, ClientStep::Rejected(RejectCode::UnknownNode, m) if m.contains("no node named"))
+        );
+    }
+
+    #[test]
+    fn impostor_controller_fails_the_agents_check() {
+        let secret = node_secret(b"k", "n1");
+        let (mut c, _) = ClientHandshake::new("n1", &secret, [1; 32], 0);
+        assert!(matches!(c.on_frame(&Frame::Challenge { version: 1, nonce: [3; 32] }), ClientStep::Send(_)));
+        let fake = Frame::Welcome { proof: [0; 32], ping_interval_ms: 1 };
+        assert!(matches!(c.on_frame(&fake), ClientStep::Failed(m) if m.contains("could not prove")));
+    }
+
+    #[test]
+    fn agent_proof_cannot_be_reflected_as_controller_proof() {
+        let secret = node_secret(b"k", "n1");
+        let (mut c, _) = ClientHandshake::new("n1", &secret, [1; 32], 0);
+        let auth = match c.on_frame(&Frame::Challenge { version: 1, nonce: [3; 32] }) {
+            ClientStep::Send(Frame::Auth { proof }) => proof,
+            other => panic!("{other:?}"),
+        };
+        let reflected = Frame::Welcome { proof: auth, ping_interval_ms: 1 };
+        assert!(matches!(c.on_frame(&reflected), ClientStep::Failed(_)));
+    }
+
+    #[test]
+    fn unsupported_version_is_rejected() {
+        let mut s = ServerHandshake::new([2; 32], 1);
+        let hello =
+            Frame::Hello { min_version: 7, max_version: 9, name: "n", capabilities: 0, nonce: [0; 32] };
+        assert!(matches!(s.on_frame(&hello), ServerStep::Reject(RejectCode::UnsupportedVersion, _)));
+    }
+
+    #[test]
+    fn frames_out_of_order_are_protocol_errors() {
+        let mut s = ServerHandshake::new([2; 32], 1);
+        assert!(matches!(
+            s.on_frame(&Frame::Auth { proof: [0; 32] }),
+            ServerStep::Reject(RejectCode::ProtocolError, _)
+        ));
+        let mut s = ServerHandshake::new([2; 32], 1);
+        assert!(matches!(s.on_secret(Some("x")), ServerStep::Reject(RejectCode::ProtocolError, _)));
+    }
+
+    #[test]
+    fn constant_time_eq_compares_contents() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

@@ -1,0 +1,131 @@
+//! `wisp-agent`: the build agent. Parses arguments and the Jenkins-style environment, then runs.
+
+use argh::FromArgs;
+use std::path::PathBuf;
+use wisp::agent::{self, Mode};
+
+/// A tiny build agent: connects to a wisp controller and runs the build steps it is given.
+///
+/// Also takes the Jenkins inbound-agent forms: `wisp-agent SECRET NAME` with JENKINS_URL set,
+/// the variables JENKINS_URL, JENKINS_SECRET, JENKINS_AGENT_NAME (or JENKINS_NAME),
+/// JENKINS_WEB_SOCKET, JENKINS_DIRECT_CONNECTION, JENKINS_AGENT_WORKDIR, and single-dash
+/// options such as -url, -webSocket and -workDir.
+#[derive(FromArgs)]
+struct Args {
+    /// controller URL, e.g. http://ci.example.com:8080/ (or JENKINS_URL)
+    #[argh(option)]
+    url: Option<String>,
+    /// node name (or JENKINS_AGENT_NAME / JENKINS_NAME)
+    #[argh(option)]
+    name: Option<String>,
+    /// node secret, or @FILE to read it from a file and keep it out of `ps` (or JENKINS_SECRET)
+    #[argh(option)]
+    secret: Option<String>,
+    /// connect over WebSocket on the controller's HTTP(S) port (or JENKINS_WEB_SOCKET=true)
+    #[argh(switch)]
+    websocket: bool,
+    /// connect over TCP straight to HOST:PORT, the controller's agent port (or JENKINS_DIRECT_CONNECTION)
+    #[argh(option)]
+    direct: Option<String>,
+    /// directory for workspaces (or JENKINS_AGENT_WORKDIR; default: the current directory)
+    #[argh(option)]
+    work_dir: Option<PathBuf>,
+    /// extra CA certificate(s) in PEM to trust for https:// controllers
+    #[argh(option)]
+    cert: Option<PathBuf>,
+    /// print the version and exit
+    #[argh(switch)]
+    version: bool,
+    /// SECRET NAME, as Kubernetes pod templates pass them
+    #[argh(positional, greedy)]
+    positional: Vec<String>,
+}
+
+/// Map Jenkins agent.jar's single-dash options onto ours.
+fn jenkins_compat(arg: String) -> String {
+    match arg.as_str() {
+        "-url" => "--url".into(),
+        "-name" => "--name".into(),
+        "-secret" => "--secret".into(),
+        "-webSocket" => "--websocket".into(),
+        "-direct" => "--direct".into(),
+        "-workDir" => "--work-dir".into(),
+        "-cert" => "--cert".into(),
+        _ => arg,
+    }
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("wisp-agent: {msg}");
+    std::process::exit(2);
+}
+
+fn main() {
+    let argv: Vec<String> = std::env::args().map(jenkins_compat).collect();
+    let strs: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let args = match Args::from_args(&strs[..1], &strs[1..]) {
+        Ok(a) => a,
+        Err(e) => {
+            if e.status.is_ok() {
+                println!("{}", e.output);
+                return;
+            }
+            eprintln!("{}", e.output);
+            std::process::exit(2);
+        }
+    };
+    if args.version {
+        println!("wisp-agent {}", env!("CARGO_PKG_VERSION"));
+        return;
+    }
+    wisp::logger::init();
+    let mut pos = args.positional.into_iter();
+    let (pos_secret, pos_name) = (pos.next(), pos.next());
+    if let Some(extra) = pos.next() {
+        fail(&format!("unexpected argument {extra:?}: the positional form is `wisp-agent SECRET NAME`"));
+    }
+    let url = args
+        .url
+        .or_else(|| env("JENKINS_URL"))
+        .unwrap_or_else(|| fail("no controller URL: give --url http://HOST:8080/ or set JENKINS_URL"));
+    let name = args
+        .name
+        .or(pos_name)
+        .or_else(|| env("JENKINS_AGENT_NAME"))
+        .or_else(|| env("JENKINS_NAME"))
+        .unwrap_or_else(|| fail("no node name: give --name NAME or set JENKINS_AGENT_NAME"));
+    let secret = args
+        .secret
+        .or(pos_secret)
+        .or_else(|| env("JENKINS_SECRET"))
+        .unwrap_or_else(|| fail("no secret: give --secret SECRET, --secret @FILE or set JENKINS_SECRET"));
+    let secret = match secret.strip_prefix('@') {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(s) => s.trim().to_string(),
+            Err(e) => fail(&format!("cannot read the secret from {path}: {e}")),
+        },
+        None => secret,
+    };
+    let websocket = args.websocket || env("JENKINS_WEB_SOCKET").is_some_and(|v| v == "true");
+    let direct = args.direct.or_else(|| env("JENKINS_DIRECT_CONNECTION"));
+    let mode = match (websocket, direct) {
+        (true, Some(_)) => fail("choose one of --websocket and --direct"),
+        (true, None) => Mode::WebSocket,
+        (false, Some(addr)) => Mode::Direct(addr),
+        (false, None) => Mode::Discover,
+    };
+    let work_dir = args
+        .work_dir
+        .or_else(|| env("JENKINS_AGENT_WORKDIR").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("."));
+    let cfg = agent::Config { url, name, secret, mode, work_dir, ca_file: args.cert };
+    if let Err(e) = agent::run(cfg) {
+        log::error!("{e}");
+        eprintln!("wisp-agent: {e}");
+        std::process::exit(e.exit_code());
+    }
+}

@@ -1,0 +1,14 @@
+//! wisp: a tiny static build agent and the controller it serves.
+//!
+//! `proto` and `auth` are the protocol both sides share; `link` carries frames over WebSocket or
+//! TCP; `agent` is the agent; `controller` (feature `controller`) is the controller and its CLI.
+#![warn(missing_docs)]
+
+pub mod agent;
+pub mod auth;
+pub mod link;
+pub mod logger;
+pub mod proto;
+
+#[cfg(feature = "controller")]
+pub mod controller;

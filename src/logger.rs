@@ -1,0 +1,93 @@
+//! A tiny stderr logger for both binaries: `2026-11-22T11:21:37Z INFO  message`.
+//!
+//! The level comes from `WISP_LOG` (error, warn, info, debug, trace); the default is info.
+
+use log::{Level, LevelFilter, Log, Metadata, Record};
+use std::io::Write;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+struct Stderr;
+
+static LOGGER: Stderr = Stderr;
+
+/// Install the logger; later calls are ignored.
+pub fn init() {
+    let level = match std::env::var("WISP_LOG").as_deref() {
+        Ok("error") => LevelFilter::Error,
+        Ok("warn") => LevelFilter::Warn,
+        Ok("debug") => LevelFilter::Debug,
+        Ok("trace") => LevelFilter::Trace,
+        Ok("off") => LevelFilter::Off,
+        _ => LevelFilter::Info,
+    };
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
+impl Log for Stderr {
+    fn enabled(&self, m: &Metadata<'_>) -> bool {
+        m.level() <= log::max_level()
+    }
+
+    fn log(&self, r: &Record<'_>) {
+        if !self.enabled(r.metadata()) {
+            return;
+        }
+        let (y, mo, d, h, mi, s) = utc_now();
+        let level = match r.level() {
+            Level::Error => "ERROR",
+            Level::Warn => "WARN ",
+            Level::Info => "INFO ",
+            Level::Debug => "DEBUG",
+            Level::Trace => "TRACE",
+        };
+        // One write per line so lines from threads do not interleave.
+        let mut line = heapless::String::<512>::new();
+        use std::fmt::Write as _;
+        let _ = write!(line, "{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z {level} ");
+        let _ = write!(line, "{}", r.args());
+        if line.len() >= 511 {
+            let _ = std::io::stderr().write_all(
+                format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z {level} {}\n", r.args()).as_bytes(),
+            );
+        } else {
+            let _ = line.push('\n');
+            let _ = std::io::stderr().write_all(line.as_bytes());
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Current UTC time as (year, month, day, hour, minute, second).
+pub fn utc_now() -> (i64, u32, u32, u32, u32, u32) {
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    utc(secs)
+}
+
+/// Civil UTC date and time of a Unix timestamp (Howard Hinnant's days-to-civil algorithm).
+pub fn utc(secs: i64) -> (i64, u32, u32, u32, u32, u32) {
+    let days = secs.div_euclid(86400);
+    let tod = secs.rem_euclid(86400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d, (tod / 3600) as u32, (tod % 3600 / 60) as u32, (tod % 60) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn civil_dates_are_right() {
+        assert_eq!(super::utc(0), (1970, 1, 1, 0, 0, 0));
+        assert_eq!(super::utc(1_795_346_497), (2026, 11, 22, 11, 21, 37));
+        assert_eq!(super::utc(951_782_400), (2000, 2, 29, 0, 0, 0));
+    }
+}
