@@ -65,8 +65,22 @@ apt_ensure() {
     export DEBIAN_FRONTEND=noninteractive
     local sudo=()
     [ "$(id -u)" -eq 0 ] || sudo=(sudo)
-    "${sudo[@]}" apt-get update -qq >/dev/null
-    "${sudo[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+    local log
+    log=$(mktemp)
+    "${sudo[@]}" apt-get update -qq >"$log" 2>&1 || { cat "$log" >&2; rm -f "$log"; return 1; }
+    # Packages such as nginx start their service on install; nothing here wants that.
+    local policy=/usr/sbin/policy-rc.d rc=0
+    local own_policy=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee "$policy" >/dev/null
+        "${sudo[@]}" chmod +x "$policy"
+        own_policy=1
+    fi
+    "${sudo[@]}" apt-get install -y -qq "${missing[@]}" >"$log" 2>&1 || rc=$?
+    [ "$own_policy" = 0 ] || "${sudo[@]}" rm -f "$policy"
+    [ "$rc" = 0 ] || { cat "$log" >&2; say "apt-get install ${missing[*]} failed"; }
+    rm -f "$log"
+    return "$rc"
 }
 
 # The container engine: podman (installed and configured as recipes.md says if no engine answers),
