@@ -38,8 +38,8 @@ for arch in "${arches[@]}"; do
     [ -f "$STATIC_DIR/$t/wisp-agent" ] || bash scripts/build-static.sh "$t"
     # Only this arch's binary is staged: a build that picked the wrong stage fails loudly.
     rm -rf "$ctx/target"
-    mkdir -p "$ctx/target/static/$t"
-    cp "$STATIC_DIR/$t/wisp-agent" "$ctx/target/static/$t/wisp-agent"
+    mkdir -p "$ctx/target/static/$arch"
+    cp "$STATIC_DIR/$t/wisp-agent" "$ctx/target/static/$arch/wisp-agent"
     tags=(-t "$image-$arch")
     [ "$arch" != "$host_arch" ] || tags+=(-t "$image")
     say "building $image-$arch with $engine"

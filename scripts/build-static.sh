@@ -65,6 +65,8 @@ for t in "${targets[@]}"; do
     "${cargo_cmd[@]}" build --quiet --profile agent --no-default-features --bin wisp-agent --target "$t"
     mkdir -p "$STATIC_DIR/$t"
     cp "$TARGET_DIR/$t/agent/wisp-agent" "$STATIC_DIR/$t/wisp-agent"
+    # image/Dockerfile finds the binary by container arch: target/static/amd64 -> x86_64-...
+    ln -sfn "$t" "$STATIC_DIR/$(arch_of_target "$t")"
 done
 
 for t in "${targets[@]}"; do

@@ -35,9 +35,14 @@ for t in "${targets[@]}"; do
         continue
     fi
     ok=1
+    desc=$(file -b "$bin")
+    if ! readelf -h "$bin" >/dev/null 2>&1; then
+        fail "$t: $bin is not an ELF file: $desc"
+        continue
+    fi
     # A static binary has no dynamic section and no program interpreter. (static-pie would have a
     # dynamic section; the musl targets here link plain static executables.)
-    dyn=$(readelf -d "$bin" 2>&1)
+    dyn=$(readelf -d "$bin" 2>&1) || true
     if ! grep -q 'There is no dynamic section' <<<"$dyn"; then
         fail "$t: $bin has a dynamic section, so it is not fully static:"
         grep -E 'NEEDED|INTERP' <<<"$dyn" >&2 || printf '%s\n' "$dyn" | head -5 >&2
@@ -47,7 +52,6 @@ for t in "${targets[@]}"; do
         fail "$t: $bin asks for a program interpreter: $(readelf -l "$bin" | grep -o 'interpreter: [^]]*')"
         ok=0
     fi
-    desc=$(file -b "$bin")
     if ! grep -q 'statically linked' <<<"$desc"; then
         fail "$t: file(1) does not call $bin statically linked: $desc"
         ok=0

@@ -135,7 +135,10 @@ harness_cleanup() {
 # Start `wisp serve` on ephemeral ports of 127.0.0.1 with its data in $WORK/ctl; sets CTL (the data
 # dir), URL (http://127.0.0.1:PORT/) and AGENT_ADDR (127.0.0.1:PORT).
 start_controller() {
-    [ -x "$WISP" ] || die "$WISP is missing: run \`cargo build --bins\` first (or set WISP_BIN)"
+    if [ ! -x "$WISP" ]; then
+        say "$WISP is missing: run \`cargo build --bins\` first (or set WISP_BIN)"
+        return 1
+    fi
     CTL=$WORK/ctl
     mkdir -p "$CTL"
     "$WISP" serve --data "$CTL" --http-port 0 --agent-port 0 --bind 127.0.0.1 2>"$WORK/controller.log" &
