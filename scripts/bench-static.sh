@@ -228,7 +228,12 @@ section=$WORK/section.md
     for tr in "${all[@]}"; do printf ' %s |' "$(cell online_ms "$tr" plain)"; done
     echo
     echo
-    echo "- The streaming step is \`yes <64-byte line> | head -c N\`: the agent relays it to the controller, which stores it and streams it to the client; the time is end to end. The controller here is a debug build unless WISP_BIN says otherwise."
+    case $WISP in
+        */debug/*) kind="a debug build" ;;
+        */release/*) kind="a release build" ;;
+        *) kind="the one named above" ;;
+    esac
+    echo "- The streaming step is \`yes <64-byte line> | head -c N\`; its time is end to end: the agent relays the output, the controller ($kind) stores it and streams it to \`wisp run --follow\`, which writes it to /dev/null."
     echo "- Start to online is timed from just before the agent is spawned until \`wisp nodes\` lists it online; one poll takes about $poll_ms ms, which bounds the resolution."
     if [ -n "$WSS_URL" ]; then
         echo "- wss goes through nginx on 127.0.0.1 terminating TLS with a throw-away CA (the controller itself serves plain HTTP); the agent trusts it with \`--cert\`."
