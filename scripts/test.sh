@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Runs every test of wisp: formatting, lints, unit and end-to-end tests, a short fuzz run, and the
+# static/ARM/container checks. Installs what it needs (rustup components and targets, Debian
+# packages, cargo-fuzz) itself, so it works on a fresh machine.
+#   WISP_FUZZ_SECONDS   seconds per fuzz target (default 30)
+#   WISP_SKIP_STATIC=1  skip the static-binary, image and ARM tests (for quick local runs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=never
+
+section() { printf '\n==== %s ====\n' "$*"; }
+
+section "toolchain"
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+cargo --version
+
+section "cargo fmt --check"
+cargo fmt --check
+
+section "cargo clippy"
+cargo clippy --all-targets -- -D warnings
+cargo clippy --no-default-features --lib --bin wisp-agent -- -D warnings
+
+section "cargo test"
+cargo build --bins
+cargo test --no-fail-fast 2>&1 | tee target/test-output.txt
+
+section "fuzz"
+bash scripts/fuzz.sh "${WISP_FUZZ_SECONDS:-30}"
+
+if [ "${WISP_SKIP_STATIC:-0}" != 1 ]; then
+    section "static agent, image, ARM under emulation"
+    bash scripts/test-static.sh
+fi
+
+section "summary"
+grep -E '^test result:' target/test-output.txt | awk '{p+=$4; f+=$6} END {printf "cargo test: %d passed, %d failed\n", p, f}'

@@ -1,0 +1,302 @@
+//! The controller's side of agent links: the handshake, the "already connected" check, and the
+//! reader and writer loops that store output, grant credit and keep the link alive.
+
+use super::core::{Conn, Controller, Out, StepEnd, STEP_CREDIT};
+use crate::auth::{self, ServerHandshake, ServerStep};
+use crate::link::{LinkError, LinkReader, LinkWriter};
+use crate::proto::{self, Frame, RejectCode, StepStart};
+use event_listener::Event;
+use smol::channel::{bounded, Receiver};
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How long an agent has to finish the handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the old link of a reconnecting node has to answer a ping before it is replaced.
+pub const STALE_CHECK: Duration = Duration::from_secs(3);
+/// A link is declared dead after this many ping intervals without a frame from the agent.
+pub const DEAD_AFTER_PINGS: u32 = 3;
+/// Frames waiting to be written to one agent.
+const OUT_QUEUE: usize = 64;
+
+async fn timeout<T>(d: Duration, fut: impl std::future::Future<Output = T>) -> Option<T> {
+    smol::future::or(async { Some(fut.await) }, async {
+        smol::Timer::after(d).await;
+        None
+    })
+    .await
+}
+
+async fn reject(writer: &mut LinkWriter, code: RejectCode, message: &str) {
+    let msg = if message.len() > proto::MAX_MESSAGE { &message[..proto::MAX_MESSAGE] } else { message };
+    let _ = timeout(Duration::from_secs(2), writer.send(&Frame::Reject { code, message: msg })).await;
+    writer.close().await;
+}
+
+enum Handshake {
+    Accepted(String, Frame<'static>),
+    Rejected(RejectCode, String),
+    Failed(String),
+}
+
+async fn handshake(ctl: &Controller, reader: &mut LinkReader, writer: &mut LinkWriter) -> Handshake {
+    let ping_ms = ctl.ping_interval.as_millis().min(u32::MAX as u128) as u32;
+    let mut hs = ServerHandshake::new(auth::random_nonce(), ping_ms);
+    loop {
+        let frame = match reader.next().await {
+            Ok(Some(f)) => f,
+            Ok(None) => return Handshake::Failed("closed during the handshake".into()),
+            Err(e) => {
+                let msg = e.to_string();
+                return match e {
+                    LinkError::Io(_) => Handshake::Failed(msg),
+                    _ => Handshake::Rejected(RejectCode::ProtocolError, msg),
+                };
+            }
+        };
+        let step = match hs.on_frame(&frame) {
+            ServerStep::LookupNode(name) => {
+                let name = name.to_string();
+                let secret = ctl.secret_if_known(&name);
+                hs.on_secret(secret.as_deref())
+            }
+            other => other,
+        };
+        match step {
+            ServerStep::Send(f) => {
+                if let Err(e) = writer.send(&f).await {
+                    return Handshake::Failed(e.to_string());
+                }
+            }
+            ServerStep::Accept(welcome) => return Handshake::Accepted(hs.name().to_string(), welcome),
+            ServerStep::Reject(code, m) => return Handshake::Rejected(code, m),
+            ServerStep::LookupNode(_) => unreachable!("answered above"),
+        }
+    }
+}
+
+/// Serve one agent link from its first frame to its end. Only this link is affected by
+/// anything the peer sends.
+pub async fn serve(ctl: Arc<Controller>, mut reader: LinkReader, mut writer: LinkWriter, peer: String) {
+    let name = match timeout(HANDSHAKE_TIMEOUT, handshake(&ctl, &mut reader, &mut writer)).await {
+        None => {
+            log::warn!("agent link from {peer}: handshake not finished within {}s, closing", HANDSHAKE_TIMEOUT.as_secs());
+            reject(&mut writer, RejectCode::ProtocolError, "handshake timed out").await;
+            return;
+        }
+        Some(Handshake::Failed(m)) => {
+            log::warn!("agent link from {peer}: {m}");
+            return;
+        }
+        Some(Handshake::Rejected(code, m)) => {
+            log::warn!("agent link from {peer}: rejected ({code:?}): {m}");
+            reject(&mut writer, code, &m).await;
+            return;
+        }
+        Some(Handshake::Accepted(name, welcome)) => {
+            // A node that is still connected is refused only if its old link answers a ping:
+            // a proxy may have dropped that link silently.
+            let old = ctl.conn_of(&name);
+            if let Some(old) = &old {
+                if old.is_alive(STALE_CHECK).await {
+                    log::warn!("node {name}: refused a second link from {peer}: link {} is alive", old.id);
+                    let m = format!(
+                        "node '{name}' is already connected from {} and answers pings; stop that agent first",
+                        old.peer
+                    );
+                    reject(&mut writer, RejectCode::AlreadyConnected, &m).await;
+                    return;
+                }
+                log::warn!("node {name}: old link {} did not answer a ping in {}s, replacing it", old.id, STALE_CHECK.as_secs());
+                old.shut();
+                ctl.detach(old, "replaced by a new connection");
+            }
+            if let Err(e) = writer.send(&welcome).await {
+                log::warn!("node {name}: {e}");
+                return;
+            }
+            (name, old)
+        }
+    };
+    let (name, old) = name;
+    let (tx, rx) = bounded(OUT_QUEUE);
+    let conn = Arc::new(Conn {
+        id: ctl.conn_id(),
+        node: name.clone(),
+        peer,
+        tx,
+        sinks: Mutex::new(Default::default()),
+        last_pong: AtomicU64::new(0),
+        pong: Event::new(),
+        closing: AtomicBool::new(false),
+        close: Event::new(),
+    });
+    if !ctl.attach(&conn, old.as_ref()) {
+        reject(&mut writer, RejectCode::AlreadyConnected, "another agent took this node meanwhile; retrying").await;
+        return;
+    }
+    let writer_task = ctl.ex.spawn(write_loop(writer, rx, ctl.ping_interval));
+    let why = read_loop(&ctl, &conn, &mut reader).await;
+    conn.shut();
+    ctl.detach(&conn, &why);
+    // The writer ends when the channel closes; stop it at once instead of draining to a dead peer.
+    conn.tx.close();
+    let mut writer = writer_task.await;
+    writer.close().await;
+}
+
+async fn write_loop(mut writer: LinkWriter, rx: Receiver<Out>, ping: Duration) -> LinkWriter {
+    let mut env = vec![0u8; proto::MAX_FRAME].into_boxed_slice();
+    let mut ping_id = 0u64;
+    loop {
+        let next = smol::future::or(async { rx.recv().await.ok() }, async {
+            smol::Timer::after(ping).await;
+            ping_id += 1;
+            Some(Out::Ping(ping_id))
+        })
+        .await;
+        let Some(out) = next else { break };
+        let result = match &out {
+            Out::StepStart { build, step, workspace, spec } => {
+                let vars = spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+                match proto::encode_env(vars, &mut env) {
+                    Ok(env) => {
+                        let f = Frame::StepStart(StepStart {
+                            build: *build,
+                            step: *step,
+                            timeout_secs: spec.timeout_secs,
+                            credit: STEP_CREDIT,
+                            workspace,
+                            dir: &spec.dir,
+                            shell: &spec.shell,
+                            script: &spec.script,
+                            env,
+                        });
+                        writer.send(&f).await
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Out::Credit { build, step, bytes } => {
+                writer.send(&Frame::Credit { build: *build, step: *step, bytes: *bytes }).await
+            }
+            Out::Ack { build, step, offset } => {
+                writer.send(&Frame::Ack { build: *build, step: *step, offset: *offset }).await
+            }
+            Out::Cancel { build, step } => writer.send(&Frame::Cancel { build: *build, step: *step }).await,
+            Out::Ping(id) => writer.send(&Frame::Ping { id: *id }).await,
+            Out::Pong(id) => writer.send(&Frame::Pong { id: *id }).await,
+            Out::Close(m) => {
+                let _ = writer.send(&Frame::Reject { code: RejectCode::ProtocolError, message: m }).await;
+                break;
+            }
+        };
+        if let Err(e) = result {
+            log::debug!("agent link writer: {e}");
+            break;
+        }
+    }
+    writer
+}
+
+/// Read frames until the link ends; returns why it ended.
+async fn read_loop(ctl: &Controller, conn: &Arc<Conn>, reader: &mut LinkReader) -> String {
+    let dead_after = ctl.ping_interval * DEAD_AFTER_PINGS;
+    loop {
+        let listener = conn.close.listen();
+        if conn.closing.load(Ordering::SeqCst) {
+            return "closed by the controller".into();
+        }
+        let next = smol::future::or(
+            async { Some(timeout(dead_after, reader.next()).await) },
+            async {
+                listener.await;
+                None
+            },
+        )
+        .await;
+        let frame = match next {
+            None => return "closed by the controller".into(),
+            Some(None) => return format!("no frame for {}s (missed pings)", dead_after.as_secs()),
+            Some(Some(Ok(None))) => return "the agent closed the connection".into(),
+            Some(Some(Err(e))) => {
+                if !matches!(e, LinkError::Io(_)) {
+                    let _ = conn.tx.try_send(Out::Close(e.to_string()));
+                }
+                return e.to_string();
+            }
+            Some(Some(Ok(Some(f)))) => f,
+        };
+        match frame {
+            Frame::Output { build, step, offset, data } => {
+                if let Err(m) = store_output(conn, build, step, offset, data) {
+                    let _ = conn.tx.try_send(Out::Close(m.clone()));
+                    return m;
+                }
+                if conn.tx.send(Out::Credit { build, step, bytes: data.len() as u32 }).await.is_err() {
+                    return "writer closed".into();
+                }
+            }
+            Frame::Exit { build, step, status, offset, message } => {
+                // Decide under the lock, act after it: the lock is never held across an await.
+                let stored = {
+                    let sinks = conn.sinks();
+                    sinks.get(&(build, step)).map(|sink| {
+                        if sink.offset == offset {
+                            let _ = sink.done.try_send(StepEnd::Exit(status, message.to_string()));
+                        }
+                        sink.offset
+                    })
+                };
+                match stored {
+                    Some(have) if have != offset => {
+                        let m = format!("build {build} step {step}: exit says {offset} output bytes but {have} arrived");
+                        let _ = conn.tx.try_send(Out::Close(m.clone()));
+                        return m;
+                    }
+                    Some(have) => {
+                        let _ = conn.tx.send(Out::Ack { build, step, offset: have }).await;
+                    }
+                    None => log::warn!("node {}: exit for unknown build {build} step {step}", conn.node),
+                }
+            }
+            Frame::Ping { id } => {
+                let _ = conn.tx.send(Out::Pong(id)).await;
+            }
+            Frame::Pong { id } => {
+                conn.last_pong.store(id, Ordering::SeqCst);
+                conn.pong.notify(usize::MAX);
+            }
+            other => {
+                let m = format!("protocol error: unexpected {} frame from the agent", auth::frame_kind(&other));
+                let _ = conn.tx.try_send(Out::Close(m.clone()));
+                return m;
+            }
+        }
+    }
+}
+
+/// Append output to its step's log, dropping bytes already stored (a replay) and refusing gaps.
+fn store_output(conn: &Conn, build: u64, step: u32, offset: u64, data: &[u8]) -> Result<(), String> {
+    let mut sinks = conn.sinks();
+    let Some(sink) = sinks.get_mut(&(build, step)) else {
+        log::warn!("node {}: output for unknown build {build} step {step} dropped", conn.node);
+        return Ok(());
+    };
+    if offset > sink.offset {
+        return Err(format!("build {build} step {step}: output at offset {offset} but only {} bytes stored", sink.offset));
+    }
+    let skip = (sink.offset - offset) as usize;
+    if skip >= data.len() {
+        return Ok(());
+    }
+    let fresh = &data[skip..];
+    if let Err(e) = sink.file.write_all(fresh) {
+        return Err(format!("build {build} step {step}: cannot write the log: {e}"));
+    }
+    sink.offset += fresh.len() as u64;
+    sink.build.changed.notify(usize::MAX);
+    Ok(())
+}

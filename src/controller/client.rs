@@ -1,0 +1,119 @@
+//! The CLI's HTTP client for the controller's JSON API (hyper over smol, one connection a call).
+
+use crate::agent::connect::{parse_url, Target};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use smol::net::TcpStream;
+use smol_hyper::rt::FuturesIo;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How long connecting to the controller may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the controller is and how to authenticate to it.
+pub struct Client {
+    target: Target,
+    url: String,
+    token: String,
+}
+
+fn read_trimmed(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+}
+
+impl Client {
+    /// Resolve the URL (`--url`, `WISP_URL`, `DATA/listening`, default) and the token (`--token`,
+    /// `WISP_TOKEN`, `DATA/token`).
+    pub fn new(url: Option<String>, token: Option<String>, data: Option<PathBuf>) -> Result<Self, String> {
+        let data = data.unwrap_or_else(|| PathBuf::from("wisp-data"));
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let url = url
+            .or_else(|| env("WISP_URL"))
+            .or_else(|| {
+                let l = read_trimmed(&data.join("listening"))?;
+                let addr = l.lines().find_map(|line| line.strip_prefix("http "))?;
+                Some(format!("http://{addr}/"))
+            })
+            .unwrap_or_else(|| "http://127.0.0.1:8080/".into());
+        let token = token.or_else(|| env("WISP_TOKEN")).or_else(|| read_trimmed(&data.join("token"))).ok_or_else(|| {
+            format!(
+                "no API token: pass --token or set WISP_TOKEN, or --data DIR where the controller keeps it \
+                 (looked in {})",
+                data.join("token").display()
+            )
+        })?;
+        let target = parse_url(&url)?;
+        if target.tls {
+            return Err(format!("{url}: https is not supported by this CLI yet; use the http:// address"));
+        }
+        Ok(Self { target, url, token })
+    }
+
+    /// The controller URL in use.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    async fn send(&self, method: Method, path: &str, body: Bytes) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+        let (host, port) = (&self.target.host, self.target.port);
+        let stream = smol::future::or(async { TcpStream::connect((host.as_str(), port)).await.map_err(|e| e.to_string()) }, async {
+            smol::Timer::after(CONNECT_TIMEOUT).await;
+            Err("timed out".to_string())
+        })
+        .await
+        .map_err(|e| format!("cannot reach the controller at {}: {e} (is `wisp serve` running? set --url or WISP_URL)", self.url))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(FuturesIo::new(stream))
+            .await
+            .map_err(|e| format!("talking to {}: {e}", self.url))?;
+        smol::spawn(async move {
+            let _ = conn.await;
+        })
+        .detach();
+        let uri = format!("{}{}", self.target.prefix.trim_end_matches('/'), path);
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("Host", format!("{host}:{port}"))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .body(Full::new(body))
+            .map_err(|e| e.to_string())?;
+        sender.send_request(req).await.map_err(|e| format!("talking to {}: {e}", self.url))
+    }
+
+    /// Call the API and decode its JSON answer; a non-2xx answer becomes its error message.
+    pub async fn json(&self, method: Method, path: &str, body: impl Into<Bytes>) -> Result<serde_json::Value, String> {
+        let resp = self.send(method, path, body.into()).await?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.map_err(|e| format!("reading the answer: {e}"))?.to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|_| format!("{}: unexpected answer (HTTP {status}): {}", self.url, String::from_utf8_lossy(&bytes)))?;
+        if !status.is_success() {
+            let msg = v["error"].as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+            return Err(msg);
+        }
+        Ok(v)
+    }
+
+    /// Stream a GET answer's body into `out` as it arrives.
+    pub async fn stream(&self, path: &str, out: &mut dyn Write) -> Result<(), String> {
+        let resp = self.send(Method::GET, path, Bytes::new()).await?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let bytes = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            return Err(v["error"].as_str().map(str::to_string).unwrap_or_else(|| format!("HTTP {status}")));
+        }
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| format!("log stream broke: {e}"))?;
+            if let Ok(data) = frame.into_data() {
+                out.write_all(&data).map_err(|e| e.to_string())?;
+                out.flush().map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+}

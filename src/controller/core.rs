@@ -1,0 +1,637 @@
+//! The controller's live state: nodes and their links, the queue, dispatch, and the task that
+//! runs each build step by step on its node.
+
+use super::pipeline::{self, Pipeline};
+use super::store::{BuildRecord, BuildState, NodeRecord, Store};
+use crate::proto::ExitStatus;
+use event_listener::Event;
+use smol::channel::{bounded, Receiver, Sender};
+use smol::Executor;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+/// Output bytes an agent may send per step before the controller grants more: enough to keep a
+/// loopback link busy, small enough that a stalled controller holds the step's pipe, not memory.
+pub const STEP_CREDIT: u32 = 256 * 1024;
+/// How long a cancelled step's Exit may take before the build is ended without it.
+pub const CANCEL_WAIT: Duration = Duration::from_secs(15);
+
+/// An error for API callers: an HTTP status and a sentence.
+#[derive(Debug)]
+pub struct ApiError {
+    /// HTTP status code.
+    pub status: u16,
+    /// What went wrong and what to do.
+    pub message: String,
+}
+
+impl ApiError {
+    /// A new error.
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
+        Self { status, message: message.into() }
+    }
+}
+
+impl From<rusqlite::Error> for ApiError {
+    fn from(e: rusqlite::Error) -> Self {
+        log::error!("store: {e}");
+        Self::new(500, format!("store error: {e}"))
+    }
+}
+
+/// A frame the controller sends to an agent, owned so it can wait in a link's queue.
+#[derive(Debug)]
+pub enum Out {
+    /// Run a step.
+    StepStart {
+        /// Build number.
+        build: u64,
+        /// Step index.
+        step: u32,
+        /// Workspace directory name.
+        workspace: String,
+        /// The step.
+        spec: pipeline::Step,
+    },
+    /// More output credit.
+    Credit {
+        /// Build number.
+        build: u64,
+        /// Step index.
+        step: u32,
+        /// Bytes.
+        bytes: u32,
+    },
+    /// Output stored up to an offset.
+    Ack {
+        /// Build number.
+        build: u64,
+        /// Step index.
+        step: u32,
+        /// Offset.
+        offset: u64,
+    },
+    /// Kill a step.
+    Cancel {
+        /// Build number.
+        build: u64,
+        /// Step index.
+        step: u32,
+    },
+    /// Liveness check.
+    Ping(u64),
+    /// Answer to the agent's ping.
+    Pong(u64),
+    /// Refuse and close (the message is for the agent's log).
+    Close(String),
+}
+
+/// How a step ended, as the build task learns it.
+#[derive(Debug)]
+pub enum StepEnd {
+    /// The agent reported an exit.
+    Exit(ExitStatus, String),
+    /// The link to the agent went away.
+    Lost(String),
+}
+
+/// Where a running step's output goes.
+pub struct Sink {
+    /// The step's log file.
+    pub file: File,
+    /// Bytes stored so far.
+    pub offset: u64,
+    /// Tells the build task the step ended.
+    pub done: Sender<StepEnd>,
+    /// The build, to wake its followers.
+    pub build: Arc<LiveBuild>,
+}
+
+/// One authenticated agent link.
+pub struct Conn {
+    /// Unique per controller run.
+    pub id: u64,
+    /// Node name.
+    pub node: String,
+    /// Peer address, for logs.
+    pub peer: String,
+    /// Frames to send (bounded: a stuck agent blocks its own producers, nothing grows).
+    pub tx: Sender<Out>,
+    /// Steps running over this link.
+    pub sinks: Mutex<HashMap<(u64, u32), Sink>>,
+    /// Id of the last Pong received.
+    pub last_pong: AtomicU64,
+    /// Fires on every Pong.
+    pub pong: Event,
+    /// Set when the link is to be closed.
+    pub closing: AtomicBool,
+    /// Fires when `closing` is set.
+    pub close: Event,
+}
+
+impl Conn {
+    /// Ask the link to close.
+    pub fn shut(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        self.close.notify(usize::MAX);
+    }
+
+    /// Lock the sinks (a panic elsewhere must not wedge the link).
+    pub fn sinks(&self) -> MutexGuard<'_, HashMap<(u64, u32), Sink>> {
+        self.sinks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// True if the agent answers a ping within `wait`.
+    pub async fn is_alive(&self, wait: Duration) -> bool {
+        let id = u64::from_be_bytes(crate::auth::random_nonce()[..8].try_into().unwrap()) | 1;
+        if self.tx.try_send(Out::Ping(id)).is_err() {
+            return false;
+        }
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            let listener = self.pong.listen();
+            if self.last_pong.load(Ordering::SeqCst) == id {
+                return true;
+            }
+            let timed_out = smol::future::or(
+                async {
+                    listener.await;
+                    false
+                },
+                async {
+                    smol::Timer::at(deadline).await;
+                    true
+                },
+            )
+            .await;
+            if timed_out {
+                return self.last_pong.load(Ordering::SeqCst) == id;
+            }
+        }
+    }
+}
+
+/// A queued or running build.
+pub struct LiveBuild {
+    /// Build number.
+    pub id: u64,
+    /// The parsed pipeline.
+    pub pipeline: Pipeline,
+    /// Set by `wisp cancel`.
+    pub cancelled: AtomicBool,
+    /// Fires on output, step changes and the end of the build (wakes followers and the runner).
+    pub changed: Event,
+    /// Steps finished so far.
+    pub steps_done: AtomicU32,
+}
+
+/// A node and, when online, its link.
+pub struct Node {
+    /// As stored.
+    pub rec: NodeRecord,
+    /// Labels plus the node's own name, for matching.
+    pub match_labels: Vec<String>,
+    /// The live link, if online.
+    pub conn: Option<Arc<Conn>>,
+    /// Executors in use.
+    pub busy: u32,
+}
+
+#[derive(Default)]
+struct State {
+    nodes: BTreeMap<String, Node>,
+    queue: VecDeque<u64>,
+    builds: HashMap<u64, Arc<LiveBuild>>,
+}
+
+/// The controller.
+pub struct Controller {
+    /// Data directory.
+    pub data: PathBuf,
+    key: Vec<u8>,
+    token: Mutex<String>,
+    store: Mutex<Store>,
+    state: Mutex<State>,
+    /// Runs every task of the controller.
+    pub ex: Arc<Executor<'static>>,
+    /// Bound addresses (HTTP, agent port), once listening.
+    pub addrs: OnceLock<(SocketAddr, SocketAddr)>,
+    /// How often each side pings the other.
+    pub ping_interval: Duration,
+    next_conn: AtomicU64,
+}
+
+/// Read a secret file, or create it with `make()` and mode 0600.
+fn secret_file(path: &std::path::Path, make: impl FnOnce() -> String) -> std::io::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(s.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let s = make();
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+            f.write_all(s.as_bytes())?;
+            f.write_all(b"\n")?;
+            Ok(s)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+impl Controller {
+    /// Open the data dir (creating it, its key and API token on first start) and load state.
+    pub fn open(data: PathBuf, ex: Arc<Executor<'static>>, ping_interval: Duration) -> Result<Arc<Self>, String> {
+        std::fs::create_dir_all(data.join("builds")).map_err(|e| format!("cannot create {}: {e}", data.display()))?;
+        let key = secret_file(&data.join("secret.key"), || crate::auth::hex(&crate::auth::random_nonce()))
+            .map_err(|e| format!("controller key in {}: {e}", data.display()))?;
+        let token = secret_file(&data.join("token"), || crate::auth::hex(&crate::auth::random_nonce()))
+            .map_err(|e| format!("API token in {}: {e}", data.display()))?;
+        let store = Store::open(&data).map_err(|e| format!("cannot open the store in {}: {e}", data.display()))?;
+        let mut state = State::default();
+        for rec in store.nodes().map_err(|e| format!("store: {e}"))? {
+            state.nodes.insert(rec.name.clone(), Node::new(rec));
+        }
+        let ctl = Arc::new(Self {
+            data,
+            key: key.into_bytes(),
+            token: Mutex::new(token),
+            store: Mutex::new(store),
+            state: Mutex::new(state),
+            ex,
+            addrs: OnceLock::new(),
+            ping_interval,
+            next_conn: AtomicU64::new(1),
+        });
+        ctl.recover()?;
+        Ok(ctl)
+    }
+
+    /// Re-queue builds that were queued when the controller stopped; fail those that were running.
+    fn recover(&self) -> Result<(), String> {
+        let unfinished = self.store().unfinished_builds().map_err(|e| format!("store: {e}"))?;
+        for b in unfinished {
+            if b.state == BuildState::Running {
+                log::warn!("build {}: was running when the controller stopped; marking it failed", b.id);
+                let _ = self.store().finish_build(b.id, BuildState::Failure, "the controller restarted during the build");
+                continue;
+            }
+            match pipeline::parse(&b.yaml) {
+                Ok(p) => {
+                    let live = Arc::new(LiveBuild::new(b.id, p));
+                    let mut st = self.state();
+                    st.builds.insert(b.id, live);
+                    st.queue.push_back(b.id);
+                    log::info!("build {}: queued again after restart", b.id);
+                }
+                Err(e) => {
+                    let _ = self.store().finish_build(b.id, BuildState::Failure, &format!("{e}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The store, locked.
+    pub fn store(&self) -> MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The node's secret.
+    pub fn secret(&self, node: &str) -> String {
+        crate::auth::node_secret(&self.key, node)
+    }
+
+    /// The secret of an existing node, None if there is no such node.
+    pub fn secret_if_known(&self, node: &str) -> Option<String> {
+        self.state().nodes.contains_key(node).then(|| self.secret(node))
+    }
+
+    /// True if `token` is the API token (constant time).
+    pub fn token_ok(&self, token: &str) -> bool {
+        let t = self.token.lock().unwrap_or_else(|e| e.into_inner());
+        crate::auth::constant_time_eq(t.as_bytes(), token.as_bytes())
+    }
+
+    /// A fresh link id.
+    pub fn conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Add a node.
+    pub fn add_node(&self, rec: NodeRecord) -> Result<(), ApiError> {
+        let mut st = self.state();
+        if st.nodes.contains_key(&rec.name) {
+            return Err(ApiError::new(409, format!("a node named '{}' already exists", rec.name)));
+        }
+        self.store().add_node(&rec)?;
+        log::info!("node {}: added (labels: {}, executors: {})", rec.name, rec.labels.join(" "), rec.executors);
+        st.nodes.insert(rec.name.clone(), Node::new(rec));
+        Ok(())
+    }
+
+    /// Remove a node (its link, if any, is closed).
+    pub fn remove_node(&self, name: &str) -> Result<(), ApiError> {
+        let node = self.state().nodes.remove(name);
+        match node {
+            None => Err(ApiError::new(404, format!("no node named '{name}'"))),
+            Some(n) => {
+                self.store().remove_node(name)?;
+                if let Some(c) = n.conn {
+                    c.shut();
+                }
+                log::info!("node {name}: removed");
+                Ok(())
+            }
+        }
+    }
+
+    /// Nodes with their live status: (record, online, busy).
+    pub fn nodes(&self) -> Vec<(NodeRecord, bool, u32)> {
+        self.state().nodes.values().map(|n| (n.rec.clone(), n.conn.is_some(), n.busy)).collect()
+    }
+
+    /// The record of one node.
+    pub fn node(&self, name: &str) -> Option<NodeRecord> {
+        self.state().nodes.get(name).map(|n| n.rec.clone())
+    }
+
+    /// The node's current link, if any.
+    pub fn conn_of(&self, node: &str) -> Option<Arc<Conn>> {
+        self.state().nodes.get(node).and_then(|n| n.conn.clone())
+    }
+
+    /// Make `conn` the node's link, unless the node is gone or `old` is no longer its link.
+    pub fn attach(self: &Arc<Self>, conn: &Arc<Conn>, old: Option<&Arc<Conn>>) -> bool {
+        {
+            let mut st = self.state();
+            let Some(node) = st.nodes.get_mut(&conn.node) else { return false };
+            let current = node.conn.as_ref().map(|c| c.id);
+            if current != old.map(|c| c.id) {
+                return false;
+            }
+            node.conn = Some(conn.clone());
+        }
+        log::info!("node {}: online (link {} from {})", conn.node, conn.id, conn.peer);
+        self.dispatch();
+        true
+    }
+
+    /// Forget `conn` as its node's link; the builds running over it learn it was lost.
+    pub fn detach(&self, conn: &Arc<Conn>, why: &str) {
+        {
+            let mut st = self.state();
+            if let Some(node) = st.nodes.get_mut(&conn.node) {
+                if node.conn.as_ref().is_some_and(|c| c.id == conn.id) {
+                    node.conn = None;
+                    log::info!("node {}: offline ({why})", conn.node);
+                }
+            }
+        }
+        let sinks: Vec<Sink> = conn.sinks().drain().map(|(_, s)| s).collect();
+        for s in sinks {
+            let _ = s.done.try_send(StepEnd::Lost(format!("lost the link to agent '{}': {why}", conn.node)));
+        }
+    }
+
+    /// Queue a pipeline; returns the build number.
+    pub fn submit(self: &Arc<Self>, yaml: &str) -> Result<u64, ApiError> {
+        let p = pipeline::parse(yaml).map_err(|e| ApiError::new(400, e.to_string()))?;
+        let names: Vec<String> = p.steps.iter().map(|s| s.name.clone()).collect();
+        let id = self.store().insert_build(&p.name, yaml, &names)?;
+        log::info!("build {id}: queued ({}, label '{}')", p.name, p.label.as_deref().unwrap_or(""));
+        {
+            let mut st = self.state();
+            st.builds.insert(id, Arc::new(LiveBuild::new(id, p)));
+            st.queue.push_back(id);
+        }
+        self.dispatch();
+        Ok(id)
+    }
+
+    /// The live build, if queued or running.
+    pub fn live(&self, id: u64) -> Option<Arc<LiveBuild>> {
+        self.state().builds.get(&id).cloned()
+    }
+
+    /// A build's record.
+    pub fn build(&self, id: u64) -> Result<BuildRecord, ApiError> {
+        self.store().build(id)?.ok_or_else(|| ApiError::new(404, format!("no build #{id}")))
+    }
+
+    /// Cancel a queued or running build.
+    pub fn cancel(self: &Arc<Self>, id: u64) -> Result<(), ApiError> {
+        let queued = {
+            let mut st = self.state();
+            let Some(b) = st.builds.get(&id).cloned() else {
+                let rec = self.build(id)?;
+                return Err(ApiError::new(409, format!("build #{id} already finished ({})", rec.state.as_str())));
+            };
+            b.cancelled.store(true, Ordering::SeqCst);
+            b.changed.notify(usize::MAX);
+            let pos = st.queue.iter().position(|q| *q == id);
+            if let Some(pos) = pos {
+                st.queue.remove(pos);
+                st.builds.remove(&id);
+            }
+            pos.map(|_| b)
+        };
+        log::info!("build {id}: cancel requested");
+        if let Some(b) = queued {
+            self.store().finish_build(id, BuildState::Aborted, "cancelled while queued")?;
+            b.changed.notify(usize::MAX);
+        }
+        Ok(())
+    }
+
+    /// Start every queued build that has a matching node with a free executor, oldest first.
+    pub fn dispatch(self: &Arc<Self>) {
+        let mut started = Vec::new();
+        {
+            let mut st = self.state();
+            let st = &mut *st;
+            let mut i = 0;
+            while i < st.queue.len() {
+                let id = st.queue[i];
+                let build = st.builds[&id].clone();
+                let pick = st
+                    .nodes
+                    .values_mut()
+                    .filter(|n| n.conn.is_some() && n.busy < n.rec.executors)
+                    .filter(|n| build.pipeline.label_expr.matches(&n.match_labels))
+                    .min_by_key(|n| n.busy);
+                match pick {
+                    Some(node) => {
+                        node.busy += 1;
+                        st.queue.remove(i);
+                        started.push((build, node.rec.name.clone(), node.conn.clone().unwrap()));
+                    }
+                    None => i += 1,
+                }
+            }
+        }
+        for (build, node, conn) in started {
+            let ctl = self.clone();
+            self.ex.spawn(async move { ctl.run_build(build, node, conn).await }).detach();
+        }
+    }
+
+    async fn run_build(self: Arc<Self>, build: Arc<LiveBuild>, node: String, conn: Arc<Conn>) {
+        let id = build.id;
+        log::info!("build {id}: running on node {node}");
+        if let Err(e) = self.store().start_build(id, &node) {
+            log::error!("build {id}: store: {e}");
+        }
+        build.changed.notify(usize::MAX);
+        let workspace = pipeline::workspace_name(&build.pipeline.name);
+        let dir = self.data.join("builds").join(id.to_string());
+        let mut state = BuildState::Success;
+        let mut message = String::new();
+        for (i, spec) in build.pipeline.steps.iter().enumerate() {
+            let step = i as u32 + 1;
+            if build.cancelled.load(Ordering::SeqCst) {
+                state = BuildState::Aborted;
+                message = "cancelled".into();
+                break;
+            }
+            let (end, bytes) = self.run_step(&build, &conn, &dir, step, &workspace, spec).await;
+            let (step_state, exit, code) = match &end {
+                StepEnd::Exit(ExitStatus::Code(0), _) => ("success", "exit code 0".to_string(), Some(0)),
+                StepEnd::Exit(ExitStatus::Cancelled, _) => ("aborted", "cancelled".to_string(), None),
+                StepEnd::Exit(st, m) if m.is_empty() => ("failure", st.to_string(), code_of(*st)),
+                StepEnd::Exit(st, m) => ("failure", format!("{st}: {m}"), code_of(*st)),
+                StepEnd::Lost(m) => ("failure", m.clone(), None),
+            };
+            log::info!("build {id} step {step}: {exit}");
+            if let Err(e) = self.store().set_step(id, step, step_state, &exit, code, bytes) {
+                log::error!("build {id}: store: {e}");
+            }
+            build.steps_done.store(step, Ordering::SeqCst);
+            build.changed.notify(usize::MAX);
+            match step_state {
+                "success" => {}
+                "aborted" => {
+                    state = BuildState::Aborted;
+                    message = format!("cancelled during step {step}");
+                    break;
+                }
+                _ => {
+                    state = BuildState::Failure;
+                    message = format!("step {step} ({}) failed: {exit}", spec.name);
+                    break;
+                }
+            }
+        }
+        if state == BuildState::Failure && build.cancelled.load(Ordering::SeqCst) {
+            state = BuildState::Aborted;
+        }
+        log::info!("build {id}: finished {} {message}", state.as_str());
+        if let Err(e) = self.store().finish_build(id, state, &message) {
+            log::error!("build {id}: store: {e}");
+        }
+        {
+            let mut st = self.state();
+            st.builds.remove(&id);
+            if let Some(n) = st.nodes.get_mut(&node) {
+                n.busy = n.busy.saturating_sub(1);
+            }
+        }
+        build.changed.notify(usize::MAX);
+        self.dispatch();
+    }
+
+    async fn run_step(
+        &self,
+        build: &Arc<LiveBuild>,
+        conn: &Arc<Conn>,
+        dir: &std::path::Path,
+        step: u32,
+        workspace: &str,
+        spec: &pipeline::Step,
+    ) -> (StepEnd, u64) {
+        let id = build.id;
+        let key = (id, step);
+        let file = match std::fs::create_dir_all(dir).and_then(|_| File::create(dir.join(format!("{step}.log")))) {
+            Ok(f) => f,
+            Err(e) => return (StepEnd::Lost(format!("cannot create the step log in {}: {e}", dir.display())), 0),
+        };
+        let (done_tx, done_rx): (Sender<StepEnd>, Receiver<StepEnd>) = bounded(1);
+        conn.sinks().insert(key, Sink { file, offset: 0, done: done_tx, build: build.clone() });
+        if let Err(e) = self.store().set_step(id, step, "running", "", None, 0) {
+            log::error!("build {id}: store: {e}");
+        }
+        build.changed.notify(usize::MAX);
+        let start = Out::StepStart { build: id, step, workspace: workspace.to_string(), spec: spec.clone() };
+        if conn.tx.send(start).await.is_err() {
+            conn.sinks().remove(&key);
+            return (StepEnd::Lost(format!("the link to agent '{}' closed", conn.node)), 0);
+        }
+        let mut cancel_sent = false;
+        let end = loop {
+            let listener = build.changed.listen();
+            if build.cancelled.load(Ordering::SeqCst) && !cancel_sent {
+                cancel_sent = true;
+                let _ = conn.tx.send(Out::Cancel { build: id, step }).await;
+            }
+            let waited = smol::future::or(async { Some(done_rx.recv().await) }, async {
+                if cancel_sent {
+                    smol::Timer::after(CANCEL_WAIT).await;
+                } else {
+                    listener.await;
+                }
+                None
+            })
+            .await;
+            match waited {
+                Some(Ok(end)) => break end,
+                Some(Err(_)) => break StepEnd::Lost(format!("the link to agent '{}' closed", conn.node)),
+                None if cancel_sent => {
+                    break StepEnd::Lost(format!("agent '{}' did not confirm the cancel in time", conn.node))
+                }
+                None => {}
+            }
+        };
+        let bytes = conn.sinks().remove(&key).map(|s| s.offset);
+        let bytes = match bytes {
+            Some(b) => b,
+            // The link removed the sink when it delivered the exit; read the size from the file.
+            None => std::fs::metadata(dir.join(format!("{step}.log"))).map(|m| m.len()).unwrap_or(0),
+        };
+        (end, bytes)
+    }
+}
+
+fn code_of(st: ExitStatus) -> Option<i32> {
+    match st {
+        ExitStatus::Code(c) => Some(c),
+        _ => None,
+    }
+}
+
+impl Node {
+    fn new(rec: NodeRecord) -> Self {
+        let mut match_labels = rec.labels.clone();
+        match_labels.push(rec.name.clone());
+        Self { rec, match_labels, conn: None, busy: 0 }
+    }
+}
+
+impl LiveBuild {
+    fn new(id: u64, pipeline: Pipeline) -> Self {
+        Self {
+            id,
+            pipeline,
+            cancelled: AtomicBool::new(false),
+            changed: Event::new(),
+            steps_done: AtomicU32::new(0),
+        }
+    }
+}

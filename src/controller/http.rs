@@ -1,0 +1,493 @@
+//! The controller's listeners: HTTP (JSON API, log streams, the agent descriptor and the
+//! `/wsagents/` WebSocket endpoint) and the TCP inbound agent port.
+
+use super::agents;
+use super::core::{ApiError, Controller};
+use super::labels;
+use super::store::{BuildState, NodeRecord};
+use crate::link::{self, BoxIo};
+use async_tungstenite::tungstenite::handshake::derive_accept_key;
+use async_tungstenite::tungstenite::protocol::Role;
+use async_tungstenite::WebSocketStream;
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited, StreamBody};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::json;
+use smol::net::{TcpListener, TcpStream};
+use smol::stream::StreamExt;
+use smol_hyper::rt::FuturesIo;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Largest request body accepted (a pipeline, a node).
+pub const MAX_BODY: usize = 1024 * 1024;
+/// Chunk size for log streams.
+const LOG_CHUNK: usize = 64 * 1024;
+
+/// A response body.
+pub type Body = BoxBody<Bytes, std::io::Error>;
+
+fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()).map_err(|never| match never {}).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_str(content_type).unwrap());
+    r
+}
+
+fn json_response(status: StatusCode, v: serde_json::Value) -> Response<Body> {
+    full(status, "application/json", format!("{v}\n"))
+}
+
+fn error(e: ApiError) -> Response<Body> {
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    json_response(status, json!({ "error": e.message }))
+}
+
+/// Accept HTTP connections forever.
+pub async fn http_loop(ctl: Arc<Controller>, listener: TcpListener) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                log::warn!("http accept: {e}");
+                smol::Timer::after(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let ctl2 = ctl.clone();
+        ctl.ex
+            .spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let ctl = ctl2.clone();
+                    async move { Ok::<_, std::convert::Infallible>(route(ctl, req, peer).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(smol_hyper::rt::SmolTimer::new())
+                    .header_read_timeout(Duration::from_secs(30))
+                    .serve_connection(FuturesIo::new(stream), service)
+                    .with_upgrades();
+                if let Err(e) = conn.await {
+                    log::debug!("http connection from {peer}: {e}");
+                }
+            })
+            .detach();
+    }
+}
+
+/// Accept TCP agent links forever.
+pub async fn agent_loop(ctl: Arc<Controller>, listener: TcpListener) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                log::warn!("agent port accept: {e}");
+                smol::Timer::after(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (r, w) = link::tcp(Box::pin(stream));
+        ctl.ex.spawn(agents::serve(ctl.clone(), r, w, peer.to_string())).detach();
+    }
+}
+
+fn bearer(req: &Request<Incoming>) -> Option<&str> {
+    req.headers().get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
+}
+
+/// The URL agents should use, from `Host` (the address the caller reached us by).
+fn public_url(ctl: &Controller, req: &Request<Incoming>) -> String {
+    match req.headers().get(header::HOST).and_then(|h| h.to_str().ok()) {
+        Some(h) => format!("http://{h}/"),
+        None => match ctl.addrs.get() {
+            Some((http, _)) => format!("http://{http}/"),
+            None => "http://127.0.0.1:8080/".into(),
+        },
+    }
+}
+
+async fn route(ctl: Arc<Controller>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (req.method(), segs.as_slice()) {
+        (&Method::GET, ["wsagents"]) => return ws_upgrade(ctl, req, peer),
+        (&Method::GET, ["tcpSlaveAgentListener"]) => {
+            let mut r = full(StatusCode::OK, "text/plain", "wisp agent listener\n");
+            if let Some((_, agent)) = ctl.addrs.get() {
+                r.headers_mut().insert("X-Jenkins-JNLP-Port", HeaderValue::from(agent.port()));
+            }
+            return r;
+        }
+        (&Method::GET, [""]) => return full(StatusCode::OK, "text/plain", "wisp controller: see /api/builds\n"),
+        _ => {}
+    }
+    if !bearer(&req).is_some_and(|t| ctl.token_ok(t)) {
+        return error(ApiError::new(
+            401,
+            "missing or wrong API token: pass --token, set WISP_TOKEN, or run the CLI with --data pointing at the \
+             controller's data dir",
+        ));
+    }
+    let result = match (req.method().clone(), segs.as_slice()) {
+        (Method::GET, ["computer", name, "jenkins-agent.jnlp" | "slave-agent.jnlp"]) => jnlp(&ctl, &req, name),
+        (Method::GET, ["api", "nodes"]) => Ok(list_nodes(&ctl)),
+        (Method::POST, ["api", "nodes"]) => add_node(&ctl, req).await,
+        (Method::GET, ["api", "nodes", name]) => node_info(&ctl, &req, name),
+        (Method::DELETE, ["api", "nodes", name]) => {
+            ctl.remove_node(name).map(|_| json_response(StatusCode::OK, json!({ "removed": name })))
+        }
+        (Method::POST, ["api", "builds"]) => submit(&ctl, req).await,
+        (Method::GET, ["api", "builds"]) => list_builds(&ctl),
+        (Method::GET, ["api", "builds", id]) => build_info(&ctl, id),
+        (Method::POST, ["api", "builds", id, "cancel"]) => {
+            parse_id(id).and_then(|id| ctl.cancel(id)).map(|_| json_response(StatusCode::OK, json!({ "cancelled": true })))
+        }
+        (Method::GET, ["api", "builds", id, "log"]) => {
+            let follow = req.uri().query().is_some_and(|q| q.split('&').any(|p| p == "follow=1" || p == "follow=true"));
+            parse_id(id).and_then(|id| log_stream(&ctl, id, follow))
+        }
+        (Method::GET, ["api", "builds", id, "steps", step, "log"]) => step_log(&ctl, id, step),
+        _ => Err(ApiError::new(404, format!("no such endpoint: {} {path}", req.method()))),
+    };
+    result.unwrap_or_else(error)
+}
+
+fn parse_id(s: &str) -> Result<u64, ApiError> {
+    s.trim_start_matches('#').parse().map_err(|_| ApiError::new(400, format!("bad build number {s:?}")))
+}
+
+async fn body_text(req: Request<Incoming>) -> Result<String, ApiError> {
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| ApiError::new(413, format!("request body refused: {e} (limit {MAX_BODY} bytes)")))?;
+    String::from_utf8(body.to_bytes().to_vec()).map_err(|_| ApiError::new(400, "request body is not UTF-8"))
+}
+
+fn ws_upgrade(ctl: Arc<Controller>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let h = req.headers();
+    let is_upgrade = h
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let key = h.get(header::SEC_WEBSOCKET_KEY).map(|k| derive_accept_key(k.as_bytes()));
+    let (true, Some(accept)) = (is_upgrade, key) else {
+        log::warn!("http {peer}: plain request to /wsagents/ refused");
+        return full(
+            StatusCode::BAD_REQUEST,
+            "text/plain",
+            "/wsagents/ is the agent WebSocket endpoint: connect with `wisp-agent --websocket`, and make sure \
+             proxies pass the Upgrade and Connection headers\n",
+        );
+    };
+    let name = h.get("Node-Name").and_then(|v| v.to_str().ok()).unwrap_or("?").to_string();
+    log::debug!("http {peer}: WebSocket upgrade for node {name}");
+    let ctl2 = ctl.clone();
+    ctl.ex
+        .spawn(async move {
+            let upgraded = match hyper::upgrade::on(req).await {
+                Ok(u) => u,
+                Err(e) => return log::warn!("http {peer}: upgrade failed: {e}"),
+            };
+            let parts = match upgraded.downcast::<FuturesIo<TcpStream>>() {
+                Ok(p) => p,
+                Err(_) => return log::error!("http {peer}: upgraded stream of an unexpected type"),
+            };
+            let io: BoxIo = Box::pin(parts.io.into_inner());
+            let ws = WebSocketStream::from_partially_read(io, parts.read_buf.to_vec(), Role::Server, Some(link::ws_config()))
+                .await;
+            let (r, w) = link::websocket(ws);
+            agents::serve(ctl2, r, w, peer.to_string()).await;
+        })
+        .detach();
+    let mut r = Response::new(Full::new(Bytes::new()).map_err(|never| match never {}).boxed());
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).unwrap());
+    r
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&apos;")
+}
+
+/// The Jenkins-shaped JNLP descriptor: arguments in agent.jar's order.
+fn jnlp(ctl: &Controller, req: &Request<Incoming>, name: &str) -> Result<Response<Body>, ApiError> {
+    let node = ctl.node(name).ok_or_else(|| ApiError::new(404, format!("no node named '{name}'")))?;
+    let url = public_url(ctl, req);
+    let mut args = vec![ctl.secret(name), name.to_string()];
+    if node.websocket {
+        args.push("-webSocket".into());
+    }
+    if !node.work_dir.is_empty() {
+        args.push("-workDir".into());
+        args.push(node.work_dir.clone());
+    }
+    args.push("-url".into());
+    args.push(url.clone());
+    let args: String = args.iter().map(|a| format!("    <argument>{}</argument>\n", xml_escape(a))).collect();
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<jnlp codebase=\"{url}computer/{n}/\" spec=\"1.0+\">\n  \
+         <information>\n    <title>Agent for {n}</title>\n    <vendor>wisp</vendor>\n  </information>\n  \
+         <security>\n    <all-permissions/>\n  </security>\n  <resources>\n    <j2se version=\"1.8+\"/>\n  \
+         </resources>\n  <application-desc main-class=\"hudson.remoting.jnlp.Main\">\n{args}  </application-desc>\n</jnlp>\n",
+        url = xml_escape(&url),
+        n = xml_escape(name),
+    );
+    Ok(full(StatusCode::OK, "application/x-java-jnlp-file", body))
+}
+
+fn node_json(rec: &NodeRecord, online: bool, busy: u32) -> serde_json::Value {
+    json!({
+        "name": rec.name, "labels": rec.labels, "executors": rec.executors, "online": online,
+        "busy": busy, "websocket": rec.websocket, "work_dir": rec.work_dir,
+    })
+}
+
+fn list_nodes(ctl: &Controller) -> Response<Body> {
+    let nodes: Vec<_> = ctl.nodes().iter().map(|(r, on, busy)| node_json(r, *on, *busy)).collect();
+    json_response(StatusCode::OK, json!({ "nodes": nodes }))
+}
+
+/// The agent command line for a node, as `wisp node add` prints it.
+fn agent_command(ctl: &Controller, url: &str, rec: &NodeRecord) -> String {
+    let mut cmd = format!("wisp-agent --url {url} --name {} --secret {}", rec.name, ctl.secret(&rec.name));
+    if rec.websocket {
+        cmd.push_str(" --websocket");
+    } else if let Some((_, agent)) = ctl.addrs.get() {
+        let host = url.trim_start_matches("http://").trim_start_matches("https://");
+        let host = host.split('/').next().unwrap_or("127.0.0.1");
+        let host = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
+        cmd.push_str(&format!(" --direct {host}:{}", agent.port()));
+    }
+    if !rec.work_dir.is_empty() {
+        cmd.push_str(&format!(" --work-dir {}", rec.work_dir));
+    }
+    cmd
+}
+
+fn node_info(ctl: &Controller, req: &Request<Incoming>, name: &str) -> Result<Response<Body>, ApiError> {
+    let (rec, online, busy) = ctl
+        .nodes()
+        .into_iter()
+        .find(|(r, _, _)| r.name == *name)
+        .ok_or_else(|| ApiError::new(404, format!("no node named '{name}'")))?;
+    let mut v = node_json(&rec, online, busy);
+    v["secret"] = json!(ctl.secret(name));
+    v["command"] = json!(agent_command(ctl, &public_url(ctl, req), &rec));
+    Ok(json_response(StatusCode::OK, v))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewNode {
+    name: String,
+    #[serde(default)]
+    labels: String,
+    #[serde(default = "one")]
+    executors: u32,
+    #[serde(default = "yes")]
+    websocket: bool,
+    #[serde(default)]
+    work_dir: String,
+}
+
+fn one() -> u32 {
+    1
+}
+fn yes() -> bool {
+    true
+}
+
+async fn add_node(ctl: &Controller, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let url = public_url(ctl, &req);
+    let n: NewNode = serde_json::from_str(&body_text(req).await?).map_err(|e| ApiError::new(400, format!("bad node: {e}")))?;
+    labels::validate_label(&n.name).map_err(|e| ApiError::new(400, format!("bad node name: {e}")))?;
+    let labels = labels::split_labels(&n.labels).map_err(|e| ApiError::new(400, e.to_string()))?;
+    if !(1..=1024).contains(&n.executors) {
+        return Err(ApiError::new(400, "executors must be between 1 and 1024"));
+    }
+    let rec = NodeRecord { name: n.name, labels, executors: n.executors, websocket: n.websocket, work_dir: n.work_dir };
+    ctl.add_node(rec.clone())?;
+    let mut v = node_json(&rec, false, 0);
+    v["secret"] = json!(ctl.secret(&rec.name));
+    v["command"] = json!(agent_command(ctl, &url, &rec));
+    Ok(json_response(StatusCode::CREATED, v))
+}
+
+async fn submit(ctl: &Arc<Controller>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let yaml = body_text(req).await?;
+    let id = ctl.submit(&yaml)?;
+    Ok(json_response(StatusCode::CREATED, json!({ "id": id })))
+}
+
+fn build_json(ctl: &Controller, b: &super::store::BuildRecord) -> serde_json::Value {
+    let mut v = serde_json::to_value(b).unwrap_or_default();
+    if let Some(live) = ctl.live(b.id) {
+        v["cancelling"] = json!(live.cancelled.load(Ordering::SeqCst));
+    }
+    v
+}
+
+fn list_builds(ctl: &Controller) -> Result<Response<Body>, ApiError> {
+    let builds = ctl.store().builds(100)?;
+    let list: Vec<_> = builds.iter().map(|b| build_json(ctl, b)).collect();
+    Ok(json_response(StatusCode::OK, json!({ "builds": list })))
+}
+
+fn build_info(ctl: &Controller, id: &str) -> Result<Response<Body>, ApiError> {
+    let id = parse_id(id)?;
+    let b = ctl.build(id)?;
+    let steps = ctl.store().steps(id)?;
+    let mut v = build_json(ctl, &b);
+    v["steps"] = serde_json::to_value(steps).unwrap_or_default();
+    Ok(json_response(StatusCode::OK, v))
+}
+
+fn stream_response(rx: smol::channel::Receiver<Bytes>, content_type: &str) -> Response<Body> {
+    let stream = rx.map(|b| Ok::<_, std::io::Error>(hyper::body::Frame::data(b)));
+    let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_str(content_type).unwrap());
+    r
+}
+
+fn step_log(ctl: &Controller, id: &str, step: &str) -> Result<Response<Body>, ApiError> {
+    let id = parse_id(id)?;
+    let step: u32 = step.parse().map_err(|_| ApiError::new(400, format!("bad step number {step:?}")))?;
+    ctl.build(id)?;
+    let path = ctl.data.join("builds").join(id.to_string()).join(format!("{step}.log"));
+    let mut file = std::fs::File::open(&path)
+        .map_err(|_| ApiError::new(404, format!("build #{id} has no log for step {step} (yet)")))?;
+    let (tx, rx) = smol::channel::bounded(4);
+    ctl.ex
+        .spawn(async move {
+            let mut buf = vec![0u8; LOG_CHUNK];
+            while let Ok(n) = file.read(&mut buf) {
+                if n == 0 || tx.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
+                    break;
+                }
+            }
+        })
+        .detach();
+    Ok(stream_response(rx, "application/octet-stream"))
+}
+
+/// The build's log as people read it: each step's output between `==> step N` markers; with
+/// `follow`, it stays open until the build ends.
+fn log_stream(ctl: &Arc<Controller>, id: u64, follow: bool) -> Result<Response<Body>, ApiError> {
+    ctl.build(id)?;
+    let (tx, rx) = smol::channel::bounded(4);
+    let ctl = ctl.clone();
+    ctl.ex.clone().spawn(async move { let _ = follow_log(&ctl, id, follow, &tx).await; }).detach();
+    Ok(stream_response(rx, "text/plain; charset=utf-8"))
+}
+
+type Tx = smol::channel::Sender<Bytes>;
+
+async fn send(tx: &Tx, b: impl Into<Bytes>) -> Result<(), ()> {
+    tx.send(b.into()).await.map_err(|_| ())
+}
+
+async fn follow_log(ctl: &Controller, id: u64, follow: bool, tx: &Tx) -> Result<(), ()> {
+    let dir = ctl.data.join("builds").join(id.to_string());
+    let steps = ctl.store().steps(id).map_err(|_| ())?;
+    let mut buf = vec![0u8; LOG_CHUNK];
+    for s in &steps {
+        // Wait for the step to start (or for the build to end without it).
+        loop {
+            let live = ctl.live(id);
+            let listener = live.as_ref().map(|b| b.changed.listen());
+            let state = ctl.store().steps(id).map_err(|_| ())?.get(s.index as usize - 1).map(|s| s.state.clone());
+            match state.as_deref() {
+                Some("pending") if follow && listener.is_some() => listener.unwrap().await,
+                Some("pending" | "skipped") | None => return finish(ctl, id, follow, tx).await,
+                Some(_) => break,
+            }
+        }
+        send(tx, format!("==> step {}: {}\n", s.index, s.name)).await?;
+        let mut file = std::fs::File::open(dir.join(format!("{}.log", s.index))).ok();
+        let mut last = b'\n';
+        loop {
+            let live = ctl.live(id);
+            let listener = live.as_ref().map(|b| b.changed.listen());
+            let done = live.as_ref().is_none_or(|b| b.steps_done.load(Ordering::SeqCst) >= s.index);
+            if let Some(f) = file.as_mut() {
+                loop {
+                    let n = f.read(&mut buf).unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    last = buf[n - 1];
+                    send(tx, Bytes::copy_from_slice(&buf[..n])).await?;
+                }
+            }
+            if done || !follow {
+                break;
+            }
+            if file.is_none() {
+                file = std::fs::File::open(dir.join(format!("{}.log", s.index))).ok();
+            }
+            // A notification is the normal wake-up; the timer only bounds a missed one.
+            if let Some(l) = listener {
+                smol::future::or(l, async {
+                    smol::Timer::after(Duration::from_secs(1)).await;
+                })
+                .await;
+            }
+        }
+        if last != b'\n' {
+            send(tx, "\n").await?;
+        }
+        let rec = ctl.store().steps(id).map_err(|_| ())?;
+        if let Some(r) = rec.get(s.index as usize - 1) {
+            if r.state != "running" {
+                send(tx, format!("==> step {}: {} ({})\n", s.index, r.state, r.exit)).await?;
+            }
+        }
+    }
+    finish(ctl, id, follow, tx).await
+}
+
+async fn finish(ctl: &Controller, id: u64, follow: bool, tx: &Tx) -> Result<(), ()> {
+    if !follow {
+        return Ok(());
+    }
+    // Wait for the build's final state (steps may be done while the record is being written).
+    loop {
+        let live = ctl.live(id);
+        let listener = live.as_ref().map(|b| b.changed.listen());
+        let b = ctl.build(id).map_err(|_| ())?;
+        if b.state.is_final() {
+            let msg = if b.message.is_empty() { String::new() } else { format!(": {}", b.message) };
+            return send(tx, format!("==> build #{id} {}{msg}\n", b.state.as_str().to_uppercase())).await;
+        }
+        match listener {
+            Some(l) => {
+                smol::future::or(l, async {
+                    smol::Timer::after(Duration::from_secs(1)).await;
+                })
+                .await
+            }
+            None => {
+                smol::Timer::after(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Whether a build state is final: used by clients to pick an exit code.
+pub fn exit_code(state: BuildState) -> i32 {
+    match state {
+        BuildState::Success => 0,
+        BuildState::Aborted => 2,
+        _ => 1,
+    }
+}

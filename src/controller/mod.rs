@@ -1,0 +1,82 @@
+//! The controller: nodes, queue, dispatch, builds and their logs, the HTTP API and the CLI.
+
+pub mod agents;
+pub mod cli;
+pub mod client;
+pub mod core;
+pub mod http;
+pub mod labels;
+pub mod pipeline;
+pub mod store;
+
+pub use self::core::Controller;
+use smol::Executor;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How `wisp serve` runs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Data directory (store, logs, key, token).
+    pub data: PathBuf,
+    /// Address to listen on.
+    pub bind: IpAddr,
+    /// HTTP port (0 for any free port).
+    pub http_port: u16,
+    /// TCP inbound agent port (0 for any free port).
+    pub agent_port: u16,
+    /// How often each side of an agent link pings the other.
+    pub ping_interval: Duration,
+    /// Executor threads.
+    pub threads: usize,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            data: PathBuf::from("wisp-data"),
+            bind: IpAddr::from([0, 0, 0, 0]),
+            http_port: 8080,
+            agent_port: 50000,
+            ping_interval: Duration::from_secs(15),
+            threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 8),
+        }
+    }
+}
+
+/// Start a controller in the background: open its data dir, bind both ports, write
+/// `DATA/listening` (`http ADDR` and `agent ADDR` lines), and serve on executor threads.
+pub fn start(cfg: ServeConfig) -> Result<Arc<Controller>, String> {
+    let ex = Arc::new(Executor::new());
+    for i in 0..cfg.threads {
+        let ex = ex.clone();
+        std::thread::Builder::new()
+            .name(format!("wisp-{i}"))
+            .spawn(move || smol::block_on(ex.run(std::future::pending::<()>())))
+            .map_err(|e| format!("cannot start threads: {e}"))?;
+    }
+    let ctl = Controller::open(cfg.data.clone(), ex.clone(), cfg.ping_interval)?;
+    let (http, agent) = smol::block_on(async {
+        let http = smol::net::TcpListener::bind(SocketAddr::new(cfg.bind, cfg.http_port))
+            .await
+            .map_err(|e| format!("cannot listen for HTTP on {}:{}: {e} (choose another --http-port)", cfg.bind, cfg.http_port))?;
+        let agent = smol::net::TcpListener::bind(SocketAddr::new(cfg.bind, cfg.agent_port)).await.map_err(|e| {
+            format!("cannot listen for agents on {}:{}: {e} (choose another --agent-port)", cfg.bind, cfg.agent_port)
+        })?;
+        Ok::<_, String>((http, agent))
+    })?;
+    let (ha, aa) = (http.local_addr().map_err(|e| e.to_string())?, agent.local_addr().map_err(|e| e.to_string())?);
+    let _ = ctl.addrs.set((ha, aa));
+    let show = |a: SocketAddr| if a.ip().is_unspecified() { SocketAddr::new([127, 0, 0, 1].into(), a.port()) } else { a };
+    let listening = format!("http {}\nagent {}\n", show(ha), show(aa));
+    let tmp = cfg.data.join("listening.tmp");
+    std::fs::write(&tmp, listening)
+        .and_then(|_| std::fs::rename(&tmp, cfg.data.join("listening")))
+        .map_err(|e| format!("cannot write {}: {e}", cfg.data.join("listening").display()))?;
+    log::info!("wisp controller: HTTP on {ha} (agents over WebSocket at /wsagents/), TCP agents on {aa}, data in {}", cfg.data.display());
+    ex.spawn(http::http_loop(ctl.clone(), http)).detach();
+    ex.spawn(http::agent_loop(ctl.clone(), agent)).detach();
+    Ok(ctl)
+}

@@ -1,0 +1,316 @@
+//! The controller's embedded store: nodes, builds and steps in SQLite (bundled, WAL mode).
+//! Step logs are plain files beside it (`builds/ID/STEP.log`), written by the agent links.
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+use std::path::Path;
+
+/// A node as stored.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct NodeRecord {
+    /// Unique name.
+    pub name: String,
+    /// Labels, in the order given.
+    pub labels: Vec<String>,
+    /// How many builds it runs at once.
+    pub executors: u32,
+    /// True when its agent connects over WebSocket (shapes the printed command and descriptor).
+    pub websocket: bool,
+    /// Work dir to pass to the agent ("" for the agent's default).
+    pub work_dir: String,
+}
+
+/// Where a build is in its life.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BuildState {
+    /// Waiting for a matching free executor.
+    Queued,
+    /// Running on a node.
+    Running,
+    /// Every step exited 0.
+    Success,
+    /// A step failed (or the build could not run).
+    Failure,
+    /// Cancelled by a user.
+    Aborted,
+}
+
+impl BuildState {
+    /// The stored spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Success => "success",
+            Self::Failure => "failure",
+            Self::Aborted => "aborted",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "queued" => Self::Queued,
+            "running" => Self::Running,
+            "success" => Self::Success,
+            "aborted" => Self::Aborted,
+            _ => Self::Failure,
+        }
+    }
+
+    /// True once the build can no longer change.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Success | Self::Failure | Self::Aborted)
+    }
+}
+
+/// A build as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct BuildRecord {
+    /// Build number.
+    pub id: u64,
+    /// Pipeline name.
+    pub name: String,
+    /// State or result.
+    pub state: BuildState,
+    /// Node it ran on, once dispatched.
+    pub node: Option<String>,
+    /// Why it failed or was aborted, for people.
+    pub message: String,
+    /// Unix seconds.
+    pub created: i64,
+    /// Unix seconds, once running.
+    pub started: Option<i64>,
+    /// Unix seconds, once final.
+    pub finished: Option<i64>,
+    /// The pipeline as submitted.
+    #[serde(skip)]
+    pub yaml: String,
+}
+
+/// A step as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepRecord {
+    /// Index from 1.
+    pub index: u32,
+    /// Display name.
+    pub name: String,
+    /// pending, running, success, failure, aborted, skipped.
+    pub state: String,
+    /// "exit code 3", "killed by signal 9", "timed out"...
+    pub exit: String,
+    /// Exit code when it exited normally.
+    pub code: Option<i32>,
+    /// Output bytes stored.
+    pub bytes: u64,
+}
+
+/// Store errors carry the SQLite message.
+pub type Result<T> = std::result::Result<T, rusqlite::Error>;
+
+/// The open database.
+pub struct Store {
+    db: Connection,
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+impl Store {
+    /// Open (or create) `DIR/wisp.db`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let db = Connection::open(dir.join("wisp.db"))?;
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        db.pragma_update(None, "synchronous", "NORMAL")?;
+        db.busy_timeout(std::time::Duration::from_secs(5))?;
+        db.execute_batch(
+            "CREATE TABLE IF NOT EXISTS nodes (
+                name TEXT PRIMARY KEY, labels TEXT NOT NULL, executors INTEGER NOT NULL,
+                websocket INTEGER NOT NULL, work_dir TEXT NOT NULL, created INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS builds (
+                id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, yaml TEXT NOT NULL,
+                state TEXT NOT NULL, node TEXT, message TEXT NOT NULL DEFAULT '',
+                created INTEGER NOT NULL, started INTEGER, finished INTEGER);
+             CREATE TABLE IF NOT EXISTS steps (
+                build INTEGER NOT NULL, idx INTEGER NOT NULL, name TEXT NOT NULL,
+                state TEXT NOT NULL, exit TEXT NOT NULL DEFAULT '', code INTEGER,
+                bytes INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (build, idx));
+             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+        )?;
+        Ok(Self { db })
+    }
+
+    /// Add a node; fails if the name is taken.
+    pub fn add_node(&self, n: &NodeRecord) -> Result<()> {
+        self.db.execute(
+            "INSERT INTO nodes (name, labels, executors, websocket, work_dir, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![n.name, n.labels.join(" "), n.executors, n.websocket, n.work_dir, now()],
+        )?;
+        Ok(())
+    }
+
+    /// Delete a node; true if it existed.
+    pub fn remove_node(&self, name: &str) -> Result<bool> {
+        Ok(self.db.execute("DELETE FROM nodes WHERE name = ?1", [name])? > 0)
+    }
+
+    /// Every node, by name.
+    pub fn nodes(&self) -> Result<Vec<NodeRecord>> {
+        let mut q = self.db.prepare("SELECT name, labels, executors, websocket, work_dir FROM nodes ORDER BY name")?;
+        let rows = q.query_map([], |r| {
+            let labels: String = r.get(1)?;
+            Ok(NodeRecord {
+                name: r.get(0)?,
+                labels: labels.split_whitespace().map(str::to_string).collect(),
+                executors: r.get(2)?,
+                websocket: r.get(3)?,
+                work_dir: r.get(4)?,
+            })
+        })?;
+        rows.collect()
+    }
+
+    /// Record a new queued build with its steps; returns its number.
+    pub fn insert_build(&self, name: &str, yaml: &str, steps: &[String]) -> Result<u64> {
+        let tx = self.db.unchecked_transaction()?;
+        tx.execute(
+            "INSERT INTO builds (name, yaml, state, created) VALUES (?1, ?2, 'queued', ?3)",
+            params![name, yaml, now()],
+        )?;
+        let id = tx.last_insert_rowid() as u64;
+        for (i, s) in steps.iter().enumerate() {
+            tx.execute(
+                "INSERT INTO steps (build, idx, name, state) VALUES (?1, ?2, ?3, 'pending')",
+                params![id, i as u32 + 1, s],
+            )?;
+        }
+        tx.commit()?;
+        Ok(id)
+    }
+
+    /// Mark a build running on `node`.
+    pub fn start_build(&self, id: u64, node: &str) -> Result<()> {
+        self.db.execute(
+            "UPDATE builds SET state = 'running', node = ?2, started = ?3 WHERE id = ?1",
+            params![id, node, now()],
+        )?;
+        Ok(())
+    }
+
+    /// Give a build its final state.
+    pub fn finish_build(&self, id: u64, state: BuildState, message: &str) -> Result<()> {
+        self.db.execute(
+            "UPDATE builds SET state = ?2, message = ?3, finished = ?4 WHERE id = ?1",
+            params![id, state.as_str(), message, now()],
+        )?;
+        // Steps that never ran are marked so, for people reading the build.
+        self.db.execute("UPDATE steps SET state = 'skipped' WHERE build = ?1 AND state = 'pending'", [id])?;
+        Ok(())
+    }
+
+    /// Update a step's state, exit description, exit code and stored byte count.
+    pub fn set_step(&self, build: u64, idx: u32, state: &str, exit: &str, code: Option<i32>, bytes: u64) -> Result<()> {
+        self.db.execute(
+            "UPDATE steps SET state = ?3, exit = ?4, code = ?5, bytes = ?6 WHERE build = ?1 AND idx = ?2",
+            params![build, idx, state, exit, code, bytes],
+        )?;
+        Ok(())
+    }
+
+    fn build_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BuildRecord> {
+        let state: String = r.get(3)?;
+        Ok(BuildRecord {
+            id: r.get(0)?,
+            name: r.get(1)?,
+            yaml: r.get(2)?,
+            state: BuildState::parse(&state),
+            node: r.get(4)?,
+            message: r.get(5)?,
+            created: r.get(6)?,
+            started: r.get(7)?,
+            finished: r.get(8)?,
+        })
+    }
+
+    /// One build.
+    pub fn build(&self, id: u64) -> Result<Option<BuildRecord>> {
+        self.db
+            .query_row(
+                "SELECT id, name, yaml, state, node, message, created, started, finished FROM builds WHERE id = ?1",
+                [id],
+                Self::build_row,
+            )
+            .optional()
+    }
+
+    /// The newest `limit` builds, newest first.
+    pub fn builds(&self, limit: u32) -> Result<Vec<BuildRecord>> {
+        let mut q = self.db.prepare(
+            "SELECT id, name, yaml, state, node, message, created, started, finished FROM builds ORDER BY id DESC LIMIT ?1",
+        )?;
+        let rows = q.query_map([limit], Self::build_row)?;
+        rows.collect()
+    }
+
+    /// Builds not yet final, oldest first (for recovery at start).
+    pub fn unfinished_builds(&self) -> Result<Vec<BuildRecord>> {
+        let mut q = self.db.prepare(
+            "SELECT id, name, yaml, state, node, message, created, started, finished FROM builds
+             WHERE state IN ('queued', 'running') ORDER BY id",
+        )?;
+        let rows = q.query_map([], Self::build_row)?;
+        rows.collect()
+    }
+
+    /// A build's steps in order.
+    pub fn steps(&self, build: u64) -> Result<Vec<StepRecord>> {
+        let mut q =
+            self.db.prepare("SELECT idx, name, state, exit, code, bytes FROM steps WHERE build = ?1 ORDER BY idx")?;
+        let rows = q.query_map([build], |r| {
+            Ok(StepRecord {
+                index: r.get(0)?,
+                name: r.get(1)?,
+                state: r.get(2)?,
+                exit: r.get(3)?,
+                code: r.get(4)?,
+                bytes: r.get(5)?,
+            })
+        })?;
+        rows.collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodes_and_builds_survive_reopening() {
+        let dir = std::env::temp_dir().join(format!("wisp-store-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        {
+            let s = Store::open(&dir).unwrap();
+            let n = NodeRecord {
+                name: "n1".into(),
+                labels: vec!["linux".into(), "x86_64".into()],
+                executors: 2,
+                websocket: true,
+                work_dir: String::new(),
+            };
+            s.add_node(&n).unwrap();
+            assert!(s.add_node(&n).is_err(), "duplicate names are refused");
+            let id = s.insert_build("hello", "name: hello", &["a".into(), "b".into()]).unwrap();
+            s.start_build(id, "n1").unwrap();
+            s.set_step(id, 1, "success", "exit code 0", Some(0), 12).unwrap();
+            s.finish_build(id, BuildState::Success, "").unwrap();
+        }
+        let s = Store::open(&dir).unwrap();
+        assert_eq!(s.nodes().unwrap()[0].labels, vec!["linux", "x86_64"]);
+        let b = s.builds(10).unwrap();
+        assert_eq!((b.len(), b[0].state, b[0].node.as_deref()), (1, BuildState::Success, Some("n1")));
+        let steps = s.steps(b[0].id).unwrap();
+        assert_eq!((steps[0].bytes, steps[1].state.as_str()), (12, "skipped"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

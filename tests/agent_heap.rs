@@ -1,0 +1,91 @@
+//! The agent's heap stays within a fixed budget while a step writes 1 GiB: a counting global
+//! allocator measures every allocation made by the agent's threads in this process (the
+//! controller is a separate process; this test's own harness thread is excluded).
+
+mod common;
+use common::*;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::time::Duration;
+
+/// The budget the issue asks for: the agent's live heap never exceeds this while streaming.
+const BUDGET: isize = 256 * 1024;
+
+struct Counting;
+
+static CURRENT: AtomicIsize = AtomicIsize::new(0);
+static PEAK: AtomicIsize = AtomicIsize::new(0);
+
+thread_local! {
+    static EXCLUDED: Cell<bool> = const { Cell::new(false) };
+}
+
+fn counted() -> bool {
+    !EXCLUDED.try_with(|e| e.get()).unwrap_or(true)
+}
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() && counted() {
+            let now = CURRENT.fetch_add(layout.size() as isize, Ordering::SeqCst) + layout.size() as isize;
+            PEAK.fetch_max(now, Ordering::SeqCst);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if counted() {
+            CURRENT.fetch_sub(layout.size() as isize, Ordering::SeqCst);
+        }
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() && counted() {
+            let delta = new_size as isize - layout.size() as isize;
+            let now = CURRENT.fetch_add(delta, Ordering::SeqCst) + delta;
+            PEAK.fetch_max(now, Ordering::SeqCst);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static A: Counting = Counting;
+
+fn stream_one_gib(ws: bool) -> (isize, isize) {
+    let ctl = Controller::start();
+    let work = TempDir::new("heap");
+    let name = if ws { "heap-ws" } else { "heap-tcp" };
+    let secret = ctl.add_node(name, "linux", if ws { &[] } else { &["--tcp"] });
+    let (url, direct, work_dir) = (ctl.url(), ctl.agent_addr.clone(), work.path().to_path_buf());
+    let name2 = name.to_string();
+    std::thread::spawn(move || {
+        // Everything the agent owns is allocated on this thread (or threads it starts).
+        let mode = if ws { wisp::agent::Mode::WebSocket } else { wisp::agent::Mode::Direct(direct.clone()) };
+        let cfg = wisp::agent::Config { url: url.clone(), name: name2.clone(), secret: secret.clone(), mode, work_dir, ca_file: None };
+        let _ = wisp::agent::run(cfg);
+    });
+    ctl.wait_online(name);
+    let baseline = CURRENT.load(Ordering::SeqCst);
+    PEAK.store(baseline, Ordering::SeqCst);
+    let id = ctl.submit(&format!(
+        "name: big\nagent: {{label: {name}}}\nsteps:\n  - sh: head -c 1073741824 /dev/zero; echo done\n"
+    ));
+    let b = ctl.wait_build_state(id, Duration::from_secs(600));
+    assert_eq!(b["state"], "success", "{b}\n{}", ctl.log_text());
+    assert_eq!(b["steps"][0]["bytes"], 1_073_741_824u64 + 5, "every byte stored: {b}");
+    (baseline, PEAK.load(Ordering::SeqCst))
+}
+
+#[test]
+fn agent_heap_stays_within_budget_while_a_step_writes_one_gib() {
+    EXCLUDED.with(|e| e.set(true));
+    for ws in [false, true] {
+        let (baseline, peak) = stream_one_gib(ws);
+        let transport = if ws { "websocket" } else { "tcp" };
+        println!("agent heap ({transport}): {baseline} bytes connected and idle, peak {peak} bytes while streaming 1 GiB");
+        assert!(peak <= BUDGET, "{transport}: peak agent heap {peak} bytes is over the {BUDGET}-byte budget");
+    }
+}
