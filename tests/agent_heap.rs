@@ -64,7 +64,14 @@ fn stream_one_gib(ws: bool) -> (isize, isize) {
     std::thread::spawn(move || {
         // Everything the agent owns is allocated on this thread (or threads it starts).
         let mode = if ws { wisp::agent::Mode::WebSocket } else { wisp::agent::Mode::Direct(direct.clone()) };
-        let cfg = wisp::agent::Config { url: url.clone(), name: name2.clone(), secret: secret.clone(), mode, work_dir, ca_file: None };
+        let cfg = wisp::agent::Config {
+            url: url.clone(),
+            name: name2.clone(),
+            secret: secret.clone(),
+            mode,
+            work_dir,
+            ca_file: None,
+        };
         let _ = wisp::agent::run(cfg);
     });
     ctl.wait_online(name);

@@ -31,7 +31,8 @@ fn build_over_tcp_succeeds_and_a_failing_step_stops_the_pipeline() {
     let ctl = Controller::start();
     let work = TempDir::new("work");
     let _agent = online_node(&ctl, "tcp1", false, &work);
-    let (code, out) = ctl.run("name: t\nsteps:\n  - sh: echo one\n  - sh: echo two; exit 3\n  - sh: echo three\n");
+    let (code, out) =
+        ctl.run("name: t\nsteps:\n  - sh: echo one\n  - sh: echo two; exit 3\n  - sh: echo three\n");
     assert_eq!(code, 1, "a failed build exits 1: {out}");
     assert!(out.contains("one\n") && out.contains("two\n"), "{out}");
     assert!(!out.contains("three"), "the step after the failure must not run: {out}");
@@ -77,7 +78,11 @@ fn wrong_secret_and_unknown_node_are_rejected_with_their_own_messages() {
 }
 
 fn pids_in(path: &std::path::Path) -> Vec<u32> {
-    std::fs::read_to_string(path).unwrap_or_default().split_whitespace().filter_map(|p| p.parse().ok()).collect()
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
 }
 
 #[test]
@@ -85,17 +90,22 @@ fn cancel_kills_the_step_and_its_background_children() {
     let ctl = Controller::start();
     let work = TempDir::new("work");
     let _agent = online_node(&ctl, "c1", true, &work);
-    let script = "sleep 1000 & echo $! > pids; (sleep 1000; echo never) & echo $! >> pids; echo started; wait";
+    let script =
+        "sleep 1000 & echo $! > pids; (sleep 1000; echo never) & echo $! >> pids; echo started; wait";
     let id = ctl.submit(&format!("name: cancelme\nsteps:\n  - sh: '{script}'\n"));
     let pidfile = work.path().join("workspace/cancelme/pids");
-    wait_for("the step to start its children", Duration::from_secs(20), || (pids_in(&pidfile).len() == 2).then_some(()));
+    wait_for("the step to start its children", Duration::from_secs(20), || {
+        (pids_in(&pidfile).len() == 2).then_some(())
+    });
     let pids = pids_in(&pidfile);
     assert!(pids.iter().all(|p| alive(*p)));
     let out = ctl.wisp(&["cancel", &id.to_string()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let b = ctl.wait_build_state(id, Duration::from_secs(30));
     assert_eq!(b["state"], "aborted", "{b}");
-    wait_for("the children to die", Duration::from_secs(10), || pids.iter().all(|p| !alive(*p)).then_some(()));
+    wait_for("the children to die", Duration::from_secs(10), || {
+        pids.iter().all(|p| !alive(*p)).then_some(())
+    });
     let out = ctl.wisp(&["log", &id.to_string(), "--follow"]);
     assert_eq!(out.status.code(), Some(2), "an aborted build exits 2");
 }
@@ -170,9 +180,13 @@ fn the_jnlp_descriptor_has_jenkins_argument_order_and_needs_the_token() {
     let (status, body) = ctl.get("/computer/j1/jenkins-agent.jnlp");
     assert_eq!(status, 200);
     let xml = String::from_utf8(body).unwrap();
-    let args: Vec<&str> = xml.split("<argument>").skip(1).map(|a| a.split("</argument>").next().unwrap()).collect();
+    let args: Vec<&str> =
+        xml.split("<argument>").skip(1).map(|a| a.split("</argument>").next().unwrap()).collect();
     let url = ctl.url();
-    assert_eq!(args, vec![secret.as_str(), "j1", "-webSocket", "-workDir", "/home/wisp/agent", "-url", url.as_str()]);
+    assert_eq!(
+        args,
+        vec![secret.as_str(), "j1", "-webSocket", "-workDir", "/home/wisp/agent", "-url", url.as_str()]
+    );
     assert!(xml.contains("<application-desc main-class=\"hudson.remoting.jnlp.Main\">"));
 }
 

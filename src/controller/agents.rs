@@ -82,7 +82,10 @@ async fn handshake(ctl: &Controller, reader: &mut LinkReader, writer: &mut LinkW
 pub async fn serve(ctl: Arc<Controller>, mut reader: LinkReader, mut writer: LinkWriter, peer: String) {
     let name = match timeout(HANDSHAKE_TIMEOUT, handshake(&ctl, &mut reader, &mut writer)).await {
         None => {
-            log::warn!("agent link from {peer}: handshake not finished within {}s, closing", HANDSHAKE_TIMEOUT.as_secs());
+            log::warn!(
+                "agent link from {peer}: handshake not finished within {}s, closing",
+                HANDSHAKE_TIMEOUT.as_secs()
+            );
             reject(&mut writer, RejectCode::ProtocolError, "handshake timed out").await;
             return;
         }
@@ -109,7 +112,11 @@ pub async fn serve(ctl: Arc<Controller>, mut reader: LinkReader, mut writer: Lin
                     reject(&mut writer, RejectCode::AlreadyConnected, &m).await;
                     return;
                 }
-                log::warn!("node {name}: old link {} did not answer a ping in {}s, replacing it", old.id, STALE_CHECK.as_secs());
+                log::warn!(
+                    "node {name}: old link {} did not answer a ping in {}s, replacing it",
+                    old.id,
+                    STALE_CHECK.as_secs()
+                );
                 old.shut();
                 ctl.detach(old, "replaced by a new connection");
             }
@@ -134,7 +141,8 @@ pub async fn serve(ctl: Arc<Controller>, mut reader: LinkReader, mut writer: Lin
         close: Event::new(),
     });
     if !ctl.attach(&conn, old.as_ref()) {
-        reject(&mut writer, RejectCode::AlreadyConnected, "another agent took this node meanwhile; retrying").await;
+        reject(&mut writer, RejectCode::AlreadyConnected, "another agent took this node meanwhile; retrying")
+            .await;
         return;
     }
     let writer_task = ctl.ex.spawn(write_loop(writer, rx, ctl.ping_interval));
@@ -209,13 +217,10 @@ async fn read_loop(ctl: &Controller, conn: &Arc<Conn>, reader: &mut LinkReader) 
         if conn.closing.load(Ordering::SeqCst) {
             return "closed by the controller".into();
         }
-        let next = smol::future::or(
-            async { Some(timeout(dead_after, reader.next()).await) },
-            async {
-                listener.await;
-                None
-            },
-        )
+        let next = smol::future::or(async { Some(timeout(dead_after, reader.next()).await) }, async {
+            listener.await;
+            None
+        })
         .await;
         let frame = match next {
             None => return "closed by the controller".into(),
@@ -252,7 +257,9 @@ async fn read_loop(ctl: &Controller, conn: &Arc<Conn>, reader: &mut LinkReader) 
                 };
                 match stored {
                     Some(have) if have != offset => {
-                        let m = format!("build {build} step {step}: exit says {offset} output bytes but {have} arrived");
+                        let m = format!(
+                            "build {build} step {step}: exit says {offset} output bytes but {have} arrived"
+                        );
                         let _ = conn.tx.try_send(Out::Close(m.clone()));
                         return m;
                     }
@@ -270,7 +277,8 @@ async fn read_loop(ctl: &Controller, conn: &Arc<Conn>, reader: &mut LinkReader) 
                 conn.pong.notify(usize::MAX);
             }
             other => {
-                let m = format!("protocol error: unexpected {} frame from the agent", auth::frame_kind(&other));
+                let m =
+                    format!("protocol error: unexpected {} frame from the agent", auth::frame_kind(&other));
                 let _ = conn.tx.try_send(Out::Close(m.clone()));
                 return m;
             }
@@ -286,7 +294,10 @@ fn store_output(conn: &Conn, build: u64, step: u32, offset: u64, data: &[u8]) ->
         return Ok(());
     };
     if offset > sink.offset {
-        return Err(format!("build {build} step {step}: output at offset {offset} but only {} bytes stored", sink.offset));
+        return Err(format!(
+            "build {build} step {step}: output at offset {offset} but only {} bytes stored",
+            sink.offset
+        ));
     }
     let skip = (sink.offset - offset) as usize;
     if skip >= data.len() {

@@ -295,7 +295,8 @@ pub fn main() {
         Cmd::Nodes(n) => client_do(n.url, n.token, n.data, |c| async move {
             let v = c.json(Method::GET, "/api/nodes", "").await?;
             for n in v["nodes"].as_array().into_iter().flatten() {
-                let labels: Vec<&str> = n["labels"].as_array().into_iter().flatten().filter_map(|l| l.as_str()).collect();
+                let labels: Vec<&str> =
+                    n["labels"].as_array().into_iter().flatten().filter_map(|l| l.as_str()).collect();
                 println!(
                     "{}\t{}\t{}\t{}",
                     n["name"].as_str().unwrap_or(""),
@@ -307,7 +308,8 @@ pub fn main() {
             Ok(0)
         }),
         Cmd::Run(r) => {
-            let yaml = std::fs::read_to_string(&r.file).unwrap_or_else(|e| die(format!("cannot read {}: {e}", r.file.display())));
+            let yaml = std::fs::read_to_string(&r.file)
+                .unwrap_or_else(|e| die(format!("cannot read {}: {e}", r.file.display())));
             client_do(r.url, r.token, r.data, |c| async move { submit(&c, &yaml, r.follow).await })
         }
         Cmd::Builds(b) => client_do(b.url, b.token, b.data, |c| async move {
@@ -324,7 +326,9 @@ pub fn main() {
             }
             Ok(0)
         }),
-        Cmd::Log(l) => client_do(l.url, l.token, l.data, |c| async move { show_log(&c, l.id, l.follow).await }),
+        Cmd::Log(l) => {
+            client_do(l.url, l.token, l.data, |c| async move { show_log(&c, l.id, l.follow).await })
+        }
         Cmd::Cancel(x) => client_do(x.url, x.token, x.data, |c| async move {
             c.json(Method::POST, &format!("/api/builds/{}/cancel", x.id), "").await?;
             println!("build #{} cancelled", x.id);
@@ -410,7 +414,9 @@ fn demo(d: Demo) -> i32 {
         }
     });
     let yaml = match &d.pipeline {
-        Some(p) => std::fs::read_to_string(p).unwrap_or_else(|e| die(format!("cannot read {}: {e}", p.display()))),
+        Some(p) => {
+            std::fs::read_to_string(p).unwrap_or_else(|e| die(format!("cannot read {}: {e}", p.display())))
+        }
         None => SAMPLE.to_string(),
     };
     let client = Client::new(Some(url), None, Some(d.data)).unwrap_or_else(|e| die(e));

@@ -3,7 +3,7 @@
 use crate::agent::connect::{parse_url, Target};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request, StatusCode};
+use hyper::{Method, Request};
 use smol::net::TcpStream;
 use smol_hyper::rt::FuturesIo;
 use std::io::Write;
@@ -38,13 +38,16 @@ impl Client {
                 Some(format!("http://{addr}/"))
             })
             .unwrap_or_else(|| "http://127.0.0.1:8080/".into());
-        let token = token.or_else(|| env("WISP_TOKEN")).or_else(|| read_trimmed(&data.join("token"))).ok_or_else(|| {
-            format!(
+        let token = token
+            .or_else(|| env("WISP_TOKEN"))
+            .or_else(|| read_trimmed(&data.join("token")))
+            .ok_or_else(|| {
+                format!(
                 "no API token: pass --token or set WISP_TOKEN, or --data DIR where the controller keeps it \
                  (looked in {})",
                 data.join("token").display()
             )
-        })?;
+            })?;
         let target = parse_url(&url)?;
         if target.tls {
             return Err(format!("{url}: https is not supported by this CLI yet; use the http:// address"));
@@ -57,14 +60,27 @@ impl Client {
         &self.url
     }
 
-    async fn send(&self, method: Method, path: &str, body: Bytes) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
         let (host, port) = (&self.target.host, self.target.port);
-        let stream = smol::future::or(async { TcpStream::connect((host.as_str(), port)).await.map_err(|e| e.to_string()) }, async {
-            smol::Timer::after(CONNECT_TIMEOUT).await;
-            Err("timed out".to_string())
-        })
+        let stream = smol::future::or(
+            async { TcpStream::connect((host.as_str(), port)).await.map_err(|e| e.to_string()) },
+            async {
+                smol::Timer::after(CONNECT_TIMEOUT).await;
+                Err("timed out".to_string())
+            },
+        )
         .await
-        .map_err(|e| format!("cannot reach the controller at {}: {e} (is `wisp serve` running? set --url or WISP_URL)", self.url))?;
+        .map_err(|e| {
+            format!(
+                "cannot reach the controller at {}: {e} (is `wisp serve` running? set --url or WISP_URL)",
+                self.url
+            )
+        })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(FuturesIo::new(stream))
             .await
             .map_err(|e| format!("talking to {}: {e}", self.url))?;
@@ -84,12 +100,19 @@ impl Client {
     }
 
     /// Call the API and decode its JSON answer; a non-2xx answer becomes its error message.
-    pub async fn json(&self, method: Method, path: &str, body: impl Into<Bytes>) -> Result<serde_json::Value, String> {
+    pub async fn json(
+        &self,
+        method: Method,
+        path: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<serde_json::Value, String> {
         let resp = self.send(method, path, body.into()).await?;
         let status = resp.status();
-        let bytes = resp.into_body().collect().await.map_err(|e| format!("reading the answer: {e}"))?.to_bytes();
-        let v: serde_json::Value = serde_json::from_slice(&bytes)
-            .map_err(|_| format!("{}: unexpected answer (HTTP {status}): {}", self.url, String::from_utf8_lossy(&bytes)))?;
+        let bytes =
+            resp.into_body().collect().await.map_err(|e| format!("reading the answer: {e}"))?.to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| {
+            format!("{}: unexpected answer (HTTP {status}): {}", self.url, String::from_utf8_lossy(&bytes))
+        })?;
         if !status.is_success() {
             let msg = v["error"].as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
             return Err(msg);

@@ -245,13 +245,19 @@ fn secret_file(path: &std::path::Path, make: impl FnOnce() -> String) -> std::io
 
 impl Controller {
     /// Open the data dir (creating it, its key and API token on first start) and load state.
-    pub fn open(data: PathBuf, ex: Arc<Executor<'static>>, ping_interval: Duration) -> Result<Arc<Self>, String> {
-        std::fs::create_dir_all(data.join("builds")).map_err(|e| format!("cannot create {}: {e}", data.display()))?;
+    pub fn open(
+        data: PathBuf,
+        ex: Arc<Executor<'static>>,
+        ping_interval: Duration,
+    ) -> Result<Arc<Self>, String> {
+        std::fs::create_dir_all(data.join("builds"))
+            .map_err(|e| format!("cannot create {}: {e}", data.display()))?;
         let key = secret_file(&data.join("secret.key"), || crate::auth::hex(&crate::auth::random_nonce()))
             .map_err(|e| format!("controller key in {}: {e}", data.display()))?;
         let token = secret_file(&data.join("token"), || crate::auth::hex(&crate::auth::random_nonce()))
             .map_err(|e| format!("API token in {}: {e}", data.display()))?;
-        let store = Store::open(&data).map_err(|e| format!("cannot open the store in {}: {e}", data.display()))?;
+        let store =
+            Store::open(&data).map_err(|e| format!("cannot open the store in {}: {e}", data.display()))?;
         let mut state = State::default();
         for rec in store.nodes().map_err(|e| format!("store: {e}"))? {
             state.nodes.insert(rec.name.clone(), Node::new(rec));
@@ -277,7 +283,11 @@ impl Controller {
         for b in unfinished {
             if b.state == BuildState::Running {
                 log::warn!("build {}: was running when the controller stopped; marking it failed", b.id);
-                let _ = self.store().finish_build(b.id, BuildState::Failure, "the controller restarted during the build");
+                let _ = self.store().finish_build(
+                    b.id,
+                    BuildState::Failure,
+                    "the controller restarted during the build",
+                );
                 continue;
             }
             match pipeline::parse(&b.yaml) {
@@ -333,7 +343,12 @@ impl Controller {
             return Err(ApiError::new(409, format!("a node named '{}' already exists", rec.name)));
         }
         self.store().add_node(&rec)?;
-        log::info!("node {}: added (labels: {}, executors: {})", rec.name, rec.labels.join(" "), rec.executors);
+        log::info!(
+            "node {}: added (labels: {}, executors: {})",
+            rec.name,
+            rec.labels.join(" "),
+            rec.executors
+        );
         st.nodes.insert(rec.name.clone(), Node::new(rec));
         Ok(())
     }
@@ -433,7 +448,10 @@ impl Controller {
             let mut st = self.state();
             let Some(b) = st.builds.get(&id).cloned() else {
                 let rec = self.build(id)?;
-                return Err(ApiError::new(409, format!("build #{id} already finished ({})", rec.state.as_str())));
+                return Err(ApiError::new(
+                    409,
+                    format!("build #{id} already finished ({})", rec.state.as_str()),
+                ));
             };
             b.cancelled.store(true, Ordering::SeqCst);
             b.changed.notify(usize::MAX);
@@ -559,9 +577,13 @@ impl Controller {
     ) -> (StepEnd, u64) {
         let id = build.id;
         let key = (id, step);
-        let file = match std::fs::create_dir_all(dir).and_then(|_| File::create(dir.join(format!("{step}.log")))) {
+        let file = match std::fs::create_dir_all(dir)
+            .and_then(|_| File::create(dir.join(format!("{step}.log"))))
+        {
             Ok(f) => f,
-            Err(e) => return (StepEnd::Lost(format!("cannot create the step log in {}: {e}", dir.display())), 0),
+            Err(e) => {
+                return (StepEnd::Lost(format!("cannot create the step log in {}: {e}", dir.display())), 0)
+            }
         };
         let (done_tx, done_rx): (Sender<StepEnd>, Receiver<StepEnd>) = bounded(1);
         conn.sinks().insert(key, Sink { file, offset: 0, done: done_tx, build: build.clone() });

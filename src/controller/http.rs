@@ -124,7 +124,9 @@ async fn route(ctl: Arc<Controller>, req: Request<Incoming>, peer: SocketAddr) -
             }
             return r;
         }
-        (&Method::GET, [""]) => return full(StatusCode::OK, "text/plain", "wisp controller: see /api/builds\n"),
+        (&Method::GET, [""]) => {
+            return full(StatusCode::OK, "text/plain", "wisp controller: see /api/builds\n")
+        }
         _ => {}
     }
     if !bearer(&req).is_some_and(|t| ctl.token_ok(t)) {
@@ -135,7 +137,9 @@ async fn route(ctl: Arc<Controller>, req: Request<Incoming>, peer: SocketAddr) -
         ));
     }
     let result = match (req.method().clone(), segs.as_slice()) {
-        (Method::GET, ["computer", name, "jenkins-agent.jnlp" | "slave-agent.jnlp"]) => jnlp(&ctl, &req, name),
+        (Method::GET, ["computer", name, "jenkins-agent.jnlp" | "slave-agent.jnlp"]) => {
+            jnlp(&ctl, &req, name)
+        }
         (Method::GET, ["api", "nodes"]) => Ok(list_nodes(&ctl)),
         (Method::POST, ["api", "nodes"]) => add_node(&ctl, req).await,
         (Method::GET, ["api", "nodes", name]) => node_info(&ctl, &req, name),
@@ -145,11 +149,14 @@ async fn route(ctl: Arc<Controller>, req: Request<Incoming>, peer: SocketAddr) -
         (Method::POST, ["api", "builds"]) => submit(&ctl, req).await,
         (Method::GET, ["api", "builds"]) => list_builds(&ctl),
         (Method::GET, ["api", "builds", id]) => build_info(&ctl, id),
-        (Method::POST, ["api", "builds", id, "cancel"]) => {
-            parse_id(id).and_then(|id| ctl.cancel(id)).map(|_| json_response(StatusCode::OK, json!({ "cancelled": true })))
-        }
+        (Method::POST, ["api", "builds", id, "cancel"]) => parse_id(id)
+            .and_then(|id| ctl.cancel(id))
+            .map(|_| json_response(StatusCode::OK, json!({ "cancelled": true }))),
         (Method::GET, ["api", "builds", id, "log"]) => {
-            let follow = req.uri().query().is_some_and(|q| q.split('&').any(|p| p == "follow=1" || p == "follow=true"));
+            let follow = req
+                .uri()
+                .query()
+                .is_some_and(|q| q.split('&').any(|p| p == "follow=1" || p == "follow=true"));
             parse_id(id).and_then(|id| log_stream(&ctl, id, follow))
         }
         (Method::GET, ["api", "builds", id, "steps", step, "log"]) => step_log(&ctl, id, step),
@@ -200,8 +207,13 @@ fn ws_upgrade(ctl: Arc<Controller>, req: Request<Incoming>, peer: SocketAddr) ->
                 Err(_) => return log::error!("http {peer}: upgraded stream of an unexpected type"),
             };
             let io: BoxIo = Box::pin(parts.io.into_inner());
-            let ws = WebSocketStream::from_partially_read(io, parts.read_buf.to_vec(), Role::Server, Some(link::ws_config()))
-                .await;
+            let ws = WebSocketStream::from_partially_read(
+                io,
+                parts.read_buf.to_vec(),
+                Role::Server,
+                Some(link::ws_config()),
+            )
+            .await;
             let (r, w) = link::websocket(ws);
             agents::serve(ctl2, r, w, peer.to_string()).await;
         })
@@ -216,7 +228,11 @@ fn ws_upgrade(ctl: Arc<Controller>, req: Request<Incoming>, peer: SocketAddr) ->
 }
 
 fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&apos;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&apos;")
 }
 
 /// The Jenkins-shaped JNLP descriptor: arguments in agent.jar's order.
@@ -309,13 +325,20 @@ fn yes() -> bool {
 
 async fn add_node(ctl: &Controller, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let url = public_url(ctl, &req);
-    let n: NewNode = serde_json::from_str(&body_text(req).await?).map_err(|e| ApiError::new(400, format!("bad node: {e}")))?;
+    let n: NewNode = serde_json::from_str(&body_text(req).await?)
+        .map_err(|e| ApiError::new(400, format!("bad node: {e}")))?;
     labels::validate_label(&n.name).map_err(|e| ApiError::new(400, format!("bad node name: {e}")))?;
     let labels = labels::split_labels(&n.labels).map_err(|e| ApiError::new(400, e.to_string()))?;
     if !(1..=1024).contains(&n.executors) {
         return Err(ApiError::new(400, "executors must be between 1 and 1024"));
     }
-    let rec = NodeRecord { name: n.name, labels, executors: n.executors, websocket: n.websocket, work_dir: n.work_dir };
+    let rec = NodeRecord {
+        name: n.name,
+        labels,
+        executors: n.executors,
+        websocket: n.websocket,
+        work_dir: n.work_dir,
+    };
     ctl.add_node(rec.clone())?;
     let mut v = node_json(&rec, false, 0);
     v["secret"] = json!(ctl.secret(&rec.name));
@@ -386,7 +409,12 @@ fn log_stream(ctl: &Arc<Controller>, id: u64, follow: bool) -> Result<Response<B
     ctl.build(id)?;
     let (tx, rx) = smol::channel::bounded(4);
     let ctl = ctl.clone();
-    ctl.ex.clone().spawn(async move { let _ = follow_log(&ctl, id, follow, &tx).await; }).detach();
+    ctl.ex
+        .clone()
+        .spawn(async move {
+            let _ = follow_log(&ctl, id, follow, &tx).await;
+        })
+        .detach();
     Ok(stream_response(rx, "text/plain; charset=utf-8"))
 }
 
@@ -405,7 +433,8 @@ async fn follow_log(ctl: &Controller, id: u64, follow: bool, tx: &Tx) -> Result<
         loop {
             let live = ctl.live(id);
             let listener = live.as_ref().map(|b| b.changed.listen());
-            let state = ctl.store().steps(id).map_err(|_| ())?.get(s.index as usize - 1).map(|s| s.state.clone());
+            let state =
+                ctl.store().steps(id).map_err(|_| ())?.get(s.index as usize - 1).map(|s| s.state.clone());
             match state.as_deref() {
                 Some("pending") if follow && listener.is_some() => listener.unwrap().await,
                 Some("pending" | "skipped") | None => return finish(ctl, id, follow, tx).await,

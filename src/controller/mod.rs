@@ -59,23 +59,41 @@ pub fn start(cfg: ServeConfig) -> Result<Arc<Controller>, String> {
     }
     let ctl = Controller::open(cfg.data.clone(), ex.clone(), cfg.ping_interval)?;
     let (http, agent) = smol::block_on(async {
-        let http = smol::net::TcpListener::bind(SocketAddr::new(cfg.bind, cfg.http_port))
-            .await
-            .map_err(|e| format!("cannot listen for HTTP on {}:{}: {e} (choose another --http-port)", cfg.bind, cfg.http_port))?;
-        let agent = smol::net::TcpListener::bind(SocketAddr::new(cfg.bind, cfg.agent_port)).await.map_err(|e| {
-            format!("cannot listen for agents on {}:{}: {e} (choose another --agent-port)", cfg.bind, cfg.agent_port)
-        })?;
+        let http =
+            smol::net::TcpListener::bind(SocketAddr::new(cfg.bind, cfg.http_port)).await.map_err(|e| {
+                format!(
+                    "cannot listen for HTTP on {}:{}: {e} (choose another --http-port)",
+                    cfg.bind, cfg.http_port
+                )
+            })?;
+        let agent =
+            smol::net::TcpListener::bind(SocketAddr::new(cfg.bind, cfg.agent_port)).await.map_err(|e| {
+                format!(
+                    "cannot listen for agents on {}:{}: {e} (choose another --agent-port)",
+                    cfg.bind, cfg.agent_port
+                )
+            })?;
         Ok::<_, String>((http, agent))
     })?;
-    let (ha, aa) = (http.local_addr().map_err(|e| e.to_string())?, agent.local_addr().map_err(|e| e.to_string())?);
+    let (ha, aa) =
+        (http.local_addr().map_err(|e| e.to_string())?, agent.local_addr().map_err(|e| e.to_string())?);
     let _ = ctl.addrs.set((ha, aa));
-    let show = |a: SocketAddr| if a.ip().is_unspecified() { SocketAddr::new([127, 0, 0, 1].into(), a.port()) } else { a };
+    let show = |a: SocketAddr| {
+        if a.ip().is_unspecified() {
+            SocketAddr::new([127, 0, 0, 1].into(), a.port())
+        } else {
+            a
+        }
+    };
     let listening = format!("http {}\nagent {}\n", show(ha), show(aa));
     let tmp = cfg.data.join("listening.tmp");
     std::fs::write(&tmp, listening)
         .and_then(|_| std::fs::rename(&tmp, cfg.data.join("listening")))
         .map_err(|e| format!("cannot write {}: {e}", cfg.data.join("listening").display()))?;
-    log::info!("wisp controller: HTTP on {ha} (agents over WebSocket at /wsagents/), TCP agents on {aa}, data in {}", cfg.data.display());
+    log::info!(
+        "wisp controller: HTTP on {ha} (agents over WebSocket at /wsagents/), TCP agents on {aa}, data in {}",
+        cfg.data.display()
+    );
     ex.spawn(http::http_loop(ctl.clone(), http)).detach();
     ex.spawn(http::agent_loop(ctl.clone(), agent)).detach();
     Ok(ctl)

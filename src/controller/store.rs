@@ -114,7 +114,10 @@ pub struct Store {
 }
 
 fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 impl Store {
@@ -157,7 +160,9 @@ impl Store {
 
     /// Every node, by name.
     pub fn nodes(&self) -> Result<Vec<NodeRecord>> {
-        let mut q = self.db.prepare("SELECT name, labels, executors, websocket, work_dir FROM nodes ORDER BY name")?;
+        let mut q = self
+            .db
+            .prepare("SELECT name, labels, executors, websocket, work_dir FROM nodes ORDER BY name")?;
         let rows = q.query_map([], |r| {
             let labels: String = r.get(1)?;
             Ok(NodeRecord {
@@ -210,7 +215,15 @@ impl Store {
     }
 
     /// Update a step's state, exit description, exit code and stored byte count.
-    pub fn set_step(&self, build: u64, idx: u32, state: &str, exit: &str, code: Option<i32>, bytes: u64) -> Result<()> {
+    pub fn set_step(
+        &self,
+        build: u64,
+        idx: u32,
+        state: &str,
+        exit: &str,
+        code: Option<i32>,
+        bytes: u64,
+    ) -> Result<()> {
         self.db.execute(
             "UPDATE steps SET state = ?3, exit = ?4, code = ?5, bytes = ?6 WHERE build = ?1 AND idx = ?2",
             params![build, idx, state, exit, code, bytes],
@@ -265,8 +278,9 @@ impl Store {
 
     /// A build's steps in order.
     pub fn steps(&self, build: u64) -> Result<Vec<StepRecord>> {
-        let mut q =
-            self.db.prepare("SELECT idx, name, state, exit, code, bytes FROM steps WHERE build = ?1 ORDER BY idx")?;
+        let mut q = self
+            .db
+            .prepare("SELECT idx, name, state, exit, code, bytes FROM steps WHERE build = ?1 ORDER BY idx")?;
         let rows = q.query_map([build], |r| {
             Ok(StepRecord {
                 index: r.get(0)?,

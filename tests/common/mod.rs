@@ -18,7 +18,11 @@ pub struct TempDir(pub PathBuf);
 impl TempDir {
     pub fn new(tag: &str) -> Self {
         static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!("wisp-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+        let p = std::env::temp_dir().join(format!(
+            "wisp-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).unwrap();
         Self(p)
@@ -119,7 +123,9 @@ impl Controller {
             .spawn()
             .unwrap();
         self.proc = Some(Proc { child, log });
-        let text = wait_for("the controller to listen", Duration::from_secs(20), || std::fs::read_to_string(&listening).ok());
+        let text = wait_for("the controller to listen", Duration::from_secs(20), || {
+            std::fs::read_to_string(&listening).ok()
+        });
         for line in text.lines() {
             if let Some(a) = line.strip_prefix("http ") {
                 self.http = a.to_string();
@@ -153,7 +159,13 @@ impl Controller {
 
     /// Run a client command against this controller.
     pub fn wisp(&self, args: &[&str]) -> Output {
-        Command::new(WISP).args(args).arg("--data").arg(self.data.path()).stdin(Stdio::null()).output().unwrap()
+        Command::new(WISP)
+            .args(args)
+            .arg("--data")
+            .arg(self.data.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
     }
 
     /// Add a node and return its secret.
@@ -180,7 +192,11 @@ impl Controller {
 
     pub fn node_line(&self, name: &str) -> Option<String> {
         let out = self.wisp(&["nodes"]);
-        String::from_utf8(out.stdout).unwrap().lines().find(|l| l.split('\t').next() == Some(name)).map(str::to_string)
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .find(|l| l.split('\t').next() == Some(name))
+            .map(str::to_string)
     }
 
     pub fn wait_online(&self, name: &str) {
@@ -190,7 +206,9 @@ impl Controller {
     }
 
     pub fn wait_offline(&self, name: &str, limit: Duration) {
-        wait_for(&format!("node {name} offline"), limit, || self.node_line(name).filter(|l| l.contains("\toffline\t")));
+        wait_for(&format!("node {name} offline"), limit, || {
+            self.node_line(name).filter(|l| l.contains("\toffline\t"))
+        });
     }
 
     /// Submit a pipeline and follow it; returns (exit code, stdout).
@@ -249,11 +267,18 @@ pub fn spawn_logged(mut cmd: Command, dir: &Path, tag: &str) -> Proc {
 }
 
 /// A minimal HTTP/1.0 client (the response is read to EOF).
-pub fn http_request(addr: &str, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> (u16, Vec<u8>) {
+pub fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &[u8],
+) -> (u16, Vec<u8>) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    let head = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Length: {}\r\n\r\n", body.len());
+    let head =
+        format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Length: {}\r\n\r\n", body.len());
     s.write_all(head.as_bytes()).unwrap();
     s.write_all(body).unwrap();
     let mut resp = Vec::new();
