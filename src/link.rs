@@ -1,7 +1,10 @@
 //! A framed link over WebSocket (one binary message per frame) or TCP (u32 length prefix), split
-//! into a reader and a writer half. Both halves use fixed buffers of `MAX_FRAME` bytes.
+//! into a reader and a writer half. The TCP reader has a fixed buffer of `MAX_FRAME` bytes; the
+//! writer encodes control frames into a small buffer that grows (to `MAX_FRAME` at most) only for
+//! the large frames its own side sends, and step output goes out from an [`OutputBuf`] the step
+//! reads its pipe into, so the agent never copies output.
 
-use crate::proto::{self, CodecError, Frame, MAX_FRAME};
+use crate::proto::{self, CodecError, Frame, MAX_FRAME, MAX_OUTPUT_CHUNK, OUTPUT_HEADER};
 use async_tungstenite::tungstenite::protocol::WebSocketConfig;
 use async_tungstenite::tungstenite::{self, Message};
 use async_tungstenite::{WebSocketReceiver, WebSocketSender, WebSocketStream};
@@ -92,7 +95,31 @@ pub struct LinkReader {
 /// The sending half of a link.
 pub struct LinkWriter {
     kind: WriteKind,
+    /// Room for the TCP length prefix and one encoded frame; starts at `SMALL_SEND`.
+    buf: Vec<u8>,
+}
+
+/// Encoding room a writer starts with: every control frame fits (the largest, `Exit` and
+/// `Reject`, carry a message of at most `MAX_MESSAGE` bytes).
+const SMALL_SEND: usize = 2 * 1024;
+
+/// One `Output` frame under construction: a step reads its pipe into [`OutputBuf::space`], and
+/// [`LinkWriter::send_output`] sends header and payload from here as they lie.
+pub struct OutputBuf {
     buf: Box<[u8]>,
+}
+
+impl Default for OutputBuf {
+    fn default() -> Self {
+        Self { buf: vec![0; 4 + OUTPUT_HEADER + MAX_OUTPUT_CHUNK].into_boxed_slice() }
+    }
+}
+
+impl OutputBuf {
+    /// Where the payload goes: `MAX_OUTPUT_CHUNK` bytes.
+    pub fn space(&mut self) -> &mut [u8] {
+        &mut self.buf[4 + OUTPUT_HEADER..]
+    }
 }
 
 /// Split a TCP (or TLS) byte stream into a length-prefixed link.
@@ -100,7 +127,7 @@ pub fn tcp(io: BoxIo) -> (LinkReader, LinkWriter) {
     let (r, w) = smol::io::split(io);
     (
         LinkReader { kind: ReadKind::Tcp(r), buf: vec![0; MAX_FRAME].into_boxed_slice() },
-        LinkWriter { kind: WriteKind::Tcp(w), buf: vec![0; MAX_FRAME + 4].into_boxed_slice() },
+        LinkWriter { kind: WriteKind::Tcp(w), buf: vec![0; 4 + SMALL_SEND] },
     )
 }
 
@@ -109,7 +136,7 @@ pub fn websocket(ws: WebSocketStream<BoxIo>) -> (LinkReader, LinkWriter) {
     let (w, r) = ws.split();
     (
         LinkReader { kind: ReadKind::Ws(r, None), buf: Box::new([]) },
-        LinkWriter { kind: WriteKind::Ws(w), buf: vec![0; MAX_FRAME + 4].into_boxed_slice() },
+        LinkWriter { kind: WriteKind::Ws(w), buf: vec![0; 4 + SMALL_SEND] },
     )
 }
 
@@ -165,16 +192,41 @@ impl LinkReader {
 impl LinkWriter {
     /// Encode and send one frame, flushing it to the peer.
     pub async fn send(&mut self, frame: &Frame<'_>) -> Result<(), LinkError> {
-        let n = proto::encode(frame, &mut self.buf[4..])?;
-        match &mut self.kind {
+        let n = match proto::encode(frame, &mut self.buf[4..]) {
+            Err(CodecError::TooLarge) if self.buf.len() < 4 + MAX_FRAME => {
+                self.buf.resize(4 + MAX_FRAME, 0);
+                proto::encode(frame, &mut self.buf[4..])?
+            }
+            r => r?,
+        };
+        Self::put(&mut self.kind, &mut self.buf[..4 + n]).await
+    }
+
+    /// Send the first `len` bytes of `out`'s space as the output of `step` of `build` at `offset`.
+    pub async fn send_output(
+        &mut self,
+        out: &mut OutputBuf,
+        build: u64,
+        step: u32,
+        offset: u64,
+        len: usize,
+    ) -> Result<(), LinkError> {
+        let head: &mut [u8; OUTPUT_HEADER] = (&mut out.buf[4..4 + OUTPUT_HEADER]).try_into().unwrap();
+        proto::encode_output_header(build, step, offset, len, head)?;
+        Self::put(&mut self.kind, &mut out.buf[..4 + OUTPUT_HEADER + len]).await
+    }
+
+    /// Send one encoded frame that lies in `buf` after 4 bytes of room for the length prefix.
+    async fn put(kind: &mut WriteKind, buf: &mut [u8]) -> Result<(), LinkError> {
+        let n = buf.len() - 4;
+        match kind {
             WriteKind::Tcp(w) => {
-                self.buf[..4].copy_from_slice(&(n as u32).to_be_bytes());
-                w.write_all(&self.buf[..4 + n]).await?;
+                buf[..4].copy_from_slice(&(n as u32).to_be_bytes());
+                w.write_all(buf).await?;
                 w.flush().await?;
             }
             WriteKind::Ws(w) => {
-                let msg = Message::Binary(self.buf[4..4 + n].to_vec().into());
-                w.send(msg).await?;
+                w.send(Message::Binary(buf[4..].to_vec().into())).await?;
             }
         }
         Ok(())

@@ -511,6 +511,30 @@ pub fn encode(frame: &Frame<'_>, buf: &mut [u8]) -> Result<usize, CodecError> {
     Ok(w.pos)
 }
 
+/// Bytes in front of the payload of an encoded `Output` frame: type, build, step, offset, length.
+pub const OUTPUT_HEADER: usize = 1 + 8 + 4 + 8 + 4;
+
+/// Write the header of an `Output` frame whose `len` payload bytes follow it directly in the same
+/// buffer, so a step's output can be read straight into place and sent without a copy. The
+/// header plus payload is byte for byte what [`encode`] makes of the same frame.
+pub fn encode_output_header(
+    build: u64,
+    step: u32,
+    offset: u64,
+    len: usize,
+    buf: &mut [u8; OUTPUT_HEADER],
+) -> Result<(), CodecError> {
+    if len > MAX_OUTPUT_CHUNK {
+        return Err(CodecError::BadField("output length"));
+    }
+    let mut w = Writer { buf, pos: 0 };
+    w.u8(T_OUTPUT)?;
+    w.u64(build)?;
+    w.u32(step)?;
+    w.u64(offset)?;
+    w.u32(len as u32)
+}
+
 /// Encode an environment list into `buf` for use in a [`StepStart`]; returns the list.
 pub fn encode_env<'b, 'k>(
     vars: impl IntoIterator<Item = (&'k str, &'k str)>,
@@ -568,6 +592,15 @@ mod tests {
             env,
         }));
         round_trip(Frame::Output { build: 1, step: 2, offset: 3, data: b"\0\xffabc" });
+        // The in-place header matches what encode makes of the whole frame.
+        let data = b"\0\xffabc";
+        let mut whole = [0u8; 64];
+        let n = encode(&Frame::Output { build: 1, step: 2, offset: 3, data }, &mut whole).unwrap();
+        let mut head = [0u8; OUTPUT_HEADER];
+        encode_output_header(1, 2, 3, data.len(), &mut head).unwrap();
+        assert_eq!(n, OUTPUT_HEADER + data.len());
+        assert_eq!(&whole[..OUTPUT_HEADER], &head);
+        assert!(encode_output_header(1, 2, 3, MAX_OUTPUT_CHUNK + 1, &mut head).is_err());
         round_trip(Frame::Exit { build: 1, step: 2, status: ExitStatus::Signal(9), offset: 10, message: "" });
         round_trip(Frame::Cancel { build: 1, step: 2 });
         round_trip(Frame::Credit { build: 1, step: 2, bytes: 3 });

@@ -8,7 +8,7 @@ pub mod connect;
 pub mod process;
 
 use crate::auth::{self, ClientHandshake, ClientStep};
-use crate::link::{LinkError, LinkReader, LinkWriter};
+use crate::link::{LinkError, LinkReader, LinkWriter, OutputBuf};
 use crate::proto::{ExitStatus, Frame, RejectCode, StepStart, MAX_MESSAGE, MAX_OUTPUT_CHUNK};
 pub use connect::Mode;
 use nix::sys::signal::Signal;
@@ -432,7 +432,7 @@ async fn run_step(
     deadline: Option<Instant>,
     writer: &Writer,
 ) -> Option<(ExitStatus, u64)> {
-    let mut buf = vec![0u8; MAX_OUTPUT_CHUNK].into_boxed_slice();
+    let mut out = OutputBuf::default();
     let mut offset = 0u64;
     let mut eof = false;
     let mut status: Option<ExitStatus> = None;
@@ -481,7 +481,7 @@ async fn run_step(
             if eof || credit == 0 {
                 std::future::pending().await
             }
-            Ev::Read(child.output.read(&mut buf[..credit]).await)
+            Ev::Read(child.output.read(&mut out.space()[..credit]).await)
         };
         let exit = async {
             if status.is_some() {
@@ -507,8 +507,7 @@ async fn run_step(
         match ev {
             Ev::Read(Ok(0)) => eof = true,
             Ev::Read(Ok(n)) => {
-                let frame = Frame::Output { build: key.0, step: key.1, offset, data: &buf[..n] };
-                if writer.lock().await.send(&frame).await.is_err() {
+                if writer.lock().await.send_output(&mut out, key.0, key.1, offset, n).await.is_err() {
                     process::kill_group(child.pid, Signal::SIGKILL);
                     return None;
                 }
