@@ -80,12 +80,10 @@ async fn handshake(ctl: &Controller, reader: &mut LinkReader, writer: &mut LinkW
 /// Serve one agent link from its first frame to its end. Only this link is affected by
 /// anything the peer sends.
 pub async fn serve(ctl: Arc<Controller>, mut reader: LinkReader, mut writer: LinkWriter, peer: String) {
-    let name = match timeout(HANDSHAKE_TIMEOUT, handshake(&ctl, &mut reader, &mut writer)).await {
+    let limit = ctl.handshake_timeout.get().copied().unwrap_or(HANDSHAKE_TIMEOUT);
+    let name = match timeout(limit, handshake(&ctl, &mut reader, &mut writer)).await {
         None => {
-            log::warn!(
-                "agent link from {peer}: handshake not finished within {}s, closing",
-                HANDSHAKE_TIMEOUT.as_secs()
-            );
+            log::warn!("agent link from {peer}: handshake not finished within {limit:?}, closing");
             reject(&mut writer, RejectCode::ProtocolError, "handshake timed out").await;
             return;
         }

@@ -55,6 +55,9 @@ struct Serve {
     /// seconds between pings on agent links (default 15; links die after 3 missed)
     #[argh(option, default = "15")]
     ping_interval: u64,
+    /// seconds a new agent connection may take to authenticate before it is closed (default 10)
+    #[argh(option, default = "10")]
+    handshake_timeout: u64,
 }
 
 /// Where the controller is (shared by client commands).
@@ -259,6 +262,7 @@ pub fn main() {
                 http_port: s.http_port,
                 agent_port: s.agent_port,
                 ping_interval: Duration::from_secs(s.ping_interval.max(1)),
+                handshake_timeout: Duration::from_secs(s.handshake_timeout.max(1)),
                 ..ServeConfig::default()
             };
             if let Err(e) = start(cfg) {

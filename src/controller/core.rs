@@ -223,6 +223,8 @@ pub struct Controller {
     pub addrs: OnceLock<(SocketAddr, SocketAddr)>,
     /// How often each side pings the other.
     pub ping_interval: Duration,
+    /// How long a new agent link may take to authenticate (`HANDSHAKE_TIMEOUT` unless set).
+    pub handshake_timeout: OnceLock<Duration>,
     next_conn: AtomicU64,
 }
 
@@ -271,6 +273,7 @@ impl Controller {
             ex,
             addrs: OnceLock::new(),
             ping_interval,
+            handshake_timeout: OnceLock::new(),
             next_conn: AtomicU64::new(1),
         });
         ctl.recover()?;

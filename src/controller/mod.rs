@@ -29,6 +29,8 @@ pub struct ServeConfig {
     pub agent_port: u16,
     /// How often each side of an agent link pings the other.
     pub ping_interval: Duration,
+    /// How long an agent link may take to finish its handshake before it is closed.
+    pub handshake_timeout: Duration,
     /// Executor threads.
     pub threads: usize,
 }
@@ -41,6 +43,7 @@ impl Default for ServeConfig {
             http_port: 8080,
             agent_port: 50000,
             ping_interval: Duration::from_secs(15),
+            handshake_timeout: agents::HANDSHAKE_TIMEOUT,
             threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 8),
         }
     }
@@ -58,6 +61,7 @@ pub fn start(cfg: ServeConfig) -> Result<Arc<Controller>, String> {
             .map_err(|e| format!("cannot start threads: {e}"))?;
     }
     let ctl = Controller::open(cfg.data.clone(), ex.clone(), cfg.ping_interval)?;
+    let _ = ctl.handshake_timeout.set(cfg.handshake_timeout);
     let (http, agent) = smol::block_on(async {
         let http =
             smol::net::TcpListener::bind(SocketAddr::new(cfg.bind, cfg.http_port)).await.map_err(|e| {

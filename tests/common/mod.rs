@@ -89,6 +89,13 @@ pub struct Controller {
     pub http: String,
     pub agent_addr: String,
     pub extra_args: Vec<String>,
+    /// Fixed (HTTP, agent) ports, kept across restarts; None picks free ports at each start.
+    pub ports: Option<(u16, u16)>,
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl Controller {
@@ -104,17 +111,42 @@ impl Controller {
             http: String::new(),
             agent_addr: String::new(),
             extra_args: args.iter().map(|s| s.to_string()).collect(),
+            ports: None,
         };
         c.launch();
         c
     }
 
-    fn launch(&mut self) {
+    /// A controller on fixed ports that stay the same when it is restarted (agents can find it again).
+    pub fn start_on_fixed_ports(args: &[&str]) -> Self {
+        let mut c = Self {
+            proc: None,
+            data: TempDir::new("ctl"),
+            http: String::new(),
+            agent_addr: String::new(),
+            extra_args: args.iter().map(|s| s.to_string()).collect(),
+            ports: Some((free_port(), free_port())),
+        };
+        c.launch();
+        c
+    }
+
+    /// SIGKILL the controller, leaving it down until `launch`.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+
+    pub fn launch(&mut self) {
         let listening = self.data.path().join("listening");
         let _ = std::fs::remove_file(&listening);
         let log = self.data.path().join(format!("controller-{}.log", Instant::now().elapsed().as_nanos()));
+        let (http_port, agent_port) = self.ports.unwrap_or((0, 0));
         let child = Command::new(WISP)
-            .args(["serve", "--http-port", "0", "--agent-port", "0", "--bind", "127.0.0.1", "--data"])
+            .args(["serve", "--http-port", &http_port.to_string(), "--agent-port", &agent_port.to_string()])
+            .args(["--bind", "127.0.0.1", "--data"])
             .arg(self.data.path())
             .args(&self.extra_args)
             .stdin(Stdio::null())
@@ -138,10 +170,7 @@ impl Controller {
 
     /// SIGKILL the controller and start it again on the same data dir (new ports).
     pub fn restart(&mut self) {
-        if let Some(mut p) = self.proc.take() {
-            let _ = p.child.kill();
-            let _ = p.child.wait();
-        }
+        self.kill();
         self.launch();
     }
 
