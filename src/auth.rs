@@ -35,6 +35,53 @@ pub fn random_nonce() -> [u8; NONCE_LEN] {
     n
 }
 
+const DESCRIPTOR_LABEL: &[u8] = b"wisp-v1 descriptor key ";
+const SEAL_NONCE: usize = 12;
+
+fn descriptor_key(secret: &str, name: &str) -> ring::aead::LessSafeKey {
+    let mac = hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes());
+    let mut ctx = hmac::Context::with_key(&mac);
+    ctx.update(DESCRIPTOR_LABEL);
+    ctx.update(name.as_bytes());
+    let key = ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, ctx.sign().as_ref())
+        .expect("a 32-byte key");
+    ring::aead::LessSafeKey::new(key)
+}
+
+/// Encrypt and authenticate a node's agent descriptor with a key only that node's secret gives, so
+/// an agent that holds the secret can fetch its descriptor without an API token (Jenkins'
+/// `jenkins-agent.jnlp?encrypt=true`). Output: 12-byte nonce, then ciphertext and tag.
+pub fn seal_descriptor(secret: &str, name: &str, plain: &[u8]) -> Vec<u8> {
+    use ring::rand::SecureRandom;
+    let mut nonce = [0u8; SEAL_NONCE];
+    ring::rand::SystemRandom::new().fill(&mut nonce).expect("the OS random source failed");
+    let mut out = nonce.to_vec();
+    let mut body = plain.to_vec();
+    descriptor_key(secret, name)
+        .seal_in_place_append_tag(
+            ring::aead::Nonce::assume_unique_for_key(nonce),
+            ring::aead::Aad::empty(),
+            &mut body,
+        )
+        .expect("sealing cannot fail for small inputs");
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Undo [`seal_descriptor`]; None when the data was sealed with another secret or name, or altered.
+pub fn open_descriptor(secret: &str, name: &str, sealed: &[u8]) -> Option<Vec<u8>> {
+    if sealed.len() < SEAL_NONCE {
+        return None;
+    }
+    let nonce = ring::aead::Nonce::try_assume_unique_for_key(&sealed[..SEAL_NONCE]).ok()?;
+    let mut body = sealed[SEAL_NONCE..].to_vec();
+    let plain =
+        descriptor_key(secret, name).open_in_place(nonce, ring::aead::Aad::empty(), &mut body).ok()?;
+    let n = plain.len();
+    body.truncate(n);
+    Some(body)
+}
+
 fn proof(
     label: &[u8],
     secret: &str,
@@ -403,5 +450,18 @@ mod tests {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn a_sealed_descriptor_opens_only_with_its_secret_and_name() {
+        let sealed = seal_descriptor("s3cret", "n1", b"<jnlp/>");
+        assert_eq!(open_descriptor("s3cret", "n1", &sealed).as_deref(), Some(&b"<jnlp/>"[..]));
+        assert_eq!(open_descriptor("other", "n1", &sealed), None);
+        assert_eq!(open_descriptor("s3cret", "n2", &sealed), None);
+        let mut bent = sealed.clone();
+        *bent.last_mut().unwrap() ^= 1;
+        assert_eq!(open_descriptor("s3cret", "n1", &bent), None);
+        assert_eq!(open_descriptor("s3cret", "n1", &sealed[..5]), None);
+        assert_ne!(seal_descriptor("s3cret", "n1", b"<jnlp/>"), sealed, "a fresh nonce each time");
     }
 }

@@ -214,3 +214,48 @@ fn positional_secret_name_and_jenkins_environment_work() {
     let _agent2 = spawn_logged(cmd, work.path(), "envnode");
     ctl.wait_online("envnode");
 }
+
+#[test]
+fn jnlp_url_with_a_secret_file_starts_the_agent_like_agent_jar() {
+    let ctl = Controller::start();
+    let work = TempDir::new("work");
+    let wd = work.path().join("from-descriptor");
+    ctl.add_node("jn", "linux", &["--work-dir", wd.to_str().unwrap()]);
+    let secret = String::from_utf8(ctl.wisp(&["node", "secret", "jn"]).stdout).unwrap().trim().to_string();
+    let secret_file = work.path().join("secret-file");
+    std::fs::write(&secret_file, &secret).unwrap();
+    let jnlp = format!("{}computer/jn/jenkins-agent.jnlp", ctl.url());
+
+    // Without the token the plain descriptor stays closed; sealed, it reveals nothing without the secret.
+    let (status, sealed) =
+        http_request(&ctl.http, "GET", "/computer/jn/jenkins-agent.jnlp?encrypt=true", None, b"");
+    assert_eq!(status, 200);
+    assert!(!String::from_utf8_lossy(&sealed).contains(&secret), "the secret must not travel in clear");
+    assert!(wisp::auth::open_descriptor(&secret, "jn", &sealed).is_some());
+    assert!(wisp::auth::open_descriptor(&"0".repeat(64), "jn", &sealed).is_none());
+
+    // A wrong secret: exit code 4 with a sentence; an unknown node: exit code 3.
+    let bad_file = work.path().join("bad");
+    std::fs::write(&bad_file, "0".repeat(64)).unwrap();
+    let mut cmd = std::process::Command::new(AGENT);
+    cmd.args(["-jnlpUrl", &jnlp, "-secret", &format!("@{}", bad_file.display())]);
+    let mut bad = spawn_logged(cmd, work.path(), "bad");
+    assert_eq!(bad.wait_exit(Duration::from_secs(20)), 4, "{}", bad.log_text());
+    assert!(bad.log_text().contains("does not open with this secret"), "{}", bad.log_text());
+    let mut cmd = std::process::Command::new(AGENT);
+    let ghost = format!("{}computer/ghost/jenkins-agent.jnlp", ctl.url());
+    cmd.args(["-jnlpUrl", &ghost, "-secret", &secret]);
+    let mut unknown = spawn_logged(cmd, work.path(), "ghost");
+    assert_eq!(unknown.wait_exit(Duration::from_secs(20)), 3, "{}", unknown.log_text());
+    assert!(unknown.log_text().contains("no node named 'ghost'"), "{}", unknown.log_text());
+
+    // The Jenkins form: the descriptor supplies URL, name, WebSocket and work dir.
+    let mut cmd = std::process::Command::new(AGENT);
+    cmd.args(["-jnlpUrl", &jnlp, "-secret", &format!("@{}", secret_file.display())]);
+    let _agent = spawn_logged(cmd, work.path(), "jn");
+    ctl.wait_online("jn");
+    let (code, out) = ctl.run("name: jn\nsteps:\n  - sh: pwd -P\n");
+    assert_eq!(code, 0, "{out}");
+    let wd = std::fs::canonicalize(&wd).unwrap();
+    assert!(out.contains(&format!("{}/workspace/jn\n", wd.display())), "{out}");
+}

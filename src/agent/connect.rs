@@ -176,15 +176,35 @@ pub fn split_host_port(addr: &str) -> Result<(String, u16), String> {
     Ok((host.trim_start_matches('[').trim_end_matches(']').to_string(), port))
 }
 
-/// Ask the controller which TCP port takes agents, as Jenkins agents do.
-async fn discover_port(target: &Target, tls: Option<&Tls>) -> Result<u16, String> {
+/// An HTTP answer: status code, header block, body.
+pub struct HttpAnswer {
+    /// Status code (0 if the status line was unreadable).
+    pub status: u16,
+    /// The status line and headers.
+    pub head: String,
+    /// The body, up to the size limit given.
+    pub body: Vec<u8>,
+}
+
+/// A bounded HTTP/1.0 GET of `path_and_query` (which starts with `/`): reads at most `max` bytes,
+/// or only the header block if `head_only`. Fails on connection errors and after `CONNECT_TIMEOUT`.
+pub async fn http_get(
+    target: &Target,
+    tls: Option<&Tls>,
+    path_and_query: &str,
+    max: usize,
+    head_only: bool,
+) -> Result<HttpAnswer, String> {
     let mut io = open_stream(&target.host, target.port, tls).await?;
-    let path = format!("{}tcpSlaveAgentListener/", target.prefix);
-    with_timeout("asking the controller for its agent port", async {
-        let req = format!("GET {path} HTTP/1.0\r\nHost: {}\r\nConnection: close\r\n\r\n", target.host);
-        io.write_all(req.as_bytes()).await.map_err(|e| format!("asking {path}: {e}"))?;
-        io.flush().await.map_err(|e| format!("asking {path}: {e}"))?;
-        let mut buf = vec![0u8; MAX_DISCOVERY_RESPONSE];
+    let path = path_and_query;
+    with_timeout(&format!("GET {path}"), async {
+        let host = if target.host.contains(':') { format!("[{}]", target.host) } else { target.host.clone() };
+        let default_port = if target.tls { 443 } else { 80 };
+        let host = if target.port == default_port { host } else { format!("{host}:{}", target.port) };
+        let req = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        io.write_all(req.as_bytes()).await.map_err(|e| format!("GET {path}: {e}"))?;
+        io.flush().await.map_err(|e| format!("GET {path}: {e}"))?;
+        let mut buf = vec![0u8; max];
         let mut len = 0;
         while len < buf.len() {
             let n = io.read(&mut buf[len..]).await.map_err(|e| format!("reading {path}: {e}"))?;
@@ -192,11 +212,28 @@ async fn discover_port(target: &Target, tls: Option<&Tls>) -> Result<u16, String
                 break;
             }
             len += n;
-            if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+            if head_only && buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
                 break;
             }
         }
-        let head = String::from_utf8_lossy(&buf[..len]);
+        buf.truncate(len);
+        let split = buf.windows(4).position(|w| w == b"\r\n\r\n");
+        let (head, body) = match split {
+            Some(i) => (String::from_utf8_lossy(&buf[..i]).into_owned(), buf[i + 4..].to_vec()),
+            None => (String::from_utf8_lossy(&buf).into_owned(), Vec::new()),
+        };
+        let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        Ok(HttpAnswer { status, head, body })
+    })
+    .await
+}
+
+/// Ask the controller which TCP port takes agents, as Jenkins agents do.
+async fn discover_port(target: &Target, tls: Option<&Tls>) -> Result<u16, String> {
+    let path = format!("{}tcpSlaveAgentListener/", target.prefix);
+    {
+        let answer = http_get(target, tls, &path, MAX_DISCOVERY_RESPONSE, true).await?;
+        let head = answer.head;
         for line in head.lines().skip(1) {
             if let Some((k, v)) = line.split_once(':') {
                 if k.eq_ignore_ascii_case("X-Jenkins-JNLP-Port") {
@@ -208,8 +245,7 @@ async fn discover_port(target: &Target, tls: Option<&Tls>) -> Result<u16, String
         Err(format!(
             "{path} did not announce a TCP agent port ({status}): use --websocket, or --direct HOST:PORT"
         ))
-    })
-    .await
+    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! amount of output, with a slow controller, or with what a peer claims.
 
 pub mod connect;
+pub mod jnlp;
 pub mod process;
 
 use crate::auth::{self, ClientHandshake, ClientStep};
@@ -88,6 +89,41 @@ impl std::fmt::Display for AgentError {
 }
 
 impl std::error::Error for AgentError {}
+
+/// Fetch the node's descriptor from `jnlp_url` (see [`jnlp`]), retrying with backoff while the
+/// controller cannot be reached.
+pub fn fetch_descriptor(
+    jnlp_url: &str,
+    name: &str,
+    secret: &str,
+    ca_file: Option<&Path>,
+) -> Result<jnlp::Descriptor, AgentError> {
+    let tls = if connect::parse_url(jnlp_url).map_err(AgentError::Config)?.tls {
+        Some(connect::Tls::new(ca_file).map_err(AgentError::Config)?)
+    } else {
+        None
+    };
+    smol::block_on(async {
+        let mut backoff = Backoff::default();
+        loop {
+            match jnlp::fetch(jnlp_url, name, secret, tls.as_ref()).await {
+                Ok(d) => return Ok(d),
+                Err(jnlp::JnlpError::Fatal(m)) => return Err(AgentError::Config(m)),
+                Err(jnlp::JnlpError::UnknownNode(m)) => {
+                    return Err(AgentError::Rejected(RejectCode::UnknownNode, m))
+                }
+                Err(jnlp::JnlpError::WrongSecret(m)) => {
+                    return Err(AgentError::Rejected(RejectCode::WrongSecret, m))
+                }
+                Err(jnlp::JnlpError::Retry(m)) => {
+                    let delay = backoff.next();
+                    log::warn!("fetching the agent descriptor: {m}; retrying in {:.1}s", delay.as_secs_f64());
+                    Timer::after(delay).await;
+                }
+            }
+        }
+    })
+}
 
 /// Run the agent until it is rejected or receives SIGTERM/SIGINT (then `Ok`).
 pub fn run(cfg: Config) -> Result<(), AgentError> {

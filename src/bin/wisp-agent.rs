@@ -9,7 +9,7 @@ use wisp::agent::{self, Mode};
 /// Also takes the Jenkins inbound-agent forms: `wisp-agent SECRET NAME` with JENKINS_URL set,
 /// the variables JENKINS_URL, JENKINS_SECRET, JENKINS_AGENT_NAME (or JENKINS_NAME),
 /// JENKINS_WEB_SOCKET, JENKINS_DIRECT_CONNECTION, JENKINS_AGENT_WORKDIR, and single-dash
-/// options such as -url, -webSocket and -workDir.
+/// options such as -url, -webSocket, -workDir and -jnlpUrl.
 #[derive(FromArgs)]
 struct Args {
     /// controller URL, e.g. http://ci.example.com:8080/ (or JENKINS_URL)
@@ -30,6 +30,10 @@ struct Args {
     /// directory for workspaces (or JENKINS_AGENT_WORKDIR; default: the current directory)
     #[argh(option)]
     work_dir: Option<PathBuf>,
+    /// start from the node's descriptor, http(s)://HOST/computer/NAME/jenkins-agent.jnlp: it gives
+    /// the URL, name, transport and work dir (fetched sealed with the secret; no API token needed)
+    #[argh(option)]
+    jnlp_url: Option<String>,
     /// extra CA certificate(s) in PEM to trust for https:// controllers
     #[argh(option)]
     cert: Option<PathBuf>,
@@ -51,6 +55,7 @@ fn jenkins_compat(arg: String) -> String {
         "-direct" => "--direct".into(),
         "-workDir" => "--work-dir".into(),
         "-cert" => "--cert".into(),
+        "-jnlpUrl" => "--jnlp-url".into(),
         _ => arg,
     }
 }
@@ -88,15 +93,14 @@ fn main() {
     if let Some(extra) = pos.next() {
         fail(&format!("unexpected argument {extra:?}: the positional form is `wisp-agent SECRET NAME`"));
     }
-    let url = args
-        .url
-        .or_else(|| env("JENKINS_URL"))
-        .unwrap_or_else(|| fail("no controller URL: give --url http://HOST:8080/ or set JENKINS_URL"));
+    let jnlp_url = args.jnlp_url;
+    let jnlp_name = jnlp_url.as_deref().map(|u| agent::jnlp::split_url(u).unwrap_or_else(|e| fail(&e)));
     let name = args
         .name
         .or(pos_name)
         .or_else(|| env("JENKINS_AGENT_NAME"))
         .or_else(|| env("JENKINS_NAME"))
+        .or_else(|| jnlp_name.as_ref().map(|(_, n)| n.clone()))
         .unwrap_or_else(|| fail("no node name: give --name NAME or set JENKINS_AGENT_NAME"));
     let secret = args
         .secret
@@ -110,8 +114,32 @@ fn main() {
         },
         None => secret,
     };
-    let websocket = args.websocket || env("JENKINS_WEB_SOCKET").is_some_and(|v| v == "true");
-    let direct = args.direct.or_else(|| env("JENKINS_DIRECT_CONNECTION"));
+    // A descriptor fills in what the command line and the environment leave open.
+    let desc =
+        jnlp_url.as_deref().map(|u| match agent::fetch_descriptor(u, &name, &secret, args.cert.as_deref()) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("wisp-agent: {e}");
+                std::process::exit(e.exit_code());
+            }
+        });
+    let url = args
+        .url
+        .or_else(|| env("JENKINS_URL"))
+        .or_else(|| desc.as_ref().and_then(|d| d.url.clone()))
+        .or_else(|| jnlp_name.map(|(base, _)| base))
+        .unwrap_or_else(|| fail("no controller URL: give --url http://HOST:8080/ or set JENKINS_URL"));
+    let explicit = args.websocket || args.direct.is_some();
+    let websocket = args.websocket
+        || env("JENKINS_WEB_SOCKET").is_some_and(|v| v == "true")
+        || (!explicit && desc.as_ref().is_some_and(|d| d.websocket));
+    let direct = args.direct.or_else(|| env("JENKINS_DIRECT_CONNECTION")).or_else(|| {
+        if websocket {
+            None
+        } else {
+            desc.as_ref().and_then(|d| d.direct.clone())
+        }
+    });
     let mode = match (websocket, direct) {
         (true, Some(_)) => fail("choose one of --websocket and --direct"),
         (true, None) => Mode::WebSocket,
@@ -121,6 +149,7 @@ fn main() {
     let work_dir = args
         .work_dir
         .or_else(|| env("JENKINS_AGENT_WORKDIR").map(PathBuf::from))
+        .or_else(|| desc.as_ref().and_then(|d| d.work_dir.as_ref()).map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("."));
     let cfg = agent::Config { url, name, secret, mode, work_dir, ca_file: args.cert };
     if let Err(e) = agent::run(cfg) {

@@ -129,6 +129,20 @@ async fn route(ctl: Arc<Controller>, req: Request<Incoming>, peer: SocketAddr) -
         }
         _ => {}
     }
+    // An agent holding its node's secret may fetch its own descriptor sealed with that secret.
+    if let (&Method::GET, ["computer", name, "jenkins-agent.jnlp" | "slave-agent.jnlp"]) =
+        (req.method(), segs.as_slice())
+    {
+        if req.uri().query().is_some_and(|q| q.split('&').any(|kv| kv == "encrypt=true")) {
+            return match jnlp_xml(&ctl, &req, name) {
+                Ok(xml) => {
+                    let sealed = crate::auth::seal_descriptor(&ctl.secret(name), name, xml.as_bytes());
+                    full(StatusCode::OK, "application/octet-stream", sealed)
+                }
+                Err(e) => error(e),
+            };
+        }
+    }
     if !bearer(&req).is_some_and(|t| ctl.token_ok(t)) {
         return error(ApiError::new(
             401,
@@ -237,6 +251,10 @@ fn xml_escape(s: &str) -> String {
 
 /// The Jenkins-shaped JNLP descriptor: arguments in agent.jar's order.
 fn jnlp(ctl: &Controller, req: &Request<Incoming>, name: &str) -> Result<Response<Body>, ApiError> {
+    Ok(full(StatusCode::OK, "application/x-java-jnlp-file", jnlp_xml(ctl, req, name)?))
+}
+
+fn jnlp_xml(ctl: &Controller, req: &Request<Incoming>, name: &str) -> Result<String, ApiError> {
     let node = ctl.node(name).ok_or_else(|| ApiError::new(404, format!("no node named '{name}'")))?;
     let url = public_url(ctl, req);
     let mut args = vec![ctl.secret(name), name.to_string()];
@@ -258,7 +276,7 @@ fn jnlp(ctl: &Controller, req: &Request<Incoming>, name: &str) -> Result<Respons
         url = xml_escape(&url),
         n = xml_escape(name),
     );
-    Ok(full(StatusCode::OK, "application/x-java-jnlp-file", body))
+    Ok(body)
 }
 
 fn node_json(rec: &NodeRecord, online: bool, busy: u32) -> serde_json::Value {
