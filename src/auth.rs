@@ -183,8 +183,8 @@ impl ServerHandshake {
                     return ServerStep::Reject(
                         RejectCode::UnsupportedVersion,
                         format!(
-                            "the agent speaks protocol {min_version}..={max_version} but this controller \
-                             speaks {VERSION_MIN}..={VERSION_MAX}: upgrade the older of the two"
+                            "the agent speaks protocol versions {min_version} to {max_version} but this controller \
+                             speaks {VERSION_MIN} to {VERSION_MAX}: upgrade the older of the two"
                         ),
                     );
                 }

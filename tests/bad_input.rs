@@ -14,6 +14,8 @@ use wisp::proto::{self, Frame};
 struct Reply {
     /// The message of a Reject frame, if the controller sent one.
     reject: Option<String>,
+    /// Its reason code.
+    code: Option<proto::RejectCode>,
     /// How long until the connection was closed.
     closed_after: Duration,
 }
@@ -44,18 +46,18 @@ fn agent_port(ctl: &Controller, bytes: &[u8], finish: bool) -> Reply {
     }
     let (got, closed_after) = read_until_closed(&mut s, started);
     // Frames until the end; a handshake may have got as far as a Challenge before the Reject.
-    let mut reject = None;
+    let (mut reject, mut code) = (None, None);
     let mut rest = &got[..];
     while rest.len() >= 4 {
         let n = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
         match proto::decode(&rest[4..4 + n]).expect("the controller's reply decodes") {
-            Frame::Reject { message, .. } => reject = Some(message.to_string()),
+            Frame::Reject { code: c, message } => (reject, code) = (Some(message.to_string()), Some(c)),
             Frame::Challenge { .. } => {}
             other => panic!("expected a Reject frame, got {other:?}"),
         }
         rest = &rest[4 + n..];
     }
-    Reply { reject, closed_after }
+    Reply { reject, code, closed_after }
 }
 
 fn frame(f: &Frame<'_>) -> Vec<u8> {
@@ -282,4 +284,40 @@ fn the_agent_waits_for_a_late_controller_and_reconnects_after_a_restart() {
         .filter_map(|l| l.split("reconnecting in ").nth(1)?.trim_end_matches('s').parse().ok())
         .collect();
     assert!(delays.len() >= 2 && delays[1] > delays[0], "{delays:?}");
+}
+
+#[test]
+fn a_protocol_version_mismatch_is_refused_with_a_sentence_and_the_agent_exits_5() {
+    // Controller side: an agent from the future.
+    let ctl = Controller::start();
+    let r = agent_port(
+        &ctl,
+        &frame(&Frame::Hello { min_version: 9, max_version: 9, name: "v", capabilities: 0, nonce: [1; 32] }),
+        false,
+    );
+    assert_eq!(r.code, Some(proto::RejectCode::UnsupportedVersion));
+    let m = r.reject.unwrap();
+    assert!(m.contains("protocol versions 9 to 9"), "{m}");
+
+    // Agent side: the first frame of a controller that speaks another version (played here by a
+    // listener that answers the agent's Hello with that Reject; no other wisp version exists yet).
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let work = TempDir::new("work");
+    let mut cmd = std::process::Command::new(AGENT);
+    cmd.args(["--url", "http://127.0.0.1:9/", "--name", "v", "--secret", "s", "--direct"])
+        .arg(l.local_addr().unwrap().to_string())
+        .arg("--work-dir")
+        .arg(work.path());
+    let mut agent = spawn_logged(cmd, work.path(), "v");
+    let (mut s, _) = l.accept().unwrap();
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut hello = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut hello).unwrap();
+    assert!(matches!(proto::decode(&hello).unwrap(), Frame::Hello { name: "v", .. }));
+    let sentence = "this controller speaks protocol versions 9 to 9; install a newer wisp-agent";
+    s.write_all(&frame(&Frame::Reject { code: proto::RejectCode::UnsupportedVersion, message: sentence }))
+        .unwrap();
+    assert_eq!(agent.wait_exit(Duration::from_secs(20)), 5, "{}", agent.log_text());
+    assert!(agent.log_text().contains(sentence), "{}", agent.log_text());
 }
