@@ -124,7 +124,21 @@ pub struct Child {
     pub output: Async<File>,
 }
 
-/// Start `shell -c script` in `dir` in a new session, stdin from /dev/null, stdout and stderr
+/// Stdin for a step: /dev/null, or where there is none (an empty root, a scratch image without
+/// /dev) a pipe whose write end is already closed, which reads the same: end of file at once.
+fn empty_stdin() -> Result<Stdio, String> {
+    match File::open("/dev/null") {
+        Ok(f) => Ok(Stdio::from(f)),
+        Err(_) => {
+            let (r, w) =
+                nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+            drop(w);
+            Ok(Stdio::from(r))
+        }
+    }
+}
+
+/// Start `shell -c script` in `dir` in a new session, stdin empty (/dev/null), stdout and stderr
 /// merged into one pipe.
 pub fn spawn_shell<'a>(
     shell: &str,
@@ -136,7 +150,7 @@ pub fn spawn_shell<'a>(
     let w2 = w.try_clone().map_err(|e| format!("pipe: {e}"))?;
     let mut cmd = Command::new(shell);
     cmd.arg("-c").arg(script).current_dir(dir);
-    cmd.stdin(Stdio::null()).stdout(Stdio::from(w)).stderr(Stdio::from(w2));
+    cmd.stdin(empty_stdin()?).stdout(Stdio::from(w)).stderr(Stdio::from(w2));
     // The agent's own credentials must not leak into builds.
     for k in ["JENKINS_SECRET", "WISP_SECRET"] {
         cmd.env_remove(k);
