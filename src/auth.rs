@@ -337,6 +337,9 @@ pub fn frame_kind(f: &Frame<'_>) -> &'static str {
         Frame::Cancel { .. } => "Cancel",
         Frame::Credit { .. } => "Credit",
         Frame::Ack { .. } => "Ack",
+        Frame::Running { .. } => "Running",
+        Frame::Resume { .. } => "Resume",
+        Frame::Abandon { .. } => "Abandon",
         Frame::Ping { .. } => "Ping",
         Frame::Pong { .. } => "Pong",
     }

@@ -148,6 +148,61 @@ impl fmt::Debug for EnvList<'_> {
     }
 }
 
+/// The steps listed in a [`Frame::Running`], kept encoded: `(build, step, produced)` each.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct StepList<'a> {
+    count: u16,
+    raw: &'a [u8],
+}
+
+/// Bytes per entry of a [`StepList`].
+const STEP_ENTRY: usize = 8 + 4 + 8;
+
+impl<'a> StepList<'a> {
+    /// The (build, step, produced) entries in order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u32, u64)> + 'a {
+        self.raw.chunks_exact(STEP_ENTRY).map(|e| {
+            let b = u64::from_be_bytes(e[..8].try_into().unwrap());
+            let s = u32::from_be_bytes(e[8..12].try_into().unwrap());
+            let p = u64::from_be_bytes(e[12..].try_into().unwrap());
+            (b, s, p)
+        })
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
+impl fmt::Debug for StepList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+/// Encode `(build, step, produced)` entries into `buf` for use in a [`Frame::Running`].
+pub fn encode_steps(
+    entries: impl IntoIterator<Item = (u64, u32, u64)>,
+    buf: &mut [u8],
+) -> Result<StepList<'_>, CodecError> {
+    let mut w = Writer { buf, pos: 0 };
+    let mut count: u16 = 0;
+    for (b, s, p) in entries {
+        count = count.checked_add(1).ok_or(CodecError::TooLarge)?;
+        w.u64(b)?;
+        w.u32(s)?;
+        w.u64(p)?;
+    }
+    let n = w.pos;
+    Ok(StepList { count, raw: &buf[..n] })
+}
+
 /// Everything the agent needs to run one `sh` step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StepStart<'a> {
@@ -193,10 +248,20 @@ pub enum Frame<'a> {
     Exit { build: u64, step: u32, status: ExitStatus, offset: u64, message: &'a str },
     /// Controller → agent: kill a step's process group.
     Cancel { build: u64, step: u32 },
-    /// Controller → agent: permission to send `bytes` more output bytes of a step.
-    Credit { build: u64, step: u32, bytes: u32 },
+    /// Controller → agent: output of a step is stored up to `stored` (the agent may forget it), and
+    /// permission to send `bytes` more.
+    Credit { build: u64, step: u32, bytes: u32, stored: u64 },
     /// Controller → agent: output of a step is stored up to `offset`.
     Ack { build: u64, step: u32, offset: u64 },
+    /// Agent → controller, right after `Welcome`: the steps the agent is still running (or holds
+    /// unsent output or an undelivered exit of), with the output length each has produced.
+    Running { steps: StepList<'a> },
+    /// Controller → agent, answering `Running`: go on with this step, sending output from `offset`
+    /// (what the controller has stored), with `credit` bytes of credit.
+    Resume { build: u64, step: u32, offset: u64, credit: u32 },
+    /// Controller → agent, answering `Running`: the controller gave this step up (the build ended
+    /// while the agent was away); kill its process group and forget it, reporting nothing.
+    Abandon { build: u64, step: u32 },
     /// Either way: are you there? Answer with `Pong` carrying the same id.
     Ping { id: u64 },
     /// Either way: answer to `Ping`.
@@ -214,6 +279,9 @@ const T_EXIT: u8 = 12;
 const T_CANCEL: u8 = 13;
 const T_CREDIT: u8 = 14;
 const T_ACK: u8 = 15;
+const T_RUNNING: u8 = 16;
+const T_RESUME: u8 = 17;
+const T_ABANDON: u8 = 18;
 const T_PING: u8 = 20;
 const T_PONG: u8 = 21;
 
@@ -362,7 +430,14 @@ pub fn decode(buf: &[u8]) -> Result<Frame<'_>, CodecError> {
             Frame::Exit { build, step, status, offset, message: r.short_str("message", MAX_MESSAGE)? }
         }
         T_CANCEL => Frame::Cancel { build: r.u64()?, step: r.u32()? },
-        T_CREDIT => Frame::Credit { build: r.u64()?, step: r.u32()?, bytes: r.u32()? },
+        T_CREDIT => Frame::Credit { build: r.u64()?, step: r.u32()?, bytes: r.u32()?, stored: r.u64()? },
+        T_RUNNING => {
+            let count = r.u16()?;
+            let raw = r.take(count as usize * STEP_ENTRY)?;
+            Frame::Running { steps: StepList { count, raw } }
+        }
+        T_RESUME => Frame::Resume { build: r.u64()?, step: r.u32()?, offset: r.u64()?, credit: r.u32()? },
+        T_ABANDON => Frame::Abandon { build: r.u64()?, step: r.u32()? },
         T_ACK => Frame::Ack { build: r.u64()?, step: r.u32()?, offset: r.u64()? },
         T_PING => Frame::Ping { id: r.u64()? },
         T_PONG => Frame::Pong { id: r.u64()? },
@@ -487,11 +562,29 @@ pub fn encode(frame: &Frame<'_>, buf: &mut [u8]) -> Result<usize, CodecError> {
             w.u64(build)?;
             w.u32(step)?;
         }
-        Frame::Credit { build, step, bytes } => {
+        Frame::Credit { build, step, bytes, stored } => {
             w.u8(T_CREDIT)?;
             w.u64(build)?;
             w.u32(step)?;
             w.u32(bytes)?;
+            w.u64(stored)?;
+        }
+        Frame::Running { steps } => {
+            w.u8(T_RUNNING)?;
+            w.u16(steps.count)?;
+            w.put(steps.raw)?;
+        }
+        Frame::Resume { build, step, offset, credit } => {
+            w.u8(T_RESUME)?;
+            w.u64(build)?;
+            w.u32(step)?;
+            w.u64(offset)?;
+            w.u32(credit)?;
+        }
+        Frame::Abandon { build, step } => {
+            w.u8(T_ABANDON)?;
+            w.u64(build)?;
+            w.u32(step)?;
         }
         Frame::Ack { build, step, offset } => {
             w.u8(T_ACK)?;
@@ -603,7 +696,16 @@ mod tests {
         assert!(encode_output_header(1, 2, 3, MAX_OUTPUT_CHUNK + 1, &mut head).is_err());
         round_trip(Frame::Exit { build: 1, step: 2, status: ExitStatus::Signal(9), offset: 10, message: "" });
         round_trip(Frame::Cancel { build: 1, step: 2 });
-        round_trip(Frame::Credit { build: 1, step: 2, bytes: 3 });
+        round_trip(Frame::Credit { build: 1, step: 2, bytes: 3, stored: 4 });
+        let mut sb = [0u8; 64];
+        let steps = encode_steps([(1, 2, 3), (u64::MAX, 9, 1 << 40)], &mut sb).unwrap();
+        assert_eq!(steps.iter().collect::<Vec<_>>(), vec![(1, 2, 3), (u64::MAX, 9, 1 << 40)]);
+        round_trip(Frame::Running { steps });
+        round_trip(Frame::Running { steps: encode_steps([], &mut sb).unwrap() });
+        round_trip(Frame::Resume { build: 1, step: 2, offset: 3, credit: 4 });
+        round_trip(Frame::Abandon { build: 1, step: 2 });
+        // A Running frame claiming more entries than it carries.
+        assert_eq!(decode(&[T_RUNNING, 0, 2, 0, 0]), Err(CodecError::Truncated));
         round_trip(Frame::Ack { build: 1, step: 2, offset: 3 });
         round_trip(Frame::Ping { id: 4 });
         round_trip(Frame::Pong { id: 4 });

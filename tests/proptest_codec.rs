@@ -8,8 +8,8 @@ use proptest::sample::Index;
 use sha2::{Digest, Sha256};
 use wisp::auth::{hex, node_secret, ClientHandshake, ClientStep, ServerHandshake, ServerStep};
 use wisp::proto::{
-    decode, encode, encode_env, CodecError, ExitStatus, Frame, RejectCode, StepStart, MAX_FRAME, MAX_MESSAGE,
-    MAX_NAME, MAX_OUTPUT_CHUNK, NONCE_LEN, VERSION_MAX, VERSION_MIN,
+    decode, encode, encode_env, encode_steps, CodecError, ExitStatus, Frame, RejectCode, StepStart,
+    MAX_FRAME, MAX_MESSAGE, MAX_NAME, MAX_OUTPUT_CHUNK, NONCE_LEN, VERSION_MAX, VERSION_MIN,
 };
 
 // Limits the codec enforces on StepStart fields (literals in src/proto.rs, not exported).
@@ -116,6 +116,20 @@ enum Owned {
         build: u64,
         step: u32,
         bytes: u32,
+        stored: u64,
+    },
+    Running {
+        steps: Vec<(u64, u32, u64)>,
+    },
+    Resume {
+        build: u64,
+        step: u32,
+        offset: u64,
+        credit: u32,
+    },
+    Abandon {
+        build: u64,
+        step: u32,
     },
     Ack {
         build: u64,
@@ -169,9 +183,16 @@ impl Owned {
                 Frame::Exit { build: *build, step: *step, status: *status, offset: *offset, message }
             }
             Owned::Cancel { build, step } => Frame::Cancel { build: *build, step: *step },
-            Owned::Credit { build, step, bytes } => {
-                Frame::Credit { build: *build, step: *step, bytes: *bytes }
+            Owned::Credit { build, step, bytes, stored } => {
+                Frame::Credit { build: *build, step: *step, bytes: *bytes, stored: *stored }
             }
+            Owned::Running { steps } => {
+                Frame::Running { steps: encode_steps(steps.iter().copied(), envbuf).expect("fits") }
+            }
+            Owned::Resume { build, step, offset, credit } => {
+                Frame::Resume { build: *build, step: *step, offset: *offset, credit: *credit }
+            }
+            Owned::Abandon { build, step } => Frame::Abandon { build: *build, step: *step },
             Owned::Ack { build, step, offset } => Frame::Ack { build: *build, step: *step, offset: *offset },
             Owned::Ping { id } => Frame::Ping { id: *id },
             Owned::Pong { id } => Frame::Pong { id: *id },
@@ -224,11 +245,13 @@ fn owned_frame() -> impl Strategy<Value = Owned> {
             |(build, step, status, offset, message)| Owned::Exit { build, step, status, offset, message }
         ),
         (any::<u64>(), any::<u32>()).prop_map(|(build, step)| Owned::Cancel { build, step }),
-        (any::<u64>(), any::<u32>(), any::<u32>()).prop_map(|(build, step, bytes)| Owned::Credit {
-            build,
-            step,
-            bytes
-        }),
+        (any::<u64>(), any::<u32>(), any::<u32>(), any::<u64>())
+            .prop_map(|(build, step, bytes, stored)| Owned::Credit { build, step, bytes, stored }),
+        proptest::collection::vec((any::<u64>(), any::<u32>(), any::<u64>()), 0..40)
+            .prop_map(|steps| Owned::Running { steps }),
+        (any::<u64>(), any::<u32>(), any::<u64>(), any::<u32>())
+            .prop_map(|(build, step, offset, credit)| Owned::Resume { build, step, offset, credit }),
+        (any::<u64>(), any::<u32>()).prop_map(|(build, step)| Owned::Abandon { build, step }),
         (any::<u64>(), any::<u32>(), any::<u64>()).prop_map(|(build, step, offset)| Owned::Ack {
             build,
             step,

@@ -2,15 +2,19 @@
 //! streams their output back within the credit the controller grants.
 //!
 //! Memory is fixed per link and per step (a few frame-sized buffers); nothing grows with the
-//! amount of output, with a slow controller, or with what a peer claims.
+//! amount of output, with a slow controller, or with what a peer claims. Steps outlive links:
+//! each step's output goes through a spool file until the controller has stored it, and after a
+//! reconnect the agent reports its steps (`Running`), the controller answers each with `Resume`
+//! (replay from what it has) or `Abandon`, and the output continues with nothing lost or doubled.
 
 pub mod connect;
 pub mod jnlp;
 pub mod process;
+pub mod spool;
 
 use crate::auth::{self, ClientHandshake, ClientStep};
 use crate::link::{LinkError, LinkReader, LinkWriter, OutputBuf};
-use crate::proto::{ExitStatus, Frame, RejectCode, StepStart, MAX_MESSAGE, MAX_OUTPUT_CHUNK};
+use crate::proto::{self, ExitStatus, Frame, RejectCode, StepStart, MAX_MESSAGE, MAX_OUTPUT_CHUNK};
 pub use connect::Mode;
 use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
@@ -19,6 +23,7 @@ use smol::channel::{bounded, Receiver, Sender};
 use smol::io::AsyncReadExt;
 use smol::lock::Mutex;
 use smol::{LocalExecutor, Timer};
+use spool::Spool;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -35,6 +40,10 @@ pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// A link is declared dead after this many ping intervals without any frame from the controller.
 pub const DEAD_AFTER_PINGS: u32 = 3;
+/// Default most output bytes a step may hold in its spool while the controller is away.
+pub const DEFAULT_SPOOL_CAP: u64 = 1 << 30;
+/// Most steps listed in one `Running` frame (far above any executor count).
+const MAX_REPORTED: usize = 1000;
 
 /// Everything the agent needs to run.
 #[derive(Debug, Clone)]
@@ -51,6 +60,9 @@ pub struct Config {
     pub work_dir: PathBuf,
     /// Extra CA certificates (PEM) to trust.
     pub ca_file: Option<PathBuf>,
+    /// Most output bytes a step holds in its spool while the controller is away; then the step
+    /// is not read (it blocks on write) until the controller is back.
+    pub spool_cap: u64,
 }
 
 /// Why the agent stopped.
@@ -141,7 +153,16 @@ pub async fn run_on(ex: Rc<LocalExecutor<'static>>, cfg: Config) -> Result<(), A
     };
     let reaper =
         Reaper::install(std::process::id() == 1).map_err(|e| AgentError::Config(format!("signals: {e}")))?;
-    let agent = Rc::new(Agent { cfg, ex, reaper: reaper.clone(), steps: RefCell::new(HashMap::new()) });
+    // Spools of an earlier agent process belong to steps that died with it.
+    let _ = std::fs::remove_dir_all(cfg.work_dir.join(".wisp").join("spool"));
+    let agent = Rc::new(Agent {
+        cfg,
+        ex,
+        reaper: reaper.clone(),
+        steps: RefCell::new(HashMap::new()),
+        link: RefCell::new(None),
+        generation: Cell::new(0),
+    });
     let main = {
         let agent = agent.clone();
         async move {
@@ -153,7 +174,6 @@ pub async fn run_on(ex: Rc<LocalExecutor<'static>>, cfg: Config) -> Result<(), A
                     Err(End::Fatal(e)) => return Err(e),
                     Err(End::Retry(msg)) => log::warn!("{msg}"),
                 }
-                agent.stop_all_steps();
                 if started.elapsed() > Duration::from_secs(30) {
                     backoff = Backoff::default();
                 }
@@ -197,21 +217,38 @@ impl Backoff {
     }
 }
 
-/// The agent's controls over one running step.
+/// The agent's controls over one step, shared by the step's task and the link.
 struct StepCtl {
+    /// Output bytes the controller lets us send.
     credit: Cell<u64>,
+    /// Output below this offset is stored by the controller.
+    stored: Cell<u64>,
+    /// Output bytes read from the step so far (reported in `Running`).
+    produced: Cell<u64>,
+    /// The link generation this step sends on: the link that started or resumed it.
+    generation: Cell<u64>,
+    /// Set by `Resume`: send again from this offset.
+    resume_at: Cell<Option<u64>>,
+    /// The controller acknowledged the step's exit.
+    exit_acked: Cell<bool>,
     cancelled: Cell<bool>,
-    /// Link lost: stop at once without reporting.
+    /// Stop at once and forget the step, reporting nothing (the controller gave it up, or the
+    /// agent is terminating).
     abandoned: Cell<bool>,
     wake_tx: Sender<()>,
     wake_rx: Receiver<()>,
 }
 
 impl StepCtl {
-    fn new(credit: u32) -> Self {
+    fn new(credit: u32, generation: u64) -> Self {
         let (wake_tx, wake_rx) = bounded(1);
         Self {
             credit: Cell::new(u64::from(credit)),
+            stored: Cell::new(0),
+            produced: Cell::new(0),
+            generation: Cell::new(generation),
+            resume_at: Cell::new(None),
+            exit_acked: Cell::new(false),
             cancelled: Cell::new(false),
             abandoned: Cell::new(false),
             wake_tx,
@@ -223,11 +260,45 @@ impl StepCtl {
     }
 }
 
+/// The current link to the controller, as steps see it.
+#[derive(Clone)]
+struct Link {
+    writer: Writer,
+    generation: u64,
+    /// Fails (its sender is dropped) when the link ends, so a send stuck on a dead link gives up.
+    closed: Receiver<()>,
+}
+
+/// Send `frame` on `link`; false if the link ended first (the frame may or may not have gone).
+async fn send_on(link: &Link, frame: &Frame<'_>) -> bool {
+    smol::future::or(async { link.writer.lock().await.send(frame).await.is_ok() }, async {
+        let _ = link.closed.recv().await;
+        false
+    })
+    .await
+}
+
+/// Send `len` bytes of step output from `out` at `offset` on `link`, as [`send_on`].
+async fn send_output_on(link: &Link, out: &mut OutputBuf, key: (u64, u32), offset: u64, len: usize) -> bool {
+    smol::future::or(
+        async { link.writer.lock().await.send_output(out, key.0, key.1, offset, len).await.is_ok() },
+        async {
+            let _ = link.closed.recv().await;
+            false
+        },
+    )
+    .await
+}
+
 struct Agent {
     cfg: Config,
     ex: Rc<LocalExecutor<'static>>,
     reaper: Rc<Reaper>,
     steps: RefCell<HashMap<(u64, u32), Rc<StepCtl>>>,
+    /// The live link, if any.
+    link: RefCell<Option<Link>>,
+    /// Counts links; a step sends only on the link of its generation.
+    generation: Cell<u64>,
 }
 
 type Writer = Rc<Mutex<LinkWriter>>;
@@ -241,7 +312,7 @@ async fn timeout<T>(d: Duration, fut: impl std::future::Future<Output = T>) -> O
 }
 
 impl Agent {
-    /// One connection: open, handshake, serve until the link ends.
+    /// One connection: open, handshake, report held steps, serve until the link ends.
     async fn session(
         self: &Rc<Self>,
         target: &connect::Target,
@@ -251,7 +322,42 @@ impl Agent {
             connect::open(target, &self.cfg.mode, &self.cfg.name, tls).await.map_err(End::Retry)?;
         let writer: Writer = Rc::new(Mutex::new(writer));
         let ping_ms = self.handshake(&mut reader, &writer).await?;
-        log::info!("connected to {} as node '{}'", self.cfg.url, self.cfg.name);
+        let generation = self.generation.get() + 1;
+        self.generation.set(generation);
+        // Tell the controller which steps this agent still holds; it answers Resume or Abandon.
+        let held: Vec<(u64, u32, u64)> = self
+            .steps
+            .borrow()
+            .iter()
+            .map(|(k, c)| (k.0, k.1, c.produced.get()))
+            .take(MAX_REPORTED)
+            .collect();
+        let mut buf = vec![0u8; held.len() * 20];
+        let steps = proto::encode_steps(held.iter().copied(), &mut buf)
+            .map_err(|e| End::Retry(format!("listing held steps: {e}")))?;
+        match timeout(HANDSHAKE_TIMEOUT, async { writer.lock().await.send(&Frame::Running { steps }).await })
+            .await
+        {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(End::Retry(format!("handshake: {e}"))),
+            None => {
+                return Err(End::Retry("handshake: the controller did not take our step list in time".into()))
+            }
+        }
+        drop(buf);
+        if held.is_empty() {
+            log::info!("connected to {} as node '{}'", self.cfg.url, self.cfg.name);
+        } else {
+            log::info!(
+                "connected to {} as node '{}'; {} step(s) to resume",
+                self.cfg.url,
+                self.cfg.name,
+                held.len()
+            );
+        }
+        drop(held);
+        let (close_tx, closed) = bounded::<()>(1);
+        *self.link.borrow_mut() = Some(Link { writer: writer.clone(), generation, closed });
         let interval = Duration::from_millis(u64::from(ping_ms.clamp(100, 600_000)));
         let pinger = {
             let writer = writer.clone();
@@ -266,9 +372,18 @@ impl Agent {
                 }
             })
         };
-        let result = self.serve(&mut reader, &writer, interval * DEAD_AFTER_PINGS).await;
+        let result = self.serve(&mut reader, &writer, generation, interval * DEAD_AFTER_PINGS).await;
         drop(pinger);
-        writer.lock().await.close().await;
+        // Steps stop sending on this link (sends stuck on it give up) and keep spooling.
+        *self.link.borrow_mut() = None;
+        drop(close_tx);
+        for (k, c) in self.steps.borrow().iter() {
+            if c.generation.get() == generation && !c.abandoned.get() {
+                log::info!("build {} step {}: link lost; output goes to the spool", k.0, k.1);
+            }
+            c.wake();
+        }
+        let _ = timeout(Duration::from_secs(2), async { writer.lock().await.close().await }).await;
         result
     }
 
@@ -301,6 +416,7 @@ impl Agent {
         self: &Rc<Self>,
         reader: &mut LinkReader,
         writer: &Writer,
+        generation: u64,
         dead_after: Duration,
     ) -> Result<(), End> {
         loop {
@@ -315,24 +431,61 @@ impl Agent {
                 Some(Ok(None)) => return Err(End::Retry("the controller closed the connection".into())),
                 Some(Ok(Some(f))) => f,
             };
+            let step = |build: u64, step: u32| self.steps.borrow().get(&(build, step)).cloned();
             match frame {
-                Frame::StepStart(s) => self.start_step(&s, writer),
-                Frame::Credit { build, step, bytes } => {
-                    if let Some(ctl) = self.steps.borrow().get(&(build, step)) {
-                        ctl.credit.set(ctl.credit.get().saturating_add(u64::from(bytes)));
-                        ctl.wake();
+                Frame::StepStart(s) => self.start_step(&s, generation),
+                Frame::Credit { build, step: st, bytes, stored } => {
+                    if let Some(c) = step(build, st) {
+                        c.credit.set(c.credit.get().saturating_add(u64::from(bytes)));
+                        c.stored.set(c.stored.get().max(stored));
+                        c.wake();
                     }
                 }
-                Frame::Cancel { build, step } => {
-                    if let Some(ctl) = self.steps.borrow().get(&(build, step)) {
-                        log::info!("build {build} step {step}: cancel requested");
-                        ctl.cancelled.set(true);
-                        ctl.wake();
+                Frame::Ack { build, step: st, offset } => {
+                    if let Some(c) = step(build, st) {
+                        c.stored.set(c.stored.get().max(offset));
+                        c.exit_acked.set(true);
+                        c.wake();
                     }
                 }
-                Frame::Ack { .. } | Frame::Pong { .. } => {}
+                Frame::Resume { build, step: st, offset, credit } => match step(build, st) {
+                    Some(c) => {
+                        c.resume_at.set(Some(offset));
+                        c.stored.set(c.stored.get().max(offset));
+                        c.credit.set(u64::from(credit));
+                        c.exit_acked.set(false);
+                        c.generation.set(generation);
+                        c.wake();
+                    }
+                    None => log::warn!("build {build} step {st}: resume for a step this agent does not hold"),
+                },
+                Frame::Abandon { build, step: st } => {
+                    if let Some(c) = step(build, st) {
+                        log::warn!(
+                            "build {build} step {st}: the controller gave this step up while we were apart; \
+                             killing its process group"
+                        );
+                        c.abandoned.set(true);
+                        c.wake();
+                    }
+                }
+                Frame::Cancel { build, step: st } => {
+                    if let Some(c) = step(build, st) {
+                        log::info!("build {build} step {st}: cancel requested");
+                        c.cancelled.set(true);
+                        c.wake();
+                    }
+                }
+                Frame::Pong { .. } => {}
                 Frame::Ping { id } => {
-                    let _ = writer.lock().await.send(&Frame::Pong { id }).await;
+                    if timeout(dead_after, async { writer.lock().await.send(&Frame::Pong { id }).await })
+                        .await
+                        .is_none_or(|r| r.is_err())
+                    {
+                        return Err(End::Retry(
+                            "could not answer the controller's ping: the link is dead".into(),
+                        ));
+                    }
                 }
                 Frame::Reject { message, .. } => {
                     return Err(End::Retry(format!("the controller closed the session: {message}")))
@@ -347,16 +500,20 @@ impl Agent {
         }
     }
 
-    /// Kill every running step (the link is gone; a later protocol version resumes instead).
+    /// Kill every step and forget it (the agent is terminating).
     fn stop_all_steps(&self) {
         for ctl in self.steps.borrow().values() {
             ctl.abandoned.set(true);
-            ctl.cancelled.set(true);
             ctl.wake();
         }
     }
 
-    fn start_step(self: &Rc<Self>, s: &StepStart<'_>, writer: &Writer) {
+    /// The live link, if it is the one of `generation`.
+    fn link_for(&self, generation: u64) -> Option<Link> {
+        self.link.borrow().as_ref().filter(|l| l.generation == generation).cloned()
+    }
+
+    fn start_step(self: &Rc<Self>, s: &StepStart<'_>, generation: u64) {
         let key = (s.build, s.step);
         if self.steps.borrow().contains_key(&key) {
             log::warn!("build {} step {}: already running, duplicate start ignored", s.build, s.step);
@@ -369,23 +526,29 @@ impl Agent {
             s.shell,
             s.workspace
         );
-        let child = self.workspace_dir(s).and_then(|dir| {
-            let build = s.build.to_string();
-            let step = s.step.to_string();
-            let ws = dir.to_string_lossy().into_owned();
-            let extra = [
-                ("WORKSPACE", ws.as_str()),
-                ("BUILD_NUMBER", build.as_str()),
-                ("WISP_BUILD", build.as_str()),
-                ("WISP_STEP", step.as_str()),
-                ("NODE_NAME", self.cfg.name.as_str()),
-            ];
-            process::spawn_shell(s.shell, s.script, &dir, extra.into_iter().chain(s.env.iter()))
-        });
-        let writer = writer.clone();
-        match child {
+        let spool_dir = self.cfg.work_dir.join(".wisp").join("spool").join(format!("{}-{}", s.build, s.step));
+        let started = Spool::create(spool_dir.clone(), self.cfg.spool_cap)
+            .map_err(|e| format!("cannot create the output spool {}: {e}", spool_dir.display()))
+            .and_then(|spool| Ok((spool, self.workspace_dir(s)?)))
+            .and_then(|(spool, dir)| {
+                let build = s.build.to_string();
+                let step = s.step.to_string();
+                let ws = dir.to_string_lossy().into_owned();
+                let extra = [
+                    ("WORKSPACE", ws.as_str()),
+                    ("BUILD_NUMBER", build.as_str()),
+                    ("WISP_BUILD", build.as_str()),
+                    ("WISP_STEP", step.as_str()),
+                    ("NODE_NAME", self.cfg.name.as_str()),
+                ];
+                let child =
+                    process::spawn_shell(s.shell, s.script, &dir, extra.into_iter().chain(s.env.iter()))?;
+                Ok((spool, child))
+            });
+        match started {
             Err(msg) => {
                 log::warn!("build {} step {}: {msg}", s.build, s.step);
+                let Some(link) = self.link_for(generation) else { return };
                 let (build, step) = key;
                 self.ex
                     .spawn(async move {
@@ -396,12 +559,12 @@ impl Agent {
                             offset: 0,
                             message: clip(&msg),
                         };
-                        let _ = writer.lock().await.send(&exit).await;
+                        send_on(&link, &exit).await;
                     })
                     .detach();
             }
-            Ok(child) => {
-                let ctl = Rc::new(StepCtl::new(s.credit));
+            Ok((spool, child)) => {
+                let ctl = Rc::new(StepCtl::new(s.credit, generation));
                 self.steps.borrow_mut().insert(key, ctl.clone());
                 let exited = self.reaper.watch(child.pid);
                 let deadline = (s.timeout_secs > 0)
@@ -409,13 +572,8 @@ impl Agent {
                 let agent = self.clone();
                 self.ex
                     .spawn(async move {
-                        let end = run_step(key, child, exited, &ctl, deadline, &writer).await;
+                        run_step(key, child, exited, &ctl, deadline, &agent, spool).await;
                         agent.steps.borrow_mut().remove(&key);
-                        if let Some((status, offset)) = end {
-                            log::info!("build {} step {}: {status}", key.0, key.1);
-                            let exit = Frame::Exit { build: key.0, step: key.1, status, offset, message: "" };
-                            let _ = writer.lock().await.send(&exit).await;
-                        }
                     })
                     .detach();
             }
@@ -458,36 +616,69 @@ enum Ev {
     Timer,
 }
 
-/// Stream one step's output within credit until its shell has exited and the pipe is drained.
-/// Returns how it ended and its output length, or None when the link was lost.
+/// Run one step to its end: read its output into the spool, send it within credit while a link
+/// of the step's generation is up, replay from the spool after a resume, deliver the exit and
+/// wait for the controller to acknowledge it. Returns when the step is acknowledged or abandoned.
 async fn run_step(
     key: (u64, u32),
     mut child: process::Child,
     exited: Receiver<WaitStatus>,
     ctl: &StepCtl,
     deadline: Option<Instant>,
-    writer: &Writer,
-) -> Option<(ExitStatus, u64)> {
+    agent: &Agent,
+    mut spool: Spool,
+) {
+    let (build, step) = key;
     let mut out = OutputBuf::default();
-    let mut offset = 0u64;
+    let mut sent = 0u64; // output sent on the current link (what the controller will have)
     let mut eof = false;
     let mut status: Option<ExitStatus> = None;
     let mut reason: Option<ExitStatus> = None; // TimedOut or Cancelled
     let mut term_at: Option<Instant> = None; // when TERM was sent to the group
     let mut killed = false;
+    let mut exit_sent_on = 0u64; // the link generation the Exit went out on
+    let mut message = String::new(); // for the Exit: what went wrong on the agent's side
+    let mut logged_end = false;
     loop {
-        if eof && status.is_some() {
-            break;
-        }
         if ctl.abandoned.get() {
             process::kill_group(child.pid, Signal::SIGKILL);
-            return None;
+            log::info!("build {build} step {step}: abandoned; process group killed, output dropped");
+            return;
+        }
+        if let Some(off) = ctl.resume_at.take() {
+            if off < spool.acked() || off > spool.produced() {
+                // Cannot happen unless the controller lost stored output; say so and end the step.
+                message = format!(
+                    "the controller has {off} output bytes but the agent holds bytes {}..{}; output lost",
+                    spool.acked(),
+                    spool.produced()
+                );
+                log::error!("build {build} step {step}: {message}");
+                process::kill_group(child.pid, Signal::SIGKILL);
+                reason = Some(ExitStatus::StartFailed);
+                eof = true;
+                spool.release(spool.produced());
+                sent = spool.produced();
+            } else {
+                log::info!(
+                    "build {build} step {step}: resuming at offset {off}: {} bytes to replay from the spool",
+                    spool.produced() - off
+                );
+                sent = off;
+                spool.release(off);
+            }
+            exit_sent_on = 0;
+        }
+        spool.release(ctl.stored.get().min(sent));
+        if ctl.exit_acked.get() && exit_sent_on != 0 {
+            log::info!("build {build} step {step}: done; spool peak {} bytes", spool.peak());
+            return;
         }
         if reason.is_none() && ctl.cancelled.get() {
             reason = Some(ExitStatus::Cancelled);
         }
         if reason.is_none() && deadline.is_some_and(|d| Instant::now() >= d) {
-            log::info!("build {} step {}: timed out", key.0, key.1);
+            log::info!("build {build} step {step}: timed out");
             reason = Some(ExitStatus::TimedOut);
         }
         // Stop the group when the step was cancelled or timed out, and clear out leftover
@@ -496,28 +687,75 @@ async fn run_step(
             process::kill_group(child.pid, Signal::SIGTERM);
             term_at = Some(Instant::now());
         }
+        let link = agent.link_for(ctl.generation.get());
         if let Some(t) = term_at {
             if !killed && t.elapsed() >= KILL_GRACE {
                 process::kill_group(child.pid, Signal::SIGKILL);
                 killed = true;
-            } else if killed && status.is_some() && ctl.credit.get() > 0 && t.elapsed() >= KILL_GRACE * 2 {
+            } else if killed
+                && !eof
+                && status.is_some()
+                && (ctl.credit.get() > 0 || link.is_none())
+                && t.elapsed() >= KILL_GRACE * 2
+            {
                 // A process that left the group holds the pipe open; stop waiting for it.
-                log::warn!("build {} step {}: output pipe still open after KILL, not waiting", key.0, key.1);
-                break;
+                log::warn!("build {build} step {step}: output pipe still open after KILL, not waiting");
+                eof = true;
+            }
+        }
+        if let Some(link) = &link {
+            let credit = ctl.credit.get().min(MAX_OUTPUT_CHUNK as u64) as usize;
+            if sent < spool.produced() && credit > 0 {
+                match spool.read_at(sent, &mut out.space()[..credit]) {
+                    Ok(n) => {
+                        if send_output_on(link, &mut out, key, sent, n).await {
+                            sent += n as u64;
+                            ctl.credit.set(ctl.credit.get() - n as u64);
+                        }
+                    }
+                    Err(e) => {
+                        message = format!("reading the output spool: {e}");
+                        log::error!("build {build} step {step}: {message}");
+                        process::kill_group(child.pid, Signal::SIGKILL);
+                        reason = Some(ExitStatus::StartFailed);
+                        eof = true;
+                        sent = spool.produced();
+                    }
+                }
+                continue;
+            }
+            if eof && status.is_some() && sent == spool.produced() && exit_sent_on != link.generation {
+                let st = reason.or(status).unwrap_or(ExitStatus::Code(-1));
+                if !logged_end {
+                    log::info!("build {build} step {step}: {st}");
+                    logged_end = true;
+                }
+                let exit = Frame::Exit { build, step, status: st, offset: sent, message: clip(&message) };
+                if send_on(link, &exit).await {
+                    exit_sent_on = link.generation;
+                }
+                continue;
             }
         }
         let next_timer = match (term_at, deadline, reason) {
-            (Some(_), _, _) if killed && ctl.credit.get() == 0 => None,
+            (Some(_), _, _) if eof || (killed && ctl.credit.get() == 0 && link.is_some()) => None,
             (Some(t), _, _) => Some(t + if killed { KILL_GRACE * 2 } else { KILL_GRACE }),
             (None, Some(d), None) => Some(d),
             _ => None,
         };
-        let credit = ctl.credit.get().min(MAX_OUTPUT_CHUNK as u64) as usize;
+        // Read the pipe while connected only within credit, caught up with the spool; while
+        // apart, until the spool is full (then the step blocks on its write, nothing is lost).
+        let limit = match &link {
+            Some(_) if sent == spool.produced() => ctl.credit.get().min(MAX_OUTPUT_CHUNK as u64) as usize,
+            Some(_) => 0,
+            None if spool.full() => 0,
+            None => MAX_OUTPUT_CHUNK,
+        };
         let read = async {
-            if eof || credit == 0 {
+            if eof || limit == 0 {
                 std::future::pending().await
             }
-            Ev::Read(child.output.read(&mut out.space()[..credit]).await)
+            Ev::Read(child.output.read(&mut out.space()[..limit]).await)
         };
         let exit = async {
             if status.is_some() {
@@ -543,15 +781,25 @@ async fn run_step(
         match ev {
             Ev::Read(Ok(0)) => eof = true,
             Ev::Read(Ok(n)) => {
-                if writer.lock().await.send_output(&mut out, key.0, key.1, offset, n).await.is_err() {
+                let at = spool.produced();
+                if let Err(e) = spool.append(&out.space()[..n]) {
+                    message = format!("cannot write the output spool in {}: {e}", spool.dir().display());
+                    log::error!("build {build} step {step}: {message}");
                     process::kill_group(child.pid, Signal::SIGKILL);
-                    return None;
+                    reason.get_or_insert(ExitStatus::StartFailed);
+                    eof = true;
+                    continue;
                 }
-                offset += n as u64;
-                ctl.credit.set(ctl.credit.get() - n as u64);
+                ctl.produced.set(spool.produced());
+                if let Some(link) = &link {
+                    if at == sent && send_output_on(link, &mut out, key, at, n).await {
+                        sent += n as u64;
+                        ctl.credit.set(ctl.credit.get().saturating_sub(n as u64));
+                    }
+                }
             }
             Ev::Read(Err(e)) => {
-                log::warn!("build {} step {}: reading output: {e}", key.0, key.1);
+                log::warn!("build {build} step {step}: reading output: {e}");
                 eof = true;
             }
             Ev::Exited(st) => {
@@ -564,6 +812,4 @@ async fn run_step(
             Ev::Wake | Ev::Timer => {}
         }
     }
-    let status = reason.or(status).unwrap_or(ExitStatus::Code(-1));
-    Some((status, offset))
 }

@@ -34,6 +34,10 @@ struct Args {
     /// the URL, name, transport and work dir (fetched sealed with the secret; no API token needed)
     #[argh(option)]
     jnlp_url: Option<String>,
+    /// most output bytes a step keeps in its spool while the controller is away, e.g. 512M or 2G
+    /// (default 1G); then the step is paused until the controller is back
+    #[argh(option, from_str_fn(parse_size))]
+    spool_cap: Option<u64>,
     /// extra CA certificate(s) in PEM to trust for https:// controllers
     #[argh(option)]
     cert: Option<PathBuf>,
@@ -43,6 +47,23 @@ struct Args {
     /// SECRET NAME, as Kubernetes pod templates pass them
     #[argh(positional, greedy)]
     positional: Vec<String>,
+}
+
+/// A byte count with an optional K, M or G suffix (powers of 1024).
+fn parse_size(v: &str) -> Result<u64, String> {
+    let t = v.trim();
+    let (num, mul) = match t.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&t[..i], 1u64 << 10),
+        Some((i, 'm' | 'M')) => (&t[..i], 1 << 20),
+        Some((i, 'g' | 'G')) => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("bad size {v:?}: use a number of bytes, optionally with K, M or G, e.g. 512M"))
 }
 
 /// Map Jenkins agent.jar's single-dash options onto ours.
@@ -151,7 +172,8 @@ fn main() {
         .or_else(|| env("JENKINS_AGENT_WORKDIR").map(PathBuf::from))
         .or_else(|| desc.as_ref().and_then(|d| d.work_dir.as_ref()).map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("."));
-    let cfg = agent::Config { url, name, secret, mode, work_dir, ca_file: args.cert };
+    let spool_cap = args.spool_cap.unwrap_or(agent::DEFAULT_SPOOL_CAP);
+    let cfg = agent::Config { url, name, secret, mode, work_dir, ca_file: args.cert, spool_cap };
     if let Err(e) = agent::run(cfg) {
         log::error!("{e}");
         eprintln!("wisp-agent: {e}");

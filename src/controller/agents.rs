@@ -9,7 +9,7 @@ use event_listener::Event;
 use smol::channel::{bounded, Receiver};
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How long an agent has to finish the handshake.
@@ -80,7 +80,7 @@ async fn handshake(ctl: &Controller, reader: &mut LinkReader, writer: &mut LinkW
 /// Serve one agent link from its first frame to its end. Only this link is affected by
 /// anything the peer sends.
 pub async fn serve(ctl: Arc<Controller>, mut reader: LinkReader, mut writer: LinkWriter, peer: String) {
-    let limit = ctl.handshake_timeout.get().copied().unwrap_or(HANDSHAKE_TIMEOUT);
+    let limit = ctl.handshake_timeout;
     let name = match timeout(limit, handshake(&ctl, &mut reader, &mut writer)).await {
         None => {
             log::warn!("agent link from {peer}: handshake not finished within {limit:?}, closing");
@@ -126,24 +126,56 @@ pub async fn serve(ctl: Arc<Controller>, mut reader: LinkReader, mut writer: Lin
         }
     };
     let (name, old) = name;
+    // The agent's first word after Welcome: the steps it still holds.
+    let held: Vec<(u64, u32, u64)> = match timeout(limit, reader.next()).await {
+        Some(Ok(Some(Frame::Running { steps }))) => steps.iter().collect(),
+        Some(Ok(Some(other))) => {
+            let m =
+                format!("expected the agent's Running list after Welcome, got {}", auth::frame_kind(&other));
+            log::warn!("node {name}: {m}");
+            reject(&mut writer, RejectCode::ProtocolError, &m).await;
+            return;
+        }
+        Some(Err(e)) => {
+            log::warn!("node {name}: {e}");
+            if !matches!(e, LinkError::Io(_)) {
+                reject(&mut writer, RejectCode::ProtocolError, &e.to_string()).await;
+            }
+            return;
+        }
+        Some(Ok(None)) => return log::warn!("node {name}: closed before listing its steps"),
+        None => {
+            log::warn!("node {name}: no step list within {limit:?}, closing");
+            reject(&mut writer, RejectCode::ProtocolError, "step list timed out").await;
+            return;
+        }
+    };
     let (tx, rx) = bounded(OUT_QUEUE);
     let conn = Arc::new(Conn {
         id: ctl.conn_id(),
         node: name.clone(),
         peer,
         tx,
-        sinks: Mutex::new(Default::default()),
         last_pong: AtomicU64::new(0),
         pong: Event::new(),
         closing: AtomicBool::new(false),
         close: Event::new(),
     });
+    let told = ctl.reconcile(&name, &held);
+    let writer_task = ctl.ex.spawn(write_loop(writer, rx, ctl.ping_interval));
+    for (build, step, offset) in told.resume {
+        let _ = conn.tx.send(Out::Resume { build, step, offset }).await;
+    }
+    for (build, step) in told.abandon {
+        let _ = conn.tx.send(Out::Abandon { build, step }).await;
+    }
     if !ctl.attach(&conn, old.as_ref()) {
-        reject(&mut writer, RejectCode::AlreadyConnected, "another agent took this node meanwhile; retrying")
-            .await;
+        let _ = conn.tx.send(Out::Close("another agent took this node meanwhile; retrying".into())).await;
+        conn.tx.close();
+        let mut writer = writer_task.await;
+        writer.close().await;
         return;
     }
-    let writer_task = ctl.ex.spawn(write_loop(writer, rx, ctl.ping_interval));
     let why = read_loop(&ctl, &conn, &mut reader).await;
     conn.shut();
     ctl.detach(&conn, &why);
@@ -185,9 +217,16 @@ async fn write_loop(mut writer: LinkWriter, rx: Receiver<Out>, ping: Duration) -
                     Err(e) => Err(e.into()),
                 }
             }
-            Out::Credit { build, step, bytes } => {
-                writer.send(&Frame::Credit { build: *build, step: *step, bytes: *bytes }).await
+            Out::Credit { build, step, bytes, stored } => {
+                writer
+                    .send(&Frame::Credit { build: *build, step: *step, bytes: *bytes, stored: *stored })
+                    .await
             }
+            Out::Resume { build, step, offset } => {
+                let f = Frame::Resume { build: *build, step: *step, offset: *offset, credit: STEP_CREDIT };
+                writer.send(&f).await
+            }
+            Out::Abandon { build, step } => writer.send(&Frame::Abandon { build: *build, step: *step }).await,
             Out::Ack { build, step, offset } => {
                 writer.send(&Frame::Ack { build: *build, step: *step, offset: *offset }).await
             }
@@ -234,19 +273,23 @@ async fn read_loop(ctl: &Controller, conn: &Arc<Conn>, reader: &mut LinkReader) 
         };
         match frame {
             Frame::Output { build, step, offset, data } => {
-                if let Err(m) = store_output(conn, build, step, offset, data) {
-                    let _ = conn.tx.try_send(Out::Close(m.clone()));
-                    return m;
-                }
-                if conn.tx.send(Out::Credit { build, step, bytes: data.len() as u32 }).await.is_err() {
+                let stored = match store_output(ctl, conn, build, step, offset, data) {
+                    Ok(stored) => stored,
+                    Err(m) => {
+                        let _ = conn.tx.try_send(Out::Close(m.clone()));
+                        return m;
+                    }
+                };
+                let credit = Out::Credit { build, step, bytes: data.len() as u32, stored };
+                if conn.tx.send(credit).await.is_err() {
                     return "writer closed".into();
                 }
             }
             Frame::Exit { build, step, status, offset, message } => {
                 // Decide under the lock, act after it: the lock is never held across an await.
                 let stored = {
-                    let sinks = conn.sinks();
-                    sinks.get(&(build, step)).map(|sink| {
+                    let sinks = ctl.steps();
+                    sinks.get(&(build, step)).filter(|s| s.node == conn.node).map(|sink| {
                         if sink.offset == offset {
                             let _ = sink.done.try_send(StepEnd::Exit(status, message.to_string()));
                         }
@@ -285,11 +328,19 @@ async fn read_loop(ctl: &Controller, conn: &Arc<Conn>, reader: &mut LinkReader) 
 }
 
 /// Append output to its step's log, dropping bytes already stored (a replay) and refusing gaps.
-fn store_output(conn: &Conn, build: u64, step: u32, offset: u64, data: &[u8]) -> Result<(), String> {
-    let mut sinks = conn.sinks();
-    let Some(sink) = sinks.get_mut(&(build, step)) else {
+/// Returns the stored length.
+fn store_output(
+    ctl: &Controller,
+    conn: &Conn,
+    build: u64,
+    step: u32,
+    offset: u64,
+    data: &[u8],
+) -> Result<u64, String> {
+    let mut sinks = ctl.steps();
+    let Some(sink) = sinks.get_mut(&(build, step)).filter(|s| s.node == conn.node) else {
         log::warn!("node {}: output for unknown build {build} step {step} dropped", conn.node);
-        return Ok(());
+        return Ok(offset + data.len() as u64);
     };
     if offset > sink.offset {
         return Err(format!(
@@ -299,7 +350,7 @@ fn store_output(conn: &Conn, build: u64, step: u32, offset: u64, data: &[u8]) ->
     }
     let skip = (sink.offset - offset) as usize;
     if skip >= data.len() {
-        return Ok(());
+        return Ok(sink.offset);
     }
     let fresh = &data[skip..];
     if let Err(e) = sink.file.write_all(fresh) {
@@ -307,5 +358,5 @@ fn store_output(conn: &Conn, build: u64, step: u32, offset: u64, data: &[u8]) ->
     }
     sink.offset += fresh.len() as u64;
     sink.build.changed.notify(usize::MAX);
-    Ok(())
+    Ok(sink.offset)
 }

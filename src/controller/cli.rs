@@ -58,6 +58,10 @@ struct Serve {
     /// seconds a new agent connection may take to authenticate before it is closed (default 10)
     #[argh(option, default = "10")]
     handshake_timeout: u64,
+    /// seconds a running build waits for its disconnected agent to come back before it fails
+    /// with "agent lost" (default 300)
+    #[argh(option, default = "300")]
+    agent_grace: u64,
 }
 
 /// Where the controller is (shared by client commands).
@@ -263,6 +267,7 @@ pub fn main() {
                 agent_port: s.agent_port,
                 ping_interval: Duration::from_secs(s.ping_interval.max(1)),
                 handshake_timeout: Duration::from_secs(s.handshake_timeout.max(1)),
+                agent_grace: Duration::from_secs(s.agent_grace),
                 ..ServeConfig::default()
             };
             if let Err(e) = start(cfg) {
@@ -411,6 +416,7 @@ fn demo(d: Demo) -> i32 {
         mode: crate::agent::Mode::WebSocket,
         work_dir: d.data.join("agent"),
         ca_file: None,
+        spool_cap: crate::agent::DEFAULT_SPOOL_CAP,
     };
     std::thread::spawn(move || {
         if let Err(e) = crate::agent::run(agent_cfg) {

@@ -13,13 +13,26 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Output bytes an agent may send per step before the controller grants more: enough to keep a
 /// loopback link busy, small enough that a stalled controller holds the step's pipe, not memory.
 pub const STEP_CREDIT: u32 = 256 * 1024;
 /// How long a cancelled step's Exit may take before the build is ended without it.
 pub const CANCEL_WAIT: Duration = Duration::from_secs(15);
+/// Default time a running build waits for its disconnected agent before failing with "agent lost".
+pub const AGENT_GRACE: Duration = Duration::from_secs(300);
+
+/// The controller's link timings.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// How often each side of an agent link pings the other.
+    pub ping_interval: Duration,
+    /// How long a new agent link may take to authenticate.
+    pub handshake_timeout: Duration,
+    /// How long a running build waits for its disconnected agent.
+    pub agent_grace: Duration,
+}
 
 /// An error for API callers: an HTTP status and a sentence.
 #[derive(Debug)]
@@ -58,7 +71,7 @@ pub enum Out {
         /// The step.
         spec: pipeline::Step,
     },
-    /// More output credit.
+    /// More output credit, and how much output is stored.
     Credit {
         /// Build number.
         build: u64,
@@ -66,6 +79,24 @@ pub enum Out {
         step: u32,
         /// Bytes.
         bytes: u32,
+        /// Output stored so far.
+        stored: u64,
+    },
+    /// Go on with a step after a reconnect, from `offset`.
+    Resume {
+        /// Build number.
+        build: u64,
+        /// Step index.
+        step: u32,
+        /// Output bytes stored.
+        offset: u64,
+    },
+    /// Forget a step the controller gave up.
+    Abandon {
+        /// Build number.
+        build: u64,
+        /// Step index.
+        step: u32,
     },
     /// Output stored up to an offset.
     Ack {
@@ -91,6 +122,14 @@ pub enum Out {
     Close(String),
 }
 
+/// What to tell a reconnected agent about the steps it holds.
+pub struct Reconciled {
+    /// Go on from the stored offset: (build, step, offset).
+    pub resume: Vec<(u64, u32, u64)>,
+    /// Kill and forget: (build, step).
+    pub abandon: Vec<(u64, u32)>,
+}
+
 /// How a step ended, as the build task learns it.
 #[derive(Debug)]
 pub enum StepEnd {
@@ -100,8 +139,13 @@ pub enum StepEnd {
     Lost(String),
 }
 
-/// Where a running step's output goes.
+/// Where a running step's output goes. Sinks belong to the controller, not to a link: a step
+/// outlives the link it started on.
 pub struct Sink {
+    /// The node the step runs on.
+    pub node: String,
+    /// The StepStart went out (the agent may hold the step).
+    pub started: bool,
     /// The step's log file.
     pub file: File,
     /// Bytes stored so far.
@@ -122,8 +166,6 @@ pub struct Conn {
     pub peer: String,
     /// Frames to send (bounded: a stuck agent blocks its own producers, nothing grows).
     pub tx: Sender<Out>,
-    /// Steps running over this link.
-    pub sinks: Mutex<HashMap<(u64, u32), Sink>>,
     /// Id of the last Pong received.
     pub last_pong: AtomicU64,
     /// Fires on every Pong.
@@ -139,11 +181,6 @@ impl Conn {
     pub fn shut(&self) {
         self.closing.store(true, Ordering::SeqCst);
         self.close.notify(usize::MAX);
-    }
-
-    /// Lock the sinks (a panic elsewhere must not wedge the link).
-    pub fn sinks(&self) -> MutexGuard<'_, HashMap<(u64, u32), Sink>> {
-        self.sinks.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// True if the agent answers a ping within `wait`.
@@ -200,6 +237,8 @@ pub struct Node {
     pub conn: Option<Arc<Conn>>,
     /// Executors in use.
     pub busy: u32,
+    /// Since when the node has had no link (the controller's start, for a node never seen).
+    pub offline_since: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -223,8 +262,12 @@ pub struct Controller {
     pub addrs: OnceLock<(SocketAddr, SocketAddr)>,
     /// How often each side pings the other.
     pub ping_interval: Duration,
-    /// How long a new agent link may take to authenticate (`HANDSHAKE_TIMEOUT` unless set).
-    pub handshake_timeout: OnceLock<Duration>,
+    /// How long a new agent link may take to authenticate.
+    pub handshake_timeout: Duration,
+    /// How long a running build waits for its disconnected agent.
+    pub agent_grace: Duration,
+    /// Output sinks of the steps that are running, by (build, step).
+    steps: Mutex<HashMap<(u64, u32), Sink>>,
     next_conn: AtomicU64,
 }
 
@@ -247,11 +290,7 @@ fn secret_file(path: &std::path::Path, make: impl FnOnce() -> String) -> std::io
 
 impl Controller {
     /// Open the data dir (creating it, its key and API token on first start) and load state.
-    pub fn open(
-        data: PathBuf,
-        ex: Arc<Executor<'static>>,
-        ping_interval: Duration,
-    ) -> Result<Arc<Self>, String> {
+    pub fn open(data: PathBuf, ex: Arc<Executor<'static>>, timing: Timing) -> Result<Arc<Self>, String> {
         std::fs::create_dir_all(data.join("builds"))
             .map_err(|e| format!("cannot create {}: {e}", data.display()))?;
         let key = secret_file(&data.join("secret.key"), || crate::auth::hex(&crate::auth::random_nonce()))
@@ -272,41 +311,99 @@ impl Controller {
             state: Mutex::new(state),
             ex,
             addrs: OnceLock::new(),
-            ping_interval,
-            handshake_timeout: OnceLock::new(),
+            ping_interval: timing.ping_interval,
+            handshake_timeout: timing.handshake_timeout,
+            agent_grace: timing.agent_grace,
+            steps: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
         });
         ctl.recover()?;
         Ok(ctl)
     }
 
-    /// Re-queue builds that were queued when the controller stopped; fail those that were running.
-    fn recover(&self) -> Result<(), String> {
+    /// Re-queue builds that were queued when the controller stopped, and pick up those that were
+    /// running where their logs end: their agents reconnect and resume within the grace.
+    fn recover(self: &Arc<Self>) -> Result<(), String> {
         let unfinished = self.store().unfinished_builds().map_err(|e| format!("store: {e}"))?;
         for b in unfinished {
-            if b.state == BuildState::Running {
-                log::warn!("build {}: was running when the controller stopped; marking it failed", b.id);
+            let p = match pipeline::parse(&b.yaml) {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = self.store().finish_build(b.id, BuildState::Failure, &format!("{e}"));
+                    continue;
+                }
+            };
+            let live = Arc::new(LiveBuild::new(b.id, p));
+            if b.state != BuildState::Running {
+                self.state().builds.insert(b.id, live);
+                self.state().queue.push_back(b.id);
+                log::info!("build {}: queued again after restart", b.id);
+                continue;
+            }
+            let steps = self.store().steps(b.id).map_err(|e| format!("store: {e}"))?;
+            let node = b.node.clone().unwrap_or_default();
+            let known = self.state().nodes.contains_key(&node);
+            let next = steps.iter().find(|s| s.state == "running" || s.state == "pending");
+            let Some(next) = next.filter(|_| known) else {
+                let why = if known { "no step left to run" } else { "its node no longer exists" };
+                log::warn!("build {}: was running when the controller stopped; failing it: {why}", b.id);
                 let _ = self.store().finish_build(
                     b.id,
                     BuildState::Failure,
-                    "the controller restarted during the build",
+                    &format!("controller restarted: {why}"),
                 );
                 continue;
-            }
-            match pipeline::parse(&b.yaml) {
-                Ok(p) => {
-                    let live = Arc::new(LiveBuild::new(b.id, p));
-                    let mut st = self.state();
-                    st.builds.insert(b.id, live);
-                    st.queue.push_back(b.id);
-                    log::info!("build {}: queued again after restart", b.id);
-                }
-                Err(e) => {
-                    let _ = self.store().finish_build(b.id, BuildState::Failure, &format!("{e}"));
-                }
+            };
+            let (step, running) = (next.index, next.state == "running");
+            live.steps_done.store(step - 1, Ordering::SeqCst);
+            if running {
+                let path = self.data.join("builds").join(b.id.to_string()).join(format!("{step}.log"));
+                let file = std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(&path)
+                    .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+                let offset = file.metadata().map(|m| m.len()).unwrap_or(0);
+                let (done, done_rx) = bounded(1);
+                self.steps().insert(
+                    (b.id, step),
+                    Sink { node: node.clone(), started: true, file, offset, done, build: live.clone() },
+                );
+                log::info!(
+                    "build {} step {step}: was running on node {node} when the controller stopped; \
+                     {offset} bytes stored, waiting for the agent to resume it",
+                    b.id
+                );
+                self.spawn_build(live, node, step, Some(done_rx));
+            } else {
+                log::info!("build {}: continuing with step {step} on node {node} after restart", b.id);
+                self.spawn_build(live, node, step, None);
             }
         }
         Ok(())
+    }
+
+    fn spawn_build(
+        self: &Arc<Self>,
+        build: Arc<LiveBuild>,
+        node: String,
+        from: u32,
+        running: Option<Receiver<StepEnd>>,
+    ) {
+        {
+            let mut st = self.state();
+            st.builds.insert(build.id, build.clone());
+            if let Some(n) = st.nodes.get_mut(&node) {
+                n.busy += 1;
+            }
+        }
+        let ctl = self.clone();
+        self.ex.spawn(async move { ctl.run_build(build, node, from, running).await }).detach();
+    }
+
+    /// Output sinks of running steps, locked.
+    pub fn steps(&self) -> MutexGuard<'_, HashMap<(u64, u32), Sink>> {
+        self.steps.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The store, locked.
@@ -397,27 +494,100 @@ impl Controller {
                 return false;
             }
             node.conn = Some(conn.clone());
+            node.offline_since = None;
         }
         log::info!("node {}: online (link {} from {})", conn.node, conn.id, conn.peer);
+        self.wake_builds();
         self.dispatch();
         true
     }
 
-    /// Forget `conn` as its node's link; the builds running over it learn it was lost.
+    /// Wake every live build's task (a node came or went).
+    fn wake_builds(&self) {
+        let builds: Vec<_> = self.state().builds.values().cloned().collect();
+        for b in builds {
+            b.changed.notify(usize::MAX);
+        }
+    }
+
+    /// Since when `node` has been offline; None while online, Err if there is no such node.
+    fn offline_since(&self, node: &str) -> Result<Option<Instant>, ()> {
+        let st = self.state();
+        let n = st.nodes.get(node).ok_or(())?;
+        Ok(if n.conn.is_some() { None } else { Some(n.offline_since.unwrap_or_else(Instant::now)) })
+    }
+
+    /// Forget `conn` as its node's link. Its running steps wait for the agent to come back
+    /// (up to the grace).
     pub fn detach(&self, conn: &Arc<Conn>, why: &str) {
+        let running: Vec<(u64, u32)> =
+            self.steps().iter().filter(|(_, s)| s.node == conn.node && s.started).map(|(k, _)| *k).collect();
         {
             let mut st = self.state();
             if let Some(node) = st.nodes.get_mut(&conn.node) {
                 if node.conn.as_ref().is_some_and(|c| c.id == conn.id) {
                     node.conn = None;
+                    node.offline_since = Some(Instant::now());
                     log::info!("node {}: offline ({why})", conn.node);
+                    for (b, s) in &running {
+                        log::info!(
+                            "build {b} step {s}: agent '{}' is away; waiting up to {}s for it to resume",
+                            conn.node,
+                            self.agent_grace.as_secs()
+                        );
+                    }
                 }
             }
         }
-        let sinks: Vec<Sink> = conn.sinks().drain().map(|(_, s)| s).collect();
-        for s in sinks {
-            let _ = s.done.try_send(StepEnd::Lost(format!("lost the link to agent '{}': {why}", conn.node)));
+        self.wake_builds();
+    }
+
+    /// A reconnected agent's list of the steps it holds: which to resume (with the stored
+    /// offset) and which to abandon. Steps the controller started on the node that the agent no
+    /// longer has end as lost.
+    pub fn reconcile(&self, node: &str, held: &[(u64, u32, u64)]) -> Reconciled {
+        let away = self.offline_since(node).ok().flatten().map(|t| t.elapsed());
+        let mut resume = Vec::new();
+        let mut abandon = Vec::new();
+        let mut steps = self.steps();
+        for &(b, s, produced) in held {
+            match steps.get(&(b, s)).filter(|k| k.node == node && k.started) {
+                Some(sink) if produced >= sink.offset => {
+                    log::info!(
+                        "build {b} step {s}: resumed on node {node} after {:.1}s offline: controller has {} bytes, \
+                         agent replays {} bytes",
+                        away.unwrap_or_default().as_secs_f64(),
+                        sink.offset,
+                        produced - sink.offset
+                    );
+                    resume.push((b, s, sink.offset));
+                }
+                Some(sink) => {
+                    let m = format!(
+                        "agent '{node}' has {produced} output bytes but the controller stored {}: output lost",
+                        sink.offset
+                    );
+                    log::error!("build {b} step {s}: {m}");
+                    let _ = sink.done.try_send(StepEnd::Lost(m));
+                    abandon.push((b, s));
+                }
+                None => {
+                    log::info!(
+                        "build {b} step {s}: node {node} still holds it, but it is over; abandoning it"
+                    );
+                    abandon.push((b, s));
+                }
+            }
         }
+        for ((b, s), sink) in steps.iter_mut() {
+            if sink.node == node && sink.started && !held.iter().any(|h| (h.0, h.1) == (*b, *s)) {
+                let m = format!("agent '{node}' came back without this step (was the agent restarted?)");
+                log::warn!("build {b} step {s}: {m}");
+                sink.started = false;
+                let _ = sink.done.try_send(StepEnd::Lost(m));
+            }
+        }
+        Reconciled { resume, abandon }
     }
 
     /// Queue a pipeline; returns the build number.
@@ -493,37 +663,48 @@ impl Controller {
                     Some(node) => {
                         node.busy += 1;
                         st.queue.remove(i);
-                        started.push((build, node.rec.name.clone(), node.conn.clone().unwrap()));
+                        started.push((build, node.rec.name.clone()));
                     }
                     None => i += 1,
                 }
             }
         }
-        for (build, node, conn) in started {
+        for (build, node) in started {
             let ctl = self.clone();
-            self.ex.spawn(async move { ctl.run_build(build, node, conn).await }).detach();
+            self.ex.spawn(async move { ctl.run_build(build, node, 1, None).await }).detach();
         }
     }
 
-    async fn run_build(self: Arc<Self>, build: Arc<LiveBuild>, node: String, conn: Arc<Conn>) {
+    /// Run a build's steps from `from` on `node`. `running` is given when step `from` is already
+    /// running on the agent (picked up after a controller restart): it is not started again.
+    async fn run_build(
+        self: Arc<Self>,
+        build: Arc<LiveBuild>,
+        node: String,
+        from: u32,
+        mut running: Option<Receiver<StepEnd>>,
+    ) {
         let id = build.id;
-        log::info!("build {id}: running on node {node}");
-        if let Err(e) = self.store().start_build(id, &node) {
-            log::error!("build {id}: store: {e}");
+        if from == 1 {
+            log::info!("build {id}: running on node {node}");
+            if let Err(e) = self.store().start_build(id, &node) {
+                log::error!("build {id}: store: {e}");
+            }
         }
         build.changed.notify(usize::MAX);
         let workspace = pipeline::workspace_name(&build.pipeline.name);
         let dir = self.data.join("builds").join(id.to_string());
         let mut state = BuildState::Success;
         let mut message = String::new();
-        for (i, spec) in build.pipeline.steps.iter().enumerate() {
+        for (i, spec) in build.pipeline.steps.iter().enumerate().skip(from as usize - 1) {
             let step = i as u32 + 1;
             if build.cancelled.load(Ordering::SeqCst) {
                 state = BuildState::Aborted;
                 message = "cancelled".into();
                 break;
             }
-            let (end, bytes) = self.run_step(&build, &conn, &dir, step, &workspace, spec).await;
+            let (end, bytes) =
+                self.run_step(&build, &node, &dir, step, &workspace, spec, running.take()).await;
             let (step_state, exit, code) = match &end {
                 StepEnd::Exit(ExitStatus::Code(0), _) => ("success", "exit code 0".to_string(), Some(0)),
                 StepEnd::Exit(ExitStatus::Cancelled, _) => ("aborted", "cancelled".to_string(), None),
@@ -531,7 +712,7 @@ impl Controller {
                 StepEnd::Exit(st, m) => ("failure", format!("{st}: {m}"), code_of(*st)),
                 StepEnd::Lost(m) => ("failure", m.clone(), None),
             };
-            log::info!("build {id} step {step}: {exit}");
+            log::info!("build {id} step {step}: {exit} (node {node})");
             if let Err(e) = self.store().set_step(id, step, step_state, &exit, code, bytes) {
                 log::error!("build {id}: store: {e}");
             }
@@ -569,66 +750,127 @@ impl Controller {
         self.dispatch();
     }
 
+    /// Run one step on `node` and wait for its end. The step survives its agent's absence for
+    /// up to the grace; a cancel reaches the agent on whatever link it has.
+    #[allow(clippy::too_many_arguments)]
     async fn run_step(
         &self,
         build: &Arc<LiveBuild>,
-        conn: &Arc<Conn>,
+        node: &str,
         dir: &std::path::Path,
         step: u32,
         workspace: &str,
         spec: &pipeline::Step,
+        running: Option<Receiver<StepEnd>>,
     ) -> (StepEnd, u64) {
         let id = build.id;
         let key = (id, step);
-        let file = match std::fs::create_dir_all(dir)
-            .and_then(|_| File::create(dir.join(format!("{step}.log"))))
-        {
-            Ok(f) => f,
-            Err(e) => {
-                return (StepEnd::Lost(format!("cannot create the step log in {}: {e}", dir.display())), 0)
+        let log_path = dir.join(format!("{step}.log"));
+        let done_rx = match running {
+            Some(rx) => rx,
+            None => {
+                let file = match std::fs::create_dir_all(dir).and_then(|_| File::create(&log_path)) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        let m = format!("cannot create the step log in {}: {e}", dir.display());
+                        return (StepEnd::Lost(m), 0);
+                    }
+                };
+                let (done, done_rx) = bounded(1);
+                let sink = Sink {
+                    node: node.to_string(),
+                    started: false,
+                    file,
+                    offset: 0,
+                    done,
+                    build: build.clone(),
+                };
+                self.steps().insert(key, sink);
+                if let Err(e) = self.store().set_step(id, step, "running", "", None, 0) {
+                    log::error!("build {id}: store: {e}");
+                }
+                build.changed.notify(usize::MAX);
+                done_rx
             }
         };
-        let (done_tx, done_rx): (Sender<StepEnd>, Receiver<StepEnd>) = bounded(1);
-        conn.sinks().insert(key, Sink { file, offset: 0, done: done_tx, build: build.clone() });
-        if let Err(e) = self.store().set_step(id, step, "running", "", None, 0) {
-            log::error!("build {id}: store: {e}");
-        }
-        build.changed.notify(usize::MAX);
-        let start = Out::StepStart { build: id, step, workspace: workspace.to_string(), spec: spec.clone() };
-        if conn.tx.send(start).await.is_err() {
-            conn.sinks().remove(&key);
-            return (StepEnd::Lost(format!("the link to agent '{}' closed", conn.node)), 0);
-        }
-        let mut cancel_sent = false;
+        let mut cancel_sent_on = 0u64; // the link a Cancel went out on
+        let mut cancel_deadline: Option<Instant> = None;
         let end = loop {
             let listener = build.changed.listen();
-            if build.cancelled.load(Ordering::SeqCst) && !cancel_sent {
-                cancel_sent = true;
-                let _ = conn.tx.send(Out::Cancel { build: id, step }).await;
+            let conn = self.conn_of(node);
+            let started = self.steps().get(&key).is_some_and(|s| s.started);
+            if !started {
+                if build.cancelled.load(Ordering::SeqCst) {
+                    break StepEnd::Exit(ExitStatus::Cancelled, "cancelled before it started".into());
+                }
+                if let Some(c) = &conn {
+                    let start = Out::StepStart {
+                        build: id,
+                        step,
+                        workspace: workspace.to_string(),
+                        spec: spec.clone(),
+                    };
+                    // Marked started first: the agent may answer before the send returns.
+                    if let Some(s) = self.steps().get_mut(&key) {
+                        s.started = true;
+                    }
+                    if c.tx.send(start).await.is_err() {
+                        if let Some(s) = self.steps().get_mut(&key) {
+                            s.started = false;
+                        }
+                    }
+                    continue;
+                }
             }
+            if build.cancelled.load(Ordering::SeqCst) {
+                cancel_deadline.get_or_insert_with(|| Instant::now() + CANCEL_WAIT);
+                if let Some(c) = conn.as_ref().filter(|c| c.id != cancel_sent_on) {
+                    if c.tx.send(Out::Cancel { build: id, step }).await.is_ok() {
+                        cancel_sent_on = c.id;
+                    }
+                }
+            }
+            let grace_end = match self.offline_since(node) {
+                Err(()) => break StepEnd::Lost(format!("node '{node}' was removed")),
+                Ok(since) => since.map(|t| t + self.agent_grace),
+            };
+            let wake_at = [grace_end, cancel_deadline].into_iter().flatten().min();
             let waited = smol::future::or(async { Some(done_rx.recv().await) }, async {
-                if cancel_sent {
-                    smol::Timer::after(CANCEL_WAIT).await;
-                } else {
-                    listener.await;
+                match wake_at {
+                    Some(t) => {
+                        smol::future::or(listener, async {
+                            smol::Timer::at(t).await;
+                        })
+                        .await;
+                    }
+                    None => listener.await,
                 }
                 None
             })
             .await;
             match waited {
                 Some(Ok(end)) => break end,
-                Some(Err(_)) => break StepEnd::Lost(format!("the link to agent '{}' closed", conn.node)),
-                None if cancel_sent => {
-                    break StepEnd::Lost(format!("agent '{}' did not confirm the cancel in time", conn.node))
-                }
+                Some(Err(_)) => break StepEnd::Lost("the step's sink closed".into()),
                 None => {}
             }
+            let now = Instant::now();
+            if grace_end.is_some_and(|t| now >= t) {
+                let m = format!(
+                    "agent lost: no contact with node '{node}' for {}s (the agent grace)",
+                    self.agent_grace.as_secs()
+                );
+                log::warn!("build {id} step {step}: {m}");
+                break StepEnd::Lost(m);
+            }
+            if cancel_deadline.is_some_and(|t| now >= t) {
+                break StepEnd::Lost(format!("agent '{node}' did not confirm the cancel in time"));
+            }
         };
-        let bytes = conn.sinks().remove(&key).map(|s| s.offset);
+        let bytes = self.steps().remove(&key).map(|s| s.offset);
         let bytes = match bytes {
             Some(b) => b,
             // The link removed the sink when it delivered the exit; read the size from the file.
-            None => std::fs::metadata(dir.join(format!("{step}.log"))).map(|m| m.len()).unwrap_or(0),
+            None => std::fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0),
         };
         (end, bytes)
     }
@@ -645,7 +887,7 @@ impl Node {
     fn new(rec: NodeRecord) -> Self {
         let mut match_labels = rec.labels.clone();
         match_labels.push(rec.name.clone());
-        Self { rec, match_labels, conn: None, busy: 0 }
+        Self { rec, match_labels, conn: None, busy: 0, offline_since: Some(Instant::now()) }
     }
 }
 

@@ -31,6 +31,8 @@ pub struct ServeConfig {
     pub ping_interval: Duration,
     /// How long an agent link may take to finish its handshake before it is closed.
     pub handshake_timeout: Duration,
+    /// How long a running build waits for its disconnected agent before failing.
+    pub agent_grace: Duration,
     /// Executor threads.
     pub threads: usize,
 }
@@ -44,6 +46,7 @@ impl Default for ServeConfig {
             agent_port: 50000,
             ping_interval: Duration::from_secs(15),
             handshake_timeout: agents::HANDSHAKE_TIMEOUT,
+            agent_grace: core::AGENT_GRACE,
             threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 8),
         }
     }
@@ -60,8 +63,12 @@ pub fn start(cfg: ServeConfig) -> Result<Arc<Controller>, String> {
             .spawn(move || smol::block_on(ex.run(std::future::pending::<()>())))
             .map_err(|e| format!("cannot start threads: {e}"))?;
     }
-    let ctl = Controller::open(cfg.data.clone(), ex.clone(), cfg.ping_interval)?;
-    let _ = ctl.handshake_timeout.set(cfg.handshake_timeout);
+    let timing = core::Timing {
+        ping_interval: cfg.ping_interval,
+        handshake_timeout: cfg.handshake_timeout,
+        agent_grace: cfg.agent_grace,
+    };
+    let ctl = Controller::open(cfg.data.clone(), ex.clone(), timing)?;
     let (http, agent) = smol::block_on(async {
         let http =
             smol::net::TcpListener::bind(SocketAddr::new(cfg.bind, cfg.http_port)).await.map_err(|e| {

@@ -74,6 +74,7 @@ fn stream_one_gib(ws: bool) -> (isize, isize) {
             mode,
             work_dir,
             ca_file: None,
+            spool_cap: wisp::agent::DEFAULT_SPOOL_CAP,
         };
         let _ = wisp::agent::run(cfg);
     });
