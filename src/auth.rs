@@ -9,6 +9,34 @@ use ring::hmac;
 
 const AGENT_LABEL: &[u8] = b"wisp-v1 agent proof";
 const CONTROLLER_LABEL: &[u8] = b"wisp-v1 controller proof";
+const TO_AGENT_LABEL: &[u8] = b"wisp-v1 frames to agent";
+const TO_CONTROLLER_LABEL: &[u8] = b"wisp-v1 frames to controller";
+
+/// Keys that authenticate every frame after the handshake, one per direction, derived from the
+/// node secret and both nonces: a party in the middle (even one that ends TLS) can neither forge
+/// nor replay a frame, so it cannot drive the agent or fake its output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SessionKeys {
+    /// Controller → agent frames.
+    pub to_agent: [u8; 32],
+    /// Agent → controller frames.
+    pub to_controller: [u8; 32],
+}
+
+impl std::fmt::Debug for SessionKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionKeys(..)")
+    }
+}
+
+fn session_keys(secret: &str, name: &str, a: &[u8; NONCE_LEN], c: &[u8; NONCE_LEN]) -> SessionKeys {
+    let key = |label| {
+        let mut k = [0u8; 32];
+        k.copy_from_slice(proof(label, secret, name, a, c).as_ref());
+        k
+    };
+    SessionKeys { to_agent: key(TO_AGENT_LABEL), to_controller: key(TO_CONTROLLER_LABEL) }
+}
 
 /// The node's secret as Jenkins derives inbound-agent secrets: hex(HMAC-SHA256(key, name)).
 pub fn node_secret(controller_key: &[u8], node_name: &str) -> String {
@@ -155,12 +183,25 @@ pub struct ServerHandshake {
     version: u16,
     ping_interval_ms: u32,
     state: ServerState,
+    keys: Option<SessionKeys>,
 }
 
 impl ServerHandshake {
     /// A handshake that will use `nonce` as the controller's challenge.
     pub fn new(nonce: [u8; NONCE_LEN], ping_interval_ms: u32) -> Self {
-        Self { nonce, name: String::new(), version: 0, ping_interval_ms, state: ServerState::AwaitHello }
+        Self {
+            nonce,
+            name: String::new(),
+            version: 0,
+            ping_interval_ms,
+            state: ServerState::AwaitHello,
+            keys: None,
+        }
+    }
+
+    /// The frame keys, once the agent is accepted.
+    pub fn session_keys(&self) -> Option<&SessionKeys> {
+        self.keys.as_ref()
     }
 
     /// The node name the agent claimed (empty before Hello).
@@ -212,6 +253,7 @@ impl ServerHandshake {
                 let mine = proof(CONTROLLER_LABEL, secret, &self.name, agent_nonce, &self.nonce);
                 let mut p = [0u8; NONCE_LEN];
                 p.copy_from_slice(mine.as_ref());
+                self.keys = Some(session_keys(secret, &self.name, agent_nonce, &self.nonce));
                 self.state = ServerState::Done;
                 ServerStep::Accept(Frame::Welcome { proof: p, ping_interval_ms: self.ping_interval_ms })
             }
@@ -288,6 +330,11 @@ impl<'s> ClientHandshake<'s> {
         let hello =
             Frame::Hello { min_version: VERSION_MIN, max_version: VERSION_MAX, name, capabilities, nonce };
         (Self { name, secret, nonce, ctl_nonce: None, version: 0 }, hello)
+    }
+
+    /// The frame keys, once the controller's nonce is known (use them after `Done`).
+    pub fn session_keys(&self) -> Option<SessionKeys> {
+        self.ctl_nonce.map(|c| session_keys(self.secret, self.name, &self.nonce, &c))
     }
 
     /// Feed the next frame from the controller.
@@ -466,5 +513,22 @@ mod tests {
         assert_eq!(open_descriptor("s3cret", "n1", &bent), None);
         assert_eq!(open_descriptor("s3cret", "n1", &sealed[..5]), None);
         assert_ne!(seal_descriptor("s3cret", "n1", b"<jnlp/>"), sealed, "a fresh nonce each time");
+    }
+
+    #[test]
+    fn both_sides_derive_the_same_frame_keys_and_they_differ_per_direction() {
+        let (mut c, hello) = ClientHandshake::new("n1", "sec", [1; 32], 0);
+        let mut s = ServerHandshake::new([2; 32], 15000);
+        assert!(matches!(s.on_frame(&hello), ServerStep::LookupNode("n1")));
+        let ServerStep::Send(challenge) = s.on_secret(Some("sec")) else { panic!("challenge") };
+        let ClientStep::Send(auth) = c.on_frame(&challenge) else { panic!("auth") };
+        let ServerStep::Accept(welcome) = s.on_frame(&auth) else { panic!("accept") };
+        assert!(matches!(c.on_frame(&welcome), ClientStep::Done { .. }));
+        let (ck, sk) = (c.session_keys().unwrap(), s.session_keys().unwrap().clone());
+        assert_eq!(ck, sk);
+        assert_ne!(ck.to_agent, ck.to_controller);
+        let (mut other, _) = ClientHandshake::new("n1", "other", [1; 32], 0);
+        other.on_frame(&challenge);
+        assert_ne!(other.session_keys().unwrap(), sk, "another secret gives other keys");
     }
 }

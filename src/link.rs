@@ -3,11 +3,17 @@
 //! writer encodes control frames into a small buffer that grows (to `MAX_FRAME` at most) only for
 //! the large frames its own side sends, and step output goes out from an [`OutputBuf`] the step
 //! reads its pipe into, so the agent never copies output.
+//!
+//! Once the handshake is done both halves are keyed ([`LinkReader::authenticate`],
+//! [`LinkWriter::authenticate`]): every frame then carries a `TAG_LEN`-byte tag, the first bytes of
+//! HMAC-SHA256(direction key, sequence number ‖ frame), and a frame whose tag does not verify ends
+//! the link. Frames cannot be forged, replayed, reordered or dropped by anyone in the middle.
 
 use crate::proto::{self, CodecError, Frame, MAX_FRAME, MAX_OUTPUT_CHUNK, OUTPUT_HEADER};
 use async_tungstenite::tungstenite::protocol::WebSocketConfig;
 use async_tungstenite::tungstenite::{self, Message};
 use async_tungstenite::{WebSocketReceiver, WebSocketSender, WebSocketStream};
+use ring::hmac;
 use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use smol::stream::StreamExt;
 use std::fmt;
@@ -21,15 +27,57 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 /// A boxed byte stream.
 pub type BoxIo = Pin<Box<dyn Io>>;
 
+/// Bytes of the authentication tag on each frame after the handshake.
+pub const TAG_LEN: usize = 16;
+
+/// Largest frame on the wire: a frame and its tag.
+pub const MAX_WIRE_FRAME: usize = MAX_FRAME + TAG_LEN;
+
+/// Per-direction frame authentication: key and sequence number.
+struct Mac {
+    key: hmac::Key,
+    seq: u64,
+}
+
+impl Mac {
+    fn new(key: &[u8; 32]) -> Self {
+        Self { key: hmac::Key::new(hmac::HMAC_SHA256, key), seq: 0 }
+    }
+
+    fn tag(&mut self, frame: &[u8]) -> [u8; TAG_LEN] {
+        let mut ctx = hmac::Context::with_key(&self.key);
+        ctx.update(&self.seq.to_be_bytes());
+        ctx.update(frame);
+        self.seq += 1;
+        let mut t = [0u8; TAG_LEN];
+        t.copy_from_slice(&ctx.sign().as_ref()[..TAG_LEN]);
+        t
+    }
+
+    /// Check the tag at the end of `wire`; returns the frame before it.
+    fn open<'a>(&mut self, wire: &'a [u8]) -> Result<&'a [u8], LinkError> {
+        let Some(split) = wire.len().checked_sub(TAG_LEN) else {
+            return Err(LinkError::Protocol("frame shorter than its authentication tag".into()));
+        };
+        let (frame, tag) = wire.split_at(split);
+        if !crate::auth::constant_time_eq(&self.tag(frame), tag) {
+            return Err(LinkError::Protocol(
+                "frame authentication failed: the frame was altered, replayed or forged on the way".into(),
+            ));
+        }
+        Ok(frame)
+    }
+}
+
 /// WebSocket limits: tungstenite's defaults (64 MiB messages, unlimited write buffer) are far
 /// beyond what a frame can be, so a peer cannot make us buffer more than one frame.
 pub fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .max_message_size(Some(MAX_FRAME))
-        .max_frame_size(Some(MAX_FRAME))
+        .max_message_size(Some(MAX_WIRE_FRAME))
+        .max_frame_size(Some(MAX_WIRE_FRAME))
         .read_buffer_size(16 * 1024)
         .write_buffer_size(0)
-        .max_write_buffer_size(2 * MAX_FRAME)
+        .max_write_buffer_size(2 * MAX_WIRE_FRAME)
 }
 
 /// Why a link failed.
@@ -90,13 +138,15 @@ enum WriteKind {
 pub struct LinkReader {
     kind: ReadKind,
     buf: Box<[u8]>,
+    mac: Option<Mac>,
 }
 
 /// The sending half of a link.
 pub struct LinkWriter {
     kind: WriteKind,
-    /// Room for the TCP length prefix and one encoded frame; starts at `SMALL_SEND`.
+    /// Room for the TCP length prefix, one encoded frame and its tag; starts at `SMALL_SEND`.
     buf: Vec<u8>,
+    mac: Option<Mac>,
 }
 
 /// Encoding room a writer starts with: every control frame fits (the largest, `Exit` and
@@ -111,14 +161,14 @@ pub struct OutputBuf {
 
 impl Default for OutputBuf {
     fn default() -> Self {
-        Self { buf: vec![0; 4 + OUTPUT_HEADER + MAX_OUTPUT_CHUNK].into_boxed_slice() }
+        Self { buf: vec![0; 4 + OUTPUT_HEADER + MAX_OUTPUT_CHUNK + TAG_LEN].into_boxed_slice() }
     }
 }
 
 impl OutputBuf {
     /// Where the payload goes: `MAX_OUTPUT_CHUNK` bytes.
     pub fn space(&mut self) -> &mut [u8] {
-        &mut self.buf[4 + OUTPUT_HEADER..]
+        &mut self.buf[4 + OUTPUT_HEADER..4 + OUTPUT_HEADER + MAX_OUTPUT_CHUNK]
     }
 }
 
@@ -126,8 +176,8 @@ impl OutputBuf {
 pub fn tcp(io: BoxIo) -> (LinkReader, LinkWriter) {
     let (r, w) = smol::io::split(io);
     (
-        LinkReader { kind: ReadKind::Tcp(r), buf: vec![0; MAX_FRAME].into_boxed_slice() },
-        LinkWriter { kind: WriteKind::Tcp(w), buf: vec![0; 4 + SMALL_SEND] },
+        LinkReader { kind: ReadKind::Tcp(r), buf: vec![0; MAX_WIRE_FRAME].into_boxed_slice(), mac: None },
+        LinkWriter { kind: WriteKind::Tcp(w), buf: vec![0; 4 + SMALL_SEND + TAG_LEN], mac: None },
     )
 }
 
@@ -135,12 +185,17 @@ pub fn tcp(io: BoxIo) -> (LinkReader, LinkWriter) {
 pub fn websocket(ws: WebSocketStream<BoxIo>) -> (LinkReader, LinkWriter) {
     let (w, r) = ws.split();
     (
-        LinkReader { kind: ReadKind::Ws(r, None), buf: Box::new([]) },
-        LinkWriter { kind: WriteKind::Ws(w), buf: vec![0; 4 + SMALL_SEND] },
+        LinkReader { kind: ReadKind::Ws(r, None), buf: Box::new([]), mac: None },
+        LinkWriter { kind: WriteKind::Ws(w), buf: vec![0; 4 + SMALL_SEND + TAG_LEN], mac: None },
     )
 }
 
 impl LinkReader {
+    /// From now on every frame must carry a valid tag under `key`.
+    pub fn authenticate(&mut self, key: &[u8; 32]) {
+        self.mac = Some(Mac::new(key));
+    }
+
     /// The next frame, or None when the peer closed the link cleanly.
     ///
     /// Not cancel-safe: run it in its own task rather than racing it against other futures.
@@ -154,13 +209,18 @@ impl LinkReader {
                     Err(e) => return Err(e.into()),
                 }
                 let len = u32::from_be_bytes(len) as usize;
-                if len > MAX_FRAME {
+                let limit = if self.mac.is_some() { MAX_WIRE_FRAME } else { MAX_FRAME };
+                if len > limit {
                     return Err(LinkError::Protocol(format!(
-                        "length prefix {len} is over the {MAX_FRAME}-byte frame limit (is this a wisp agent port?)"
+                        "length prefix {len} is over the {limit}-byte frame limit (is this a wisp agent port?)"
                     )));
                 }
                 r.read_exact(&mut self.buf[..len]).await?;
-                Ok(Some(proto::decode(&self.buf[..len])?))
+                let frame = match &mut self.mac {
+                    Some(mac) => mac.open(&self.buf[..len])?,
+                    None => &self.buf[..len],
+                };
+                Ok(Some(proto::decode(frame)?))
             }
             ReadKind::Ws(r, held) => {
                 loop {
@@ -181,7 +241,13 @@ impl LinkReader {
                     }
                 }
                 match held {
-                    Some(Message::Binary(b)) => Ok(Some(proto::decode(b)?)),
+                    Some(Message::Binary(b)) => {
+                        let frame = match &mut self.mac {
+                            Some(mac) => mac.open(b)?,
+                            None => &b[..],
+                        };
+                        Ok(Some(proto::decode(frame)?))
+                    }
                     _ => unreachable!("a binary message was just stored"),
                 }
             }
@@ -190,15 +256,26 @@ impl LinkReader {
 }
 
 impl LinkWriter {
+    /// From now on every frame carries a tag under `key`.
+    pub fn authenticate(&mut self, key: &[u8; 32]) {
+        self.mac = Some(Mac::new(key));
+    }
+
     /// Encode and send one frame, flushing it to the peer.
     pub async fn send(&mut self, frame: &Frame<'_>) -> Result<(), LinkError> {
-        let n = match proto::encode(frame, &mut self.buf[4..]) {
-            Err(CodecError::TooLarge) if self.buf.len() < 4 + MAX_FRAME => {
-                self.buf.resize(4 + MAX_FRAME, 0);
-                proto::encode(frame, &mut self.buf[4..])?
+        let room = self.buf.len() - TAG_LEN;
+        let mut n = match proto::encode(frame, &mut self.buf[4..room]) {
+            Err(CodecError::TooLarge) if self.buf.len() < 4 + MAX_WIRE_FRAME => {
+                self.buf.resize(4 + MAX_WIRE_FRAME, 0);
+                proto::encode(frame, &mut self.buf[4..4 + MAX_FRAME])?
             }
             r => r?,
         };
+        if let Some(mac) = &mut self.mac {
+            let tag = mac.tag(&self.buf[4..4 + n]);
+            self.buf[4 + n..4 + n + TAG_LEN].copy_from_slice(&tag);
+            n += TAG_LEN;
+        }
         Self::put(&mut self.kind, &mut self.buf[..4 + n]).await
     }
 
@@ -213,7 +290,13 @@ impl LinkWriter {
     ) -> Result<(), LinkError> {
         let head: &mut [u8; OUTPUT_HEADER] = (&mut out.buf[4..4 + OUTPUT_HEADER]).try_into().unwrap();
         proto::encode_output_header(build, step, offset, len, head)?;
-        Self::put(&mut self.kind, &mut out.buf[..4 + OUTPUT_HEADER + len]).await
+        let mut end = 4 + OUTPUT_HEADER + len;
+        if let Some(mac) = &mut self.mac {
+            let tag = mac.tag(&out.buf[4..end]);
+            out.buf[end..end + TAG_LEN].copy_from_slice(&tag);
+            end += TAG_LEN;
+        }
+        Self::put(&mut self.kind, &mut out.buf[..end]).await
     }
 
     /// Send one encoded frame that lies in `buf` after 4 bytes of room for the length prefix.

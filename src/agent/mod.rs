@@ -402,7 +402,12 @@ impl Agent {
             };
             match hs.on_frame(&frame) {
                 ClientStep::Send(f) => writer.lock().await.send(&f).await.map_err(send_err)?,
-                ClientStep::Done { ping_interval_ms, .. } => return Ok(ping_interval_ms),
+                ClientStep::Done { ping_interval_ms, .. } => {
+                    let keys = hs.session_keys().expect("keys are known once the controller answered");
+                    reader.authenticate(&keys.to_agent);
+                    writer.lock().await.authenticate(&keys.to_controller);
+                    return Ok(ping_interval_ms);
+                }
                 ClientStep::Rejected(code @ (RejectCode::AlreadyConnected | RejectCode::TryLater), m) => {
                     return Err(End::Retry(format!("the controller said: {m} ({code:?}); will retry")))
                 }

@@ -36,7 +36,7 @@ async fn reject(writer: &mut LinkWriter, code: RejectCode, message: &str) {
 }
 
 enum Handshake {
-    Accepted(String, Frame<'static>),
+    Accepted(String, Frame<'static>, auth::SessionKeys),
     Rejected(RejectCode, String),
     Failed(String),
 }
@@ -70,7 +70,10 @@ async fn handshake(ctl: &Controller, reader: &mut LinkReader, writer: &mut LinkW
                     return Handshake::Failed(e.to_string());
                 }
             }
-            ServerStep::Accept(welcome) => return Handshake::Accepted(hs.name().to_string(), welcome),
+            ServerStep::Accept(welcome) => {
+                let keys = hs.session_keys().expect("keys exist once the agent is accepted").clone();
+                return Handshake::Accepted(hs.name().to_string(), welcome, keys);
+            }
             ServerStep::Reject(code, m) => return Handshake::Rejected(code, m),
             ServerStep::LookupNode(_) => unreachable!("answered above"),
         }
@@ -96,7 +99,7 @@ pub async fn serve(ctl: Arc<Controller>, mut reader: LinkReader, mut writer: Lin
             reject(&mut writer, code, &m).await;
             return;
         }
-        Some(Handshake::Accepted(name, welcome)) => {
+        Some(Handshake::Accepted(name, welcome, keys)) => {
             // A node that is still connected is refused only if its old link answers a ping:
             // a proxy may have dropped that link silently.
             let old = ctl.conn_of(&name);
@@ -122,6 +125,9 @@ pub async fn serve(ctl: Arc<Controller>, mut reader: LinkReader, mut writer: Lin
                 log::warn!("node {name}: {e}");
                 return;
             }
+            // Every frame from here on is authenticated both ways.
+            writer.authenticate(&keys.to_agent);
+            reader.authenticate(&keys.to_controller);
             (name, old)
         }
     };
