@@ -267,6 +267,17 @@ struct Link {
     generation: u64,
     /// Fails (its sender is dropped) when the link ends, so a send stuck on a dead link gives up.
     closed: Receiver<()>,
+    /// Tells the session that a send failed, so it ends the link at once.
+    broken: Sender<()>,
+}
+
+impl Link {
+    /// A send on this link failed: end its session and wait until it is gone. Without the wait
+    /// a step would retry the send at once, forever, and starve the task that reads the link.
+    async fn failed(&self) {
+        let _ = self.broken.try_send(());
+        let _ = self.closed.recv().await;
+    }
 }
 
 /// Send `frame` on `link`; false if the link ended first (the frame may or may not have gone).
@@ -357,7 +368,8 @@ impl Agent {
         }
         drop(held);
         let (close_tx, closed) = bounded::<()>(1);
-        *self.link.borrow_mut() = Some(Link { writer: writer.clone(), generation, closed });
+        let (broken, broken_rx) = bounded::<()>(1);
+        *self.link.borrow_mut() = Some(Link { writer: writer.clone(), generation, closed, broken });
         let interval = Duration::from_millis(u64::from(ping_ms.clamp(100, 600_000)));
         let pinger = {
             let writer = writer.clone();
@@ -372,7 +384,8 @@ impl Agent {
                 }
             })
         };
-        let result = self.serve(&mut reader, &writer, generation, interval * DEAD_AFTER_PINGS).await;
+        let result =
+            self.serve(&mut reader, &writer, generation, interval * DEAD_AFTER_PINGS, &broken_rx).await;
         drop(pinger);
         // Steps stop sending on this link (sends stuck on it give up) and keep spooling.
         *self.link.borrow_mut() = None;
@@ -423,9 +436,22 @@ impl Agent {
         writer: &Writer,
         generation: u64,
         dead_after: Duration,
+        broken: &Receiver<()>,
     ) -> Result<(), End> {
         loop {
-            let frame = match timeout(dead_after, reader.next()).await {
+            let next = async { Some(reader.next().await) };
+            let failed = async {
+                let _ = broken.recv().await;
+                None
+            };
+            let frame = match timeout(dead_after, smol::future::or(next, failed)).await {
+                Some(None) => {
+                    return Err(End::Retry("sending to the controller failed: the link is broken".into()))
+                }
+                Some(Some(r)) => Some(r),
+                None => None,
+            };
+            let frame = match frame {
                 None => {
                     return Err(End::Retry(format!(
                         "no word from the controller for {}s: the link is dead",
@@ -716,6 +742,8 @@ async fn run_step(
                         if send_output_on(link, &mut out, key, sent, n).await {
                             sent += n as u64;
                             ctl.credit.set(ctl.credit.get() - n as u64);
+                        } else {
+                            link.failed().await;
                         }
                     }
                     Err(e) => {
@@ -738,6 +766,8 @@ async fn run_step(
                 let exit = Frame::Exit { build, step, status: st, offset: sent, message: clip(&message) };
                 if send_on(link, &exit).await {
                     exit_sent_on = link.generation;
+                } else {
+                    link.failed().await;
                 }
                 continue;
             }
@@ -797,9 +827,13 @@ async fn run_step(
                 }
                 ctl.produced.set(spool.produced());
                 if let Some(link) = &link {
-                    if at == sent && send_output_on(link, &mut out, key, at, n).await {
-                        sent += n as u64;
-                        ctl.credit.set(ctl.credit.get().saturating_sub(n as u64));
+                    if at == sent {
+                        if send_output_on(link, &mut out, key, at, n).await {
+                            sent += n as u64;
+                            ctl.credit.set(ctl.credit.get().saturating_sub(n as u64));
+                        } else {
+                            link.failed().await;
+                        }
                     }
                 }
             }

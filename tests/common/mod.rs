@@ -146,7 +146,12 @@ impl Controller {
         let (http_port, agent_port) = self.ports.unwrap_or((0, 0));
         let child = Command::new(WISP)
             .args(["serve", "--http-port", &http_port.to_string(), "--agent-port", &agent_port.to_string()])
-            .args(["--bind", "127.0.0.1", "--data"])
+            .args(if self.extra_args.iter().any(|a| a == "--bind") {
+                &[][..]
+            } else {
+                &["--bind", "127.0.0.1"][..]
+            })
+            .arg("--data")
             .arg(self.data.path())
             .args(&self.extra_args)
             .stdin(Stdio::null())
