@@ -4,6 +4,7 @@
 # packages, cargo-fuzz) itself, so it works on a fresh machine.
 #   WISP_FUZZ_SECONDS   seconds per fuzz target (default 30)
 #   WISP_SKIP_STATIC=1  skip the static-binary, image and ARM tests (for quick local runs)
+# The fault tests (tests/faults.rs) need root for network namespaces and iptables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -21,8 +22,15 @@ section "cargo clippy"
 cargo clippy --all-targets -- -D warnings
 cargo clippy --no-default-features --lib --bin wisp-agent -- -D warnings
 
+section "packages the tests start"
+# shellcheck source=scripts/static-common.sh
+. scripts/static-common.sh
+# iptables for the network partitions of tests/faults.rs, nginx as a real reverse proxy.
+apt_ensure iptables nginx
+
 section "cargo test"
 cargo build --bins
+rm -f target/tmp/faults.txt
 cargo test --no-fail-fast 2>&1 | tee target/test-output.txt
 
 section "fuzz"
@@ -34,4 +42,8 @@ if [ "${WISP_SKIP_STATIC:-0}" != 1 ]; then
 fi
 
 section "summary"
+if [ -f target/tmp/faults.txt ]; then
+    echo "fault scenarios (tests/faults.rs):"
+    cat target/tmp/faults.txt
+fi
 grep -E '^test result:' target/test-output.txt | awk '{p+=$4; f+=$6} END {printf "cargo test: %d passed, %d failed\n", p, f}'
