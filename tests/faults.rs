@@ -334,6 +334,9 @@ fn build_survives_a_ninety_second_partition_longer_than_the_ping_timeout() {
         agent.log_text()
     );
     assert!(spool_max > 0, "while apart, the agent spools the step's output");
+    // The step wrote everything and exited while apart; its exit is delivered after the replay.
+    let sh = pid_in(&work.path().join("workspace/p90/sh.pid"));
+    assert!(!alive(sh), "the step finished during the partition (spool cap 1 GiB)");
     lab.heal();
     let resume = time_to_resume(&ctl, id, Duration::from_secs(60), &agent);
     assert_log_exact(&ctl, id, &work.path().join("workspace/p90/out.txt"));
