@@ -8,7 +8,9 @@
 //! authenticate the controller to the agent.
 
 use futures_rustls::pki_types::{pem::PemObject, CertificateDer, ServerName, UnixTime};
-use futures_rustls::rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use futures_rustls::rustls::client::danger::{
+    HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
+};
 use futures_rustls::rustls::crypto::{self, CryptoProvider};
 use futures_rustls::rustls::{self, DigitallySignedStruct, SignatureScheme};
 use std::path::Path;
@@ -48,7 +50,9 @@ pub fn fingerprint_of_pem_file(path: &Path) -> Result<String, String> {
 /// byte pairs.
 pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], String> {
     let bad = || {
-        format!("bad instance identity {s:?}: expected sha256: and 64 hex digits, as `wisp node add` prints it")
+        format!(
+            "bad instance identity {s:?}: expected sha256: and 64 hex digits, as `wisp node add` prints it"
+        )
     };
     let t = s.trim();
     let t = t.strip_prefix("sha256:").or_else(|| t.strip_prefix("SHA256:")).unwrap_or(t);
