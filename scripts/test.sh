@@ -14,6 +14,15 @@ section "toolchain"
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 cargo --version
 
+section "packages"
+# Real peers for the tests (reverse proxies in tests/proxy.rs); installed only if missing.
+need_pkgs=()
+for p in nginx haproxy; do command -v "$p" >/dev/null 2>&1 || need_pkgs+=("$p"); done
+if [ "${#need_pkgs[@]}" -gt 0 ]; then
+    apt-get update
+    apt-get install -y "${need_pkgs[@]}"
+fi
+
 section "cargo fmt --check"
 cargo fmt --check
 
