@@ -593,7 +593,18 @@ impl Agent {
         if s.workspace.is_empty() {
             return Err("empty workspace name".into());
         }
-        let dir = self.cfg.work_dir.join("workspace").join(s.workspace).join(s.dir);
+        // A symlink an earlier step left in the workspace must not lead out of it: no component
+        // below the work dir may be one (checked before anything is created).
+        let mut dir = self.cfg.work_dir.join("workspace");
+        for part in Path::new(s.workspace).components().chain(Path::new(s.dir).components()) {
+            dir.push(part);
+            if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_symlink()) {
+                return Err(format!(
+                    "refused workspace path {:?}: a symlink leads out of the workspace",
+                    s.dir
+                ));
+            }
+        }
         std::fs::create_dir_all(&dir)
             .map_err(|e| format!("cannot create workspace {}: {e}", dir.display()))?;
         Ok(dir)

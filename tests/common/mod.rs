@@ -302,6 +302,17 @@ impl Controller {
         })
     }
 
+    /// The state of build `id` once it ends, asked through the CLI (works with TLS too).
+    pub fn wait_build_state_tls(&self, id: u64, limit: Duration) -> String {
+        wait_for(&format!("build {id} to finish"), limit, || {
+            let out = self.wisp(&["builds"]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let line = text.lines().find(|l| l.starts_with(&format!("#{id}\t")))?.to_string();
+            let state = line.split('\t').nth(1)?.to_string();
+            matches!(state.as_str(), "success" | "failure" | "aborted").then_some(state)
+        })
+    }
+
     pub fn step_log(&self, id: u64, step: u32) -> Vec<u8> {
         let (status, body) = self.get(&format!("/api/builds/{id}/steps/{step}/log"));
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
