@@ -104,3 +104,63 @@ fn a_slowloris_on_both_ports_does_not_starve_a_build_or_a_new_agent() {
     });
     drop(idle);
 }
+
+#[test]
+fn failed_handshakes_are_logged_without_secrets_and_rate_limited_per_address() {
+    let ctl = Controller::start();
+    let work = TempDir::new("ratelimit");
+    let secret = ctl.add_node("r1", "rl", &["--tcp"]);
+    let wrong = "0".repeat(64);
+    let run_agent = |s: &str, tag: &str| {
+        let mut cmd = std::process::Command::new(AGENT);
+        cmd.args([
+            "--url",
+            &ctl.url(),
+            "--name",
+            "r1",
+            "--secret",
+            s,
+            "--direct",
+            &ctl.agent_addr,
+            "--work-dir",
+        ])
+        .arg(work.path().join(tag));
+        spawn_logged(cmd, work.path(), tag)
+    };
+    for i in 0..10 {
+        let mut a = run_agent(&wrong, &format!("wrong{i}"));
+        assert_eq!(a.wait_exit(Duration::from_secs(20)), 4, "{}", a.log_text());
+    }
+    let log = ctl.log_text();
+    let rejections =
+        log.lines().filter(|l| l.contains("rejected (WrongSecret)") && l.contains("'r1'")).count();
+    assert_eq!(rejections, 10, "one log line per rejection, naming the node: {log}");
+    assert!(!log.contains(&secret) && !log.contains(&wrong), "a secret reached the log");
+    // The 11th try from the same address is refused before the handshake, even with the right secret.
+    let mut a = run_agent(&secret, "right");
+    let code = a.wait_exit(Duration::from_secs(20));
+    assert_ne!(code, 0);
+    assert!(a.log_text().contains("too many failed handshakes"), "{}", a.log_text());
+    assert!(ctl.log_text().contains("refused: 10 failed handshakes from 127.0.0.1"));
+    assert!(ctl.node_line("r1").unwrap().contains("\toffline\t"));
+}
+
+#[test]
+fn the_api_token_rotates_and_the_old_one_stops_working() {
+    let ctl = Controller::start();
+    let old = ctl.token();
+    let out = ctl.wisp(&["token", "rotate"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let new = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(new.len(), 64);
+    assert_ne!(new, old);
+    assert_eq!(ctl.token(), new, "DATA/token holds the new token");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(ctl.data.path().join("token")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let (status, _) = http_request(&ctl.http, "GET", "/api/nodes", Some(&old), b"");
+    assert_eq!(status, 401);
+    let (status, _) = http_request(&ctl.http, "GET", "/api/nodes", Some(&new), b"");
+    assert_eq!(status, 200);
+    assert!(!ctl.log_text().contains(&new) && !ctl.log_text().contains(&old));
+}

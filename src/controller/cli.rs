@@ -33,7 +33,38 @@ enum Cmd {
     Builds(Builds),
     Log(LogCmd),
     Cancel(Cancel),
+    Token(TokenCmd),
     Demo(Demo),
+}
+
+/// manage the API token
+#[derive(FromArgs)]
+#[argh(subcommand, name = "token")]
+struct TokenCmd {
+    #[argh(subcommand)]
+    cmd: TokenSub,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum TokenSub {
+    Rotate(TokenRotate),
+}
+
+/// replace the API token with a new one (kept in the controller's data dir) and print it; the
+/// old token stops working at once
+#[derive(FromArgs)]
+#[argh(subcommand, name = "rotate")]
+struct TokenRotate {
+    /// controller URL
+    #[argh(option)]
+    url: Option<String>,
+    /// the current API token
+    #[argh(option)]
+    token: Option<String>,
+    /// controller data dir
+    #[argh(option)]
+    data: Option<PathBuf>,
 }
 
 /// run the controller
@@ -356,6 +387,13 @@ pub fn main() {
             println!("build #{} cancelled", x.id);
             Ok(0)
         }),
+        Cmd::Token(t) => match t.cmd {
+            TokenSub::Rotate(r) => client_do(r.url, r.token, r.data, |c| async move {
+                let v = c.json(Method::POST, "/api/token/rotate", "").await?;
+                println!("{}", v["token"].as_str().unwrap_or(""));
+                Ok(0)
+            }),
+        },
         Cmd::Demo(d) => demo(d),
     };
     std::process::exit(code);

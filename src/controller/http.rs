@@ -218,6 +218,9 @@ async fn route(
             jnlp(&ctl, &req, name, fp)
         }
         (Method::GET, ["api", "nodes"]) => Ok(list_nodes(&ctl)),
+        (Method::POST, ["api", "token", "rotate"]) => {
+            ctl.rotate_token().map(|t| json_response(StatusCode::OK, json!({ "token": t })))
+        }
         (Method::POST, ["api", "nodes"]) => add_node(&ctl, req, fp).await,
         (Method::GET, ["api", "nodes", name]) => node_info(&ctl, &req, name, fp),
         (Method::DELETE, ["api", "nodes", name]) => {
