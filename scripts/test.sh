@@ -2,7 +2,7 @@
 # Runs every test of wisp: formatting, lints, unit and end-to-end tests, a short fuzz run, and the
 # static/ARM/container checks. Installs what it needs (rustup components and targets, Debian
 # packages, cargo-fuzz) itself, so it works on a fresh machine.
-#   WISP_FUZZ_SECONDS   seconds per fuzz target (default 30)
+#   WISP_FUZZ_SECONDS   seconds per fuzz target (default 20; four targets)
 #   WISP_SKIP_STATIC=1  skip the static-binary, image and ARM tests (for quick local runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +35,7 @@ cargo build --bins
 cargo test --no-fail-fast 2>&1 | tee target/test-output.txt
 
 section "fuzz"
-bash scripts/fuzz.sh "${WISP_FUZZ_SECONDS:-30}"
+bash scripts/fuzz.sh "${WISP_FUZZ_SECONDS:-20}"
 
 if [ "${WISP_SKIP_STATIC:-0}" != 1 ]; then
     section "static agent, image, ARM under emulation"
