@@ -60,6 +60,10 @@ fn workspace_paths_cannot_leave_the_work_dir() {
 
 #[test]
 fn a_slowloris_on_both_ports_does_not_starve_a_build_or_a_new_agent() {
+    // This process holds 1000 sockets: raise its open-file limit (the controller raises its own).
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     // TLS on (the default), so half-open connections also sit in the TLS handshake.
     let ctl = Controller::start_tls(&[]);
     let fp = ctl.fingerprint();

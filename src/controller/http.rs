@@ -51,6 +51,30 @@ fn error(e: ApiError) -> Response<Body> {
 
 /// How long a client may take to finish the TLS handshake.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections (both ports together) that may be in the TLS handshake at once; more are closed
+/// as soon as they are accepted.
+pub const MAX_HANDSHAKING: usize = 4096;
+
+static HANDSHAKING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts a connection as handshaking while it lives.
+struct Handshaking;
+
+impl Handshaking {
+    fn enter() -> Option<Self> {
+        if HANDSHAKING.fetch_add(1, Ordering::SeqCst) >= MAX_HANDSHAKING {
+            HANDSHAKING.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Self)
+    }
+}
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        HANDSHAKING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// Wrap an accepted connection in TLS if the controller speaks TLS; None if the handshake fails
 /// or takes longer than `TLS_HANDSHAKE_TIMEOUT` (logged).
@@ -62,6 +86,10 @@ async fn accept_tls(
 ) -> Option<BoxIo> {
     let _ = stream.set_nodelay(true);
     let Some(tls) = tls else { return Some(Box::pin(stream)) };
+    let Some(_counted) = Handshaking::enter() else {
+        log::warn!("{port} {peer}: {MAX_HANDSHAKING} connections already in the TLS handshake, closing");
+        return None;
+    };
     let handshake = async { Some(tls.acceptor.accept(stream).await) };
     let timeout = async {
         smol::Timer::after(TLS_HANDSHAKE_TIMEOUT).await;

@@ -66,6 +66,7 @@ impl Default for ServeConfig {
 /// Start a controller in the background: open its data dir, bind both ports, write
 /// `DATA/listening` (`http ADDR` and `agent ADDR` lines), and serve on executor threads.
 pub fn start(cfg: ServeConfig) -> Result<Arc<Controller>, String> {
+    raise_fd_limit();
     let ex = Arc::new(Executor::new());
     for i in 0..cfg.threads {
         let ex = ex.clone();
@@ -144,4 +145,15 @@ pub fn start(cfg: ServeConfig) -> Result<Arc<Controller>, String> {
     ex.spawn(http::http_loop(ctl.clone(), http, tls.clone())).detach();
     ex.spawn(http::agent_loop(ctl.clone(), agent, tls)).detach();
     Ok(ctl)
+}
+
+/// Raise the soft limit on open files to the hard limit: every agent link and every client is a
+/// descriptor, and the usual soft limit of 1024 is too few to ride out a slowloris.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+            log::warn!("cannot raise the open-file limit from {soft} to {hard}");
+        }
+    }
 }
