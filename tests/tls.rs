@@ -187,6 +187,12 @@ struct Mitm {
 }
 
 fn mitm(upstream: String) -> Mitm {
+    mitm_with(upstream, false)
+}
+
+/// As `mitm`; with `tamper`, every chunk from the controller after the second (the handshake's
+/// Challenge and Welcome) reaches the agent with its last byte flipped.
+fn mitm_with(upstream: String, tamper: bool) -> Mitm {
     let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
     let cert = CertificateDer::from_pem_slice(ck.cert.pem().as_bytes()).unwrap();
     let key = PrivateKeyDer::from_pem_slice(ck.signing_key.serialize_pem().as_bytes()).unwrap();
@@ -231,7 +237,12 @@ fn mitm(upstream: String) -> Mitm {
                     };
                     let b = async move {
                         let mut buf = vec![0u8; 16384];
+                        let mut chunks = 0;
                         while let Ok(n) = ur.read(&mut buf).await {
+                            chunks += 1;
+                            if tamper && chunks > 2 && n > 0 {
+                                buf[n - 1] ^= 0x01;
+                            }
                             if n == 0 || dw.write_all(&buf[..n]).await.is_err() {
                                 break;
                             }
@@ -292,4 +303,29 @@ fn a_tls_terminating_man_in_the_middle_learns_no_secret_and_cannot_drive_the_age
     let rogue_seen = m2.seen.lock().unwrap().clone();
     assert!(!rogue_seen.windows(secret.len()).any(|w| w == secret.as_bytes()), "the secret crossed the wire");
     assert!(rogue.node_line("m1").unwrap().contains("\toffline\t"));
+}
+
+#[test]
+fn a_man_in_the_middle_that_alters_frames_is_detected_and_drives_nothing() {
+    let ctl = Controller::start_tls(&["--ping-interval", "1"]);
+    let work = TempDir::new("tls-tamper");
+    let secret = ctl.add_node("t1", "tamper", &["--tcp"]);
+    let m = mitm_with(ctl.agent_addr.clone(), true);
+    let mut cmd = Command::new(AGENT);
+    cmd.args(["--url", &format!("https://{}/", m.addr), "--direct", &m.addr, "--name", "t1"])
+        .args(["--secret", &secret, "--no-certificate-check", "--work-dir"])
+        .arg(work.path().join("t1"));
+    let a = spawn_logged(cmd, work.path(), "t1");
+    let marker = work.path().join("t1-ran");
+    let id = ctl.submit(&format!(
+        "name: tampered\nagent: {{label: tamper}}\nsteps:\n  - sh: touch {}\n",
+        marker.display()
+    ));
+    wait_for("the agent to detect the altered frames", Duration::from_secs(30), || {
+        a.log_text().contains("frame authentication failed").then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!marker.exists(), "an altered link ran a step");
+    let b = ctl.build_state_now(id);
+    assert_ne!(b, "success", "build {id} succeeded through a tampering middle");
 }

@@ -313,6 +313,14 @@ impl Controller {
         })
     }
 
+    /// The state of build `id` now, asked through the CLI (works with TLS too).
+    pub fn build_state_now(&self, id: u64) -> String {
+        let out = self.wisp(&["builds"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let line = text.lines().find(|l| l.starts_with(&format!("#{id}\t"))).expect("the build is listed");
+        line.split('\t').nth(1).unwrap_or("").to_string()
+    }
+
     pub fn step_log(&self, id: u64, step: u32) -> Vec<u8> {
         let (status, body) = self.get(&format!("/api/builds/{id}/steps/{step}/log"));
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
