@@ -77,7 +77,7 @@ for t in "${targets[@]}"; do
     fi
     cov=$(grep -oE ' cov: [0-9]+' "$log" | tail -n 1 | grep -oE '[0-9]+' || true)
     files=$(find "$corpus" -type f | wc -l)
-    summary+=("$(printf '%-14s %-7s %10s runs in %3ss, coverage %s, corpus %s inputs' \
+    summary+=("$(printf '%-16s %-7s %10s runs in %3ss, coverage %s, corpus %s inputs' \
         "$t" "$status" "${runs:-?}" "$elapsed" "${cov:-?}" "$files")")
 done
 
