@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every cargo-fuzz target in fuzz/ for SECONDS each (default 30), one after the other.
+# Runs every cargo-fuzz target in fuzz/ for SECONDS each (default 20), one after the other.
 #   bash scripts/fuzz.sh [SECONDS]
 # Installs cargo-fuzz if it is missing and uses a nightly toolchain when there is one (installing
 # it if it can, else falling back to stable with RUSTC_BOOTSTRAP=1). Seeds from fuzz/seeds/TARGET
@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-secs="${1:-30}"
+secs="${1:-20}"
 if ! [[ "$secs" =~ ^[0-9]+$ ]] || [ "$secs" -lt 1 ]; then
     echo "usage: $0 [SECONDS]   (seconds per target, a positive integer)" >&2
     exit 2
@@ -77,7 +77,7 @@ for t in "${targets[@]}"; do
     fi
     cov=$(grep -oE ' cov: [0-9]+' "$log" | tail -n 1 | grep -oE '[0-9]+' || true)
     files=$(find "$corpus" -type f | wc -l)
-    summary+=("$(printf '%-14s %-7s %10s runs in %3ss, coverage %s, corpus %s inputs' \
+    summary+=("$(printf '%-16s %-7s %10s runs in %3ss, coverage %s, corpus %s inputs' \
         "$t" "$status" "${runs:-?}" "$elapsed" "${cov:-?}" "$files")")
 done
 

@@ -133,7 +133,9 @@ harness_cleanup() {
 }
 
 # Start `wisp serve` on ephemeral ports of 127.0.0.1 with its data in $WORK/ctl; sets CTL (the data
-# dir), URL (http://127.0.0.1:PORT/) and AGENT_ADDR (127.0.0.1:PORT).
+# dir), URL (http://127.0.0.1:PORT/) and AGENT_ADDR (127.0.0.1:PORT). Plain HTTP (`--no-tls`): these
+# scripts measure and check the static binaries; TLS itself is tested in tests/tls.rs, and the wss
+# benchmark puts nginx in front for TLS.
 start_controller() {
     if [ ! -x "$WISP" ]; then
         say "$WISP is missing: run \`cargo build --bins\` first (or set WISP_BIN)"
@@ -141,7 +143,8 @@ start_controller() {
     fi
     CTL=$WORK/ctl
     mkdir -p "$CTL"
-    "$WISP" serve --data "$CTL" --http-port 0 --agent-port 0 --bind 127.0.0.1 2>"$WORK/controller.log" &
+    "$WISP" serve --data "$CTL" --http-port 0 --agent-port 0 --bind 127.0.0.1 --no-tls \
+        2>"$WORK/controller.log" &
     CTL_PID=$!
     HARNESS_PIDS+=("$CTL_PID")
     local i

@@ -2,7 +2,7 @@
 # Runs every test of wisp: formatting, lints, unit and end-to-end tests, a short fuzz run, and the
 # static/ARM/container checks. Installs what it needs (rustup components and targets, Debian
 # packages, cargo-fuzz) itself, so it works on a fresh machine.
-#   WISP_FUZZ_SECONDS   seconds per fuzz target (default 30)
+#   WISP_FUZZ_SECONDS   seconds per fuzz target (default 20; four targets)
 #   WISP_SKIP_STATIC=1  skip the static-binary, image and ARM tests (for quick local runs)
 # The fault tests (tests/faults.rs) need root for network namespaces and iptables.
 set -euo pipefail
@@ -15,6 +15,13 @@ section "toolchain"
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 cargo --version
 
+section "packages the tests start"
+# shellcheck source=scripts/static-common.sh
+. scripts/static-common.sh
+# Real peers: nginx and haproxy as reverse proxies (tests/proxy.rs, tests/faults.rs), iptables
+# for the network partitions of tests/faults.rs. Installed only if missing.
+apt_ensure nginx haproxy iptables
+
 section "cargo fmt --check"
 cargo fmt --check
 
@@ -22,19 +29,13 @@ section "cargo clippy"
 cargo clippy --all-targets -- -D warnings
 cargo clippy --no-default-features --lib --bin wisp-agent -- -D warnings
 
-section "packages the tests start"
-# shellcheck source=scripts/static-common.sh
-. scripts/static-common.sh
-# iptables for the network partitions of tests/faults.rs, nginx as a real reverse proxy.
-apt_ensure iptables nginx
-
 section "cargo test"
 cargo build --bins
 rm -f target/tmp/faults.txt
 cargo test --no-fail-fast 2>&1 | tee target/test-output.txt
 
 section "fuzz"
-bash scripts/fuzz.sh "${WISP_FUZZ_SECONDS:-30}"
+bash scripts/fuzz.sh "${WISP_FUZZ_SECONDS:-20}"
 
 if [ "${WISP_SKIP_STATIC:-0}" != 1 ]; then
     section "static agent, image, ARM under emulation"

@@ -1,7 +1,7 @@
 //! wisp: a tiny static build agent and the controller it serves.
 //!
 //! `proto` and `auth` are the protocol both sides share; `link` carries frames over WebSocket or
-//! TCP; `agent` is the agent; `controller` (feature `controller`) is the controller and its CLI.
+//! TCP; `tls` holds the certificate checks and identity fingerprints; `agent` is the agent; `controller` (feature `controller`) is the controller and its CLI.
 #![warn(missing_docs)]
 
 pub mod agent;
@@ -9,6 +9,7 @@ pub mod auth;
 pub mod link;
 pub mod logger;
 pub mod proto;
+pub mod tls;
 
 #[cfg(feature = "controller")]
 pub mod controller;

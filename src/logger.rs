@@ -46,8 +46,9 @@ impl Log for Stderr {
         let mut line = heapless::String::<512>::new();
         use std::fmt::Write as _;
         let _ = write!(line, "{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z {level} ");
-        let _ = write!(line, "{}", r.args());
-        if line.len() >= 511 {
+        // A message that does not fit (a write fails part way) goes out through a heap String.
+        let fits = write!(line, "{}", r.args()).is_ok();
+        if !fits || line.len() >= 511 {
             let _ = std::io::stderr().write_all(
                 format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z {level} {}\n", r.args()).as_bytes(),
             );

@@ -4,7 +4,7 @@
 use crate::link::{self, BoxIo, LinkReader, LinkWriter};
 use async_tungstenite::tungstenite::client::IntoClientRequest;
 use async_tungstenite::tungstenite::{self, http};
-use futures_rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+use futures_rustls::pki_types::ServerName;
 use futures_rustls::rustls;
 use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::net::TcpStream;
@@ -62,32 +62,14 @@ pub fn parse_url(url: &str) -> Result<Target, String> {
 #[derive(Clone)]
 pub struct Tls {
     config: Arc<rustls::ClientConfig>,
+    insecure: bool,
 }
 
 impl Tls {
-    /// Trust the built-in webpki roots, plus the CA certificates in `ca_file` if given.
-    pub fn new(ca_file: Option<&std::path::Path>) -> Result<Self, String> {
-        let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-        if let Some(path) = ca_file {
-            let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| format!("cannot read --cert {}: {e}", path.display()))?;
-            let mut n = 0;
-            for cert in certs {
-                let cert = cert.map_err(|e| format!("bad certificate in {}: {e}", path.display()))?;
-                roots.add(cert).map_err(|e| format!("unusable certificate in {}: {e}", path.display()))?;
-                n += 1;
-            }
-            if n == 0 {
-                return Err(format!("--cert {}: no PEM certificate found", path.display()));
-            }
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS setup: {e}"))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        Ok(Self { config: Arc::new(config) })
+    /// Trust the controller as `trust` says (webpki roots and `--cert`, a pinned identity, or no
+    /// check at all).
+    pub fn new(trust: &crate::tls::Trust) -> Result<Self, String> {
+        Ok(Self { config: Arc::new(trust.client_config()?), insecure: trust.insecure })
     }
 }
 
@@ -102,7 +84,8 @@ async fn with_timeout<T>(
     .await
 }
 
-async fn open_stream(host: &str, port: u16, tls: Option<&Tls>) -> Result<BoxIo, String> {
+/// Open a TCP connection, with TLS if `tls` is given, within `CONNECT_TIMEOUT`.
+pub async fn open_stream(host: &str, port: u16, tls: Option<&Tls>) -> Result<BoxIo, String> {
     with_timeout(&format!("connecting to {host}:{port}"), async {
         let tcp = TcpStream::connect((host, port))
             .await
@@ -113,11 +96,15 @@ async fn open_stream(host: &str, port: u16, tls: Option<&Tls>) -> Result<BoxIo, 
             Some(tls) => {
                 let name = ServerName::try_from(host.to_string())
                     .map_err(|e| format!("bad TLS name {host}: {e}"))?;
+                if tls.insecure {
+                    log::warn!(
+                        "--no-certificate-check: not checking who {host}:{port} is; only the node secret \
+                         stands between this agent and an impostor"
+                    );
+                }
                 let conn = futures_rustls::TlsConnector::from(tls.config.clone());
                 let stream = conn.connect(name, tcp).await.map_err(|e| {
-                    format!(
-                        "TLS handshake with {host}:{port} failed: {e} (for a private CA give --cert CA.pem)"
-                    )
+                    format!("TLS handshake with {host}:{port} failed: {e} ({})", crate::tls::TLS_ADVICE)
                 })?;
                 Ok(Box::pin(stream) as BoxIo)
             }

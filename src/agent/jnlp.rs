@@ -25,6 +25,8 @@ pub struct Descriptor {
     pub url: Option<String>,
     /// `-direct HOST:PORT`.
     pub direct: Option<String>,
+    /// `-instanceIdentity FINGERPRINT`: the controller's public-key fingerprint to pin.
+    pub instance_identity: Option<String>,
 }
 
 /// Why fetching a descriptor failed.
@@ -82,7 +84,8 @@ fn xml_unescape(s: &str) -> String {
 }
 
 /// Read the `<argument>`s of the `<application-desc>` in Jenkins' order: secret, name, then
-/// `-webSocket`, `-workDir DIR`, `-url URL`, `-direct HOST:PORT` in any order (others ignored).
+/// `-webSocket`, `-workDir DIR`, `-url URL`, `-direct HOST:PORT`, `-instanceIdentity FP` in any
+/// order (others ignored).
 pub fn parse(xml: &str) -> Result<Descriptor, String> {
     let start = xml.find("<application-desc").ok_or("the descriptor has no <application-desc>")?;
     let end = xml[start..]
@@ -101,13 +104,22 @@ pub fn parse(xml: &str) -> Result<Descriptor, String> {
         (Some(s), Some(n)) if !s.starts_with('-') && !n.starts_with('-') => (s, n),
         _ => return Err("the descriptor does not start with the secret and the node name".into()),
     };
-    let mut d = Descriptor { secret, name, websocket: false, work_dir: None, url: None, direct: None };
+    let mut d = Descriptor {
+        secret,
+        name,
+        websocket: false,
+        work_dir: None,
+        url: None,
+        direct: None,
+        instance_identity: None,
+    };
     while let Some(a) = it.next() {
         match a.as_str() {
             "-webSocket" => d.websocket = true,
             "-workDir" => d.work_dir = it.next(),
             "-url" => d.url = it.next(),
             "-direct" => d.direct = it.next(),
+            "-instanceIdentity" => d.instance_identity = it.next(),
             _ => {}
         }
     }

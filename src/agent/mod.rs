@@ -58,8 +58,8 @@ pub struct Config {
     pub mode: Mode,
     /// Directory holding workspaces.
     pub work_dir: PathBuf,
-    /// Extra CA certificates (PEM) to trust.
-    pub ca_file: Option<PathBuf>,
+    /// How the controller's TLS certificate is checked.
+    pub trust: crate::tls::Trust,
     /// Most output bytes a step holds in its spool while the controller is away; then the step
     /// is not read (it blocks on write) until the controller is back.
     pub spool_cap: u64,
@@ -108,10 +108,10 @@ pub fn fetch_descriptor(
     jnlp_url: &str,
     name: &str,
     secret: &str,
-    ca_file: Option<&Path>,
+    trust: &crate::tls::Trust,
 ) -> Result<jnlp::Descriptor, AgentError> {
     let tls = if connect::parse_url(jnlp_url).map_err(AgentError::Config)?.tls {
-        Some(connect::Tls::new(ca_file).map_err(AgentError::Config)?)
+        Some(connect::Tls::new(trust).map_err(AgentError::Config)?)
     } else {
         None
     };
@@ -146,11 +146,8 @@ pub fn run(cfg: Config) -> Result<(), AgentError> {
 /// Run the agent on an executor the caller drives.
 pub async fn run_on(ex: Rc<LocalExecutor<'static>>, cfg: Config) -> Result<(), AgentError> {
     let target = connect::parse_url(&cfg.url).map_err(AgentError::Config)?;
-    let tls = if target.tls {
-        Some(connect::Tls::new(cfg.ca_file.as_deref()).map_err(AgentError::Config)?)
-    } else {
-        None
-    };
+    let tls =
+        if target.tls { Some(connect::Tls::new(&cfg.trust).map_err(AgentError::Config)?) } else { None };
     let reaper =
         Reaper::install(std::process::id() == 1).map_err(|e| AgentError::Config(format!("signals: {e}")))?;
     // Spools of an earlier agent process belong to steps that died with it.
@@ -622,7 +619,18 @@ impl Agent {
         if s.workspace.is_empty() {
             return Err("empty workspace name".into());
         }
-        let dir = self.cfg.work_dir.join("workspace").join(s.workspace).join(s.dir);
+        // A symlink an earlier step left in the workspace must not lead out of it: no component
+        // below the work dir may be one (checked before anything is created).
+        let mut dir = self.cfg.work_dir.join("workspace");
+        for part in Path::new(s.workspace).components().chain(Path::new(s.dir).components()) {
+            dir.push(part);
+            if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_symlink()) {
+                return Err(format!(
+                    "refused workspace path {:?}: a symlink leads out of the workspace",
+                    s.dir
+                ));
+            }
+        }
         std::fs::create_dir_all(&dir)
             .map_err(|e| format!("cannot create workspace {}: {e}", dir.display()))?;
         Ok(dir)

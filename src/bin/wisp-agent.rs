@@ -38,9 +38,17 @@ struct Args {
     /// (default 1G); then the step is paused until the controller is back
     #[argh(option, from_str_fn(parse_size))]
     spool_cap: Option<u64>,
-    /// extra CA certificate(s) in PEM to trust for https:// controllers
+    /// extra CA certificate(s) in PEM to trust for https:// controllers (besides the built-in
+    /// webpki roots)
     #[argh(option)]
     cert: Option<PathBuf>,
+    /// pin the controller's public key, sha256:HEX as `wisp node add` prints it (for its own
+    /// self-signed identity); names and CAs are then not checked
+    #[argh(option)]
+    instance_identity: Option<String>,
+    /// do not check the controller's certificate at all (unsafe; warns at every connect)
+    #[argh(switch)]
+    no_certificate_check: bool,
     /// print the version and exit
     #[argh(switch)]
     version: bool,
@@ -76,6 +84,8 @@ fn jenkins_compat(arg: String) -> String {
         "-direct" => "--direct".into(),
         "-workDir" => "--work-dir".into(),
         "-cert" => "--cert".into(),
+        "-instanceIdentity" => "--instance-identity".into(),
+        "-noCertificateCheck" | "-disableHttpsCertValidation" => "--no-certificate-check".into(),
         "-jnlpUrl" => "--jnlp-url".into(),
         _ => arg,
     }
@@ -135,15 +145,20 @@ fn main() {
         },
         None => secret,
     };
+    let pin = |fp: &str| wisp::tls::parse_fingerprint(fp).unwrap_or_else(|e| fail(&e));
+    let mut trust = wisp::tls::Trust {
+        ca_file: args.cert,
+        pin: args.instance_identity.as_deref().map(pin),
+        insecure: args.no_certificate_check,
+    };
     // A descriptor fills in what the command line and the environment leave open.
-    let desc =
-        jnlp_url.as_deref().map(|u| match agent::fetch_descriptor(u, &name, &secret, args.cert.as_deref()) {
-            Ok(d) => d,
-            Err(e) => {
-                eprintln!("wisp-agent: {e}");
-                std::process::exit(e.exit_code());
-            }
-        });
+    let desc = jnlp_url.as_deref().map(|u| match agent::fetch_descriptor(u, &name, &secret, &trust) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("wisp-agent: {e}");
+            std::process::exit(e.exit_code());
+        }
+    });
     let url = args
         .url
         .or_else(|| env("JENKINS_URL"))
@@ -172,8 +187,11 @@ fn main() {
         .or_else(|| env("JENKINS_AGENT_WORKDIR").map(PathBuf::from))
         .or_else(|| desc.as_ref().and_then(|d| d.work_dir.as_ref()).map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("."));
+    if trust.pin.is_none() {
+        trust.pin = desc.as_ref().and_then(|d| d.instance_identity.as_deref()).map(pin);
+    }
     let spool_cap = args.spool_cap.unwrap_or(agent::DEFAULT_SPOOL_CAP);
-    let cfg = agent::Config { url, name, secret, mode, work_dir, ca_file: args.cert, spool_cap };
+    let cfg = agent::Config { url, name, secret, mode, work_dir, trust, spool_cap };
     if let Err(e) = agent::run(cfg) {
         log::error!("{e}");
         eprintln!("wisp-agent: {e}");

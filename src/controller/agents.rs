@@ -7,10 +7,12 @@ use crate::link::{LinkError, LinkReader, LinkWriter};
 use crate::proto::{self, Frame, RejectCode, StepStart};
 use event_listener::Event;
 use smol::channel::{bounded, Receiver};
+use std::collections::HashMap;
 use std::io::Write;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long an agent has to finish the handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -20,6 +22,45 @@ pub const STALE_CHECK: Duration = Duration::from_secs(3);
 pub const DEAD_AFTER_PINGS: u32 = 3;
 /// Frames waiting to be written to one agent.
 const OUT_QUEUE: usize = 64;
+/// Failed handshakes one source address may have within `FAILURE_WINDOW`; after that its new links
+/// are refused until the window has passed (a proxy in front counts as one address).
+pub const MAX_FAILURES: u32 = 10;
+/// The window over which failed handshakes are counted.
+pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+
+/// Failed handshakes by source address: (start of the window, failures in it).
+static FAILURES: std::sync::Mutex<Option<HashMap<IpAddr, (Instant, u32)>>> = std::sync::Mutex::new(None);
+
+fn source(peer: &str) -> Option<IpAddr> {
+    peer.parse::<std::net::SocketAddr>().ok().map(|a| a.ip())
+}
+
+/// Failures of `ip` in the current window (0 once the window is over).
+fn failures(ip: IpAddr) -> u32 {
+    let mut map = FAILURES.lock().unwrap_or_else(|e| e.into_inner());
+    let map = map.get_or_insert_with(HashMap::new);
+    match map.get(&ip) {
+        Some((since, n)) if since.elapsed() < FAILURE_WINDOW => *n,
+        Some(_) => {
+            map.remove(&ip);
+            0
+        }
+        None => 0,
+    }
+}
+
+fn record_failure(ip: IpAddr) {
+    let mut map = FAILURES.lock().unwrap_or_else(|e| e.into_inner());
+    let map = map.get_or_insert_with(HashMap::new);
+    if map.len() > 100_000 {
+        map.retain(|_, (since, _)| since.elapsed() < FAILURE_WINDOW);
+    }
+    let e = map.entry(ip).or_insert((Instant::now(), 0));
+    if e.0.elapsed() >= FAILURE_WINDOW {
+        *e = (Instant::now(), 0);
+    }
+    e.1 += 1;
+}
 
 async fn timeout<T>(d: Duration, fut: impl std::future::Future<Output = T>) -> Option<T> {
     smol::future::or(async { Some(fut.await) }, async {
@@ -84,6 +125,20 @@ async fn handshake(ctl: &Controller, reader: &mut LinkReader, writer: &mut LinkW
 /// anything the peer sends.
 pub async fn serve(ctl: Arc<Controller>, mut reader: LinkReader, mut writer: LinkWriter, peer: String) {
     let limit = ctl.handshake_timeout;
+    let ip = source(&peer);
+    if let Some(ip) = ip {
+        let n = failures(ip);
+        if n >= MAX_FAILURES {
+            log::warn!(
+                "agent link from {peer}: refused: {n} failed handshakes from {ip} in the last {}s",
+                FAILURE_WINDOW.as_secs()
+            );
+            let m =
+                format!("too many failed handshakes from {ip}; try again in {}s", FAILURE_WINDOW.as_secs());
+            reject(&mut writer, RejectCode::ProtocolError, &m).await;
+            return;
+        }
+    }
     let name = match timeout(limit, handshake(&ctl, &mut reader, &mut writer)).await {
         None => {
             log::warn!("agent link from {peer}: handshake not finished within {limit:?}, closing");
@@ -96,6 +151,9 @@ pub async fn serve(ctl: Arc<Controller>, mut reader: LinkReader, mut writer: Lin
         }
         Some(Handshake::Rejected(code, m)) => {
             log::warn!("agent link from {peer}: rejected ({code:?}): {m}");
+            if let Some(ip) = ip {
+                record_failure(ip);
+            }
             reject(&mut writer, code, &m).await;
             return;
         }

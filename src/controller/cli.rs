@@ -33,7 +33,38 @@ enum Cmd {
     Builds(Builds),
     Log(LogCmd),
     Cancel(Cancel),
+    Token(TokenCmd),
     Demo(Demo),
+}
+
+/// manage the API token
+#[derive(FromArgs)]
+#[argh(subcommand, name = "token")]
+struct TokenCmd {
+    #[argh(subcommand)]
+    cmd: TokenSub,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum TokenSub {
+    Rotate(TokenRotate),
+}
+
+/// replace the API token with a new one (kept in the controller's data dir) and print it; the
+/// old token stops working at once
+#[derive(FromArgs)]
+#[argh(subcommand, name = "rotate")]
+struct TokenRotate {
+    /// controller URL
+    #[argh(option)]
+    url: Option<String>,
+    /// the current API token
+    #[argh(option)]
+    token: Option<String>,
+    /// controller data dir
+    #[argh(option)]
+    data: Option<PathBuf>,
 }
 
 /// run the controller
@@ -62,6 +93,16 @@ struct Serve {
     /// with "agent lost" (default 300)
     #[argh(option, default = "300")]
     agent_grace: u64,
+    /// PEM certificate (chain) to serve HTTPS and agent TLS with; needs --tls-key (default: a
+    /// self-signed identity generated and kept in the data dir)
+    #[argh(option)]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert
+    #[argh(option)]
+    tls_key: Option<PathBuf>,
+    /// serve plain HTTP and TCP without TLS (for tests, or behind a proxy that terminates TLS)
+    #[argh(switch)]
+    no_tls: bool,
 }
 
 /// Where the controller is (shared by client commands).
@@ -268,6 +309,9 @@ pub fn main() {
                 ping_interval: Duration::from_secs(s.ping_interval.max(1)),
                 handshake_timeout: Duration::from_secs(s.handshake_timeout.max(1)),
                 agent_grace: Duration::from_secs(s.agent_grace),
+                tls_cert: s.tls_cert,
+                tls_key: s.tls_key,
+                no_tls: s.no_tls,
                 ..ServeConfig::default()
             };
             if let Err(e) = start(cfg) {
@@ -343,6 +387,13 @@ pub fn main() {
             println!("build #{} cancelled", x.id);
             Ok(0)
         }),
+        Cmd::Token(t) => match t.cmd {
+            TokenSub::Rotate(r) => client_do(r.url, r.token, r.data, |c| async move {
+                let v = c.json(Method::POST, "/api/token/rotate", "").await?;
+                println!("{}", v["token"].as_str().unwrap_or(""));
+                Ok(0)
+            }),
+        },
         Cmd::Demo(d) => demo(d),
     };
     std::process::exit(code);
@@ -397,7 +448,11 @@ fn demo(d: Demo) -> i32 {
     };
     let ctl = start(cfg).unwrap_or_else(|e| die(e));
     let (http, _) = *ctl.addrs.get().expect("listening");
-    let url = format!("http://{http}/");
+    let url = format!("https://{http}/");
+    // The local agent pins the controller's own identity, as `wisp node add` tells agents to.
+    let pin = std::fs::read_to_string(d.data.join("fingerprint"))
+        .ok()
+        .and_then(|f| crate::tls::parse_fingerprint(&f).ok());
     let name = "local";
     if ctl.node(name).is_none() {
         let rec = super::store::NodeRecord {
@@ -415,7 +470,7 @@ fn demo(d: Demo) -> i32 {
         secret: ctl.secret(name),
         mode: crate::agent::Mode::WebSocket,
         work_dir: d.data.join("agent"),
-        ca_file: None,
+        trust: crate::tls::Trust { pin, ..Default::default() },
         spool_cap: crate::agent::DEFAULT_SPOOL_CAP,
     };
     std::thread::spawn(move || {
@@ -429,7 +484,7 @@ fn demo(d: Demo) -> i32 {
         }
         None => SAMPLE.to_string(),
     };
-    let client = Client::new(Some(url), None, Some(d.data)).unwrap_or_else(|e| die(e));
+    let client = Client::new(None, None, Some(d.data)).unwrap_or_else(|e| die(e));
     let code = smol::block_on(submit(&client, &yaml, true)).unwrap_or_else(|e| die(e));
     let _ = std::io::stdout().flush();
     code

@@ -1,6 +1,7 @@
 //! The CLI's HTTP client for the controller's JSON API (hyper over smol, one connection a call).
 
-use crate::agent::connect::{parse_url, Target};
+use crate::agent::connect::{self, parse_url, Target, Tls};
+use crate::link::BoxIo;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request};
@@ -18,6 +19,7 @@ pub struct Client {
     target: Target,
     url: String,
     token: String,
+    tls: Option<Tls>,
 }
 
 fn read_trimmed(path: &Path) -> Option<String> {
@@ -26,17 +28,22 @@ fn read_trimmed(path: &Path) -> Option<String> {
 
 impl Client {
     /// Resolve the URL (`--url`, `WISP_URL`, `DATA/listening`, default) and the token (`--token`,
-    /// `WISP_TOKEN`, `DATA/token`).
+    /// `WISP_TOKEN`, `DATA/token`). An https URL is checked with `WISP_INSTANCE_IDENTITY` (a pinned
+    /// fingerprint) or `WISP_CERT` (a CA file) if set, else with the fingerprint in `DATA/fingerprint`
+    /// when the URL is the one in `DATA/listening`, else with the webpki roots.
     pub fn new(url: Option<String>, token: Option<String>, data: Option<PathBuf>) -> Result<Self, String> {
         let data = data.unwrap_or_else(|| PathBuf::from("wisp-data"));
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let local = read_trimmed(&data.join("listening")).and_then(|l| {
+            if let Some(u) = l.lines().find_map(|line| line.strip_prefix("url ")) {
+                return Some(u.to_string());
+            }
+            let addr = l.lines().find_map(|line| line.strip_prefix("http "))?;
+            Some(format!("http://{addr}/"))
+        });
         let url = url
             .or_else(|| env("WISP_URL"))
-            .or_else(|| {
-                let l = read_trimmed(&data.join("listening"))?;
-                let addr = l.lines().find_map(|line| line.strip_prefix("http "))?;
-                Some(format!("http://{addr}/"))
-            })
+            .or_else(|| local.clone())
             .unwrap_or_else(|| "http://127.0.0.1:8080/".into());
         let token = token
             .or_else(|| env("WISP_TOKEN"))
@@ -49,10 +56,21 @@ impl Client {
             )
             })?;
         let target = parse_url(&url)?;
-        if target.tls {
-            return Err(format!("{url}: https is not supported by this CLI yet; use the http:// address"));
-        }
-        Ok(Self { target, url, token })
+        let tls = if target.tls {
+            let mut trust =
+                crate::tls::Trust { ca_file: env("WISP_CERT").map(PathBuf::from), ..Default::default() };
+            if let Some(fp) = env("WISP_INSTANCE_IDENTITY") {
+                trust.pin = Some(crate::tls::parse_fingerprint(&fp)?);
+            } else if trust.ca_file.is_none() && local.as_deref() == Some(url.as_str()) {
+                trust.pin = read_trimmed(&data.join("fingerprint"))
+                    .map(|fp| crate::tls::parse_fingerprint(&fp))
+                    .transpose()?;
+            }
+            Some(Tls::new(&trust)?)
+        } else {
+            None
+        };
+        Ok(Self { target, url, token, tls })
     }
 
     /// The controller URL in use.
@@ -67,20 +85,32 @@ impl Client {
         body: Bytes,
     ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
         let (host, port) = (&self.target.host, self.target.port);
-        let stream = smol::future::or(
-            async { TcpStream::connect((host.as_str(), port)).await.map_err(|e| e.to_string()) },
-            async {
-                smol::Timer::after(CONNECT_TIMEOUT).await;
-                Err("timed out".to_string())
-            },
-        )
-        .await
-        .map_err(|e| {
-            format!(
-                "cannot reach the controller at {}: {e} (is `wisp serve` running? set --url or WISP_URL)",
-                self.url
-            )
-        })?;
+        let stream: BoxIo = match &self.tls {
+            Some(tls) => connect::open_stream(host, port, Some(tls)).await.map_err(|e| {
+                format!(
+                    "cannot reach the controller at {}: {e} (the CLI also reads WISP_INSTANCE_IDENTITY and \
+                     WISP_CERT)",
+                    self.url
+                )
+            })?,
+            None => Box::pin(
+                smol::future::or(
+                    async { TcpStream::connect((host.as_str(), port)).await.map_err(|e| e.to_string()) },
+                    async {
+                        smol::Timer::after(CONNECT_TIMEOUT).await;
+                        Err("timed out".to_string())
+                    },
+                )
+                .await
+                .map_err(|e| {
+                    format!(
+                        "cannot reach the controller at {}: {e} (is `wisp serve` running? set --url or \
+                         WISP_URL)",
+                        self.url
+                    )
+                })?,
+            ),
+        };
         let (mut sender, conn) = hyper::client::conn::http1::handshake(FuturesIo::new(stream))
             .await
             .map_err(|e| format!("talking to {}: {e}", self.url))?;

@@ -425,6 +425,26 @@ impl Controller {
         self.state().nodes.contains_key(node).then(|| self.secret(node))
     }
 
+    /// Replace the API token with a new random one, kept in `DATA/token` (mode 0600); returns it.
+    pub fn rotate_token(&self) -> Result<String, ApiError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let new = crate::auth::hex(&crate::auth::random_nonce());
+        let (path, tmp) = (self.data.join("token"), self.data.join("token.tmp"));
+        let _ = std::fs::remove_file(&tmp);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(format!("{new}\n").as_bytes()))
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .map_err(|e| ApiError::new(500, format!("cannot write {}: {e}", path.display())))?;
+        *self.token.lock().unwrap_or_else(|e| e.into_inner()) = new.clone();
+        log::info!("API token rotated");
+        Ok(new)
+    }
+
     /// True if `token` is the API token (constant time).
     pub fn token_ok(&self, token: &str) -> bool {
         let t = self.token.lock().unwrap_or_else(|e| e.into_inner());

@@ -3,6 +3,7 @@
 
 use super::agents;
 use super::core::{ApiError, Controller};
+use super::identity::ServerTls;
 use super::labels;
 use super::store::{BuildState, NodeRecord};
 use crate::link::{self, BoxIo};
@@ -48,8 +49,70 @@ fn error(e: ApiError) -> Response<Body> {
     json_response(status, json!({ "error": e.message }))
 }
 
-/// Accept HTTP connections forever.
-pub async fn http_loop(ctl: Arc<Controller>, listener: TcpListener) {
+/// How long a client may take to finish the TLS handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections (both ports together) that may be in the TLS handshake at once; more are closed
+/// as soon as they are accepted.
+pub const MAX_HANDSHAKING: usize = 4096;
+
+static HANDSHAKING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts a connection as handshaking while it lives.
+struct Handshaking;
+
+impl Handshaking {
+    fn enter() -> Option<Self> {
+        if HANDSHAKING.fetch_add(1, Ordering::SeqCst) >= MAX_HANDSHAKING {
+            HANDSHAKING.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Self)
+    }
+}
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        HANDSHAKING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Wrap an accepted connection in TLS if the controller speaks TLS; None if the handshake fails
+/// or takes longer than `TLS_HANDSHAKE_TIMEOUT` (logged).
+async fn accept_tls(
+    stream: TcpStream,
+    tls: Option<&ServerTls>,
+    peer: SocketAddr,
+    port: &str,
+) -> Option<BoxIo> {
+    let _ = stream.set_nodelay(true);
+    let Some(tls) = tls else { return Some(Box::pin(stream)) };
+    let Some(_counted) = Handshaking::enter() else {
+        log::warn!("{port} {peer}: {MAX_HANDSHAKING} connections already in the TLS handshake, closing");
+        return None;
+    };
+    let handshake = async { Some(tls.acceptor.accept(stream).await) };
+    let timeout = async {
+        smol::Timer::after(TLS_HANDSHAKE_TIMEOUT).await;
+        None
+    };
+    match smol::future::or(handshake, timeout).await {
+        Some(Ok(s)) => Some(Box::pin(s)),
+        Some(Err(e)) => {
+            log::warn!("{port} {peer}: TLS handshake failed: {e}");
+            None
+        }
+        None => {
+            log::warn!(
+                "{port} {peer}: no TLS handshake within {}s, closing",
+                TLS_HANDSHAKE_TIMEOUT.as_secs()
+            );
+            None
+        }
+    }
+}
+
+/// Accept HTTP(S) connections forever.
+pub async fn http_loop(ctl: Arc<Controller>, listener: TcpListener, tls: Option<Arc<ServerTls>>) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -59,18 +122,21 @@ pub async fn http_loop(ctl: Arc<Controller>, listener: TcpListener) {
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
         let ctl2 = ctl.clone();
+        let tls = tls.clone();
         ctl.ex
             .spawn(async move {
+                let Some(io) = accept_tls(stream, tls.as_deref(), peer, "http").await else { return };
+                let fingerprint: Option<Arc<str>> = tls.map(|t| t.fingerprint.as_str().into());
                 let service = hyper::service::service_fn(move |req| {
                     let ctl = ctl2.clone();
-                    async move { Ok::<_, std::convert::Infallible>(route(ctl, req, peer).await) }
+                    let fp = fingerprint.clone();
+                    async move { Ok::<_, std::convert::Infallible>(route(ctl, req, peer, fp.as_deref()).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(smol_hyper::rt::SmolTimer::new())
                     .header_read_timeout(Duration::from_secs(30))
-                    .serve_connection(FuturesIo::new(stream), service)
+                    .serve_connection(FuturesIo::new(io), service)
                     .with_upgrades();
                 if let Err(e) = conn.await {
                     log::debug!("http connection from {peer}: {e}");
@@ -80,8 +146,8 @@ pub async fn http_loop(ctl: Arc<Controller>, listener: TcpListener) {
     }
 }
 
-/// Accept TCP agent links forever.
-pub async fn agent_loop(ctl: Arc<Controller>, listener: TcpListener) {
+/// Accept TCP (or TLS) agent links forever.
+pub async fn agent_loop(ctl: Arc<Controller>, listener: TcpListener, tls: Option<Arc<ServerTls>>) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -91,9 +157,15 @@ pub async fn agent_loop(ctl: Arc<Controller>, listener: TcpListener) {
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
-        let (r, w) = link::tcp(Box::pin(stream));
-        ctl.ex.spawn(agents::serve(ctl.clone(), r, w, peer.to_string())).detach();
+        let ctl2 = ctl.clone();
+        let tls = tls.clone();
+        ctl.ex
+            .spawn(async move {
+                let Some(io) = accept_tls(stream, tls.as_deref(), peer, "agent port").await else { return };
+                let (r, w) = link::tcp(io);
+                agents::serve(ctl2, r, w, peer.to_string()).await;
+            })
+            .detach();
     }
 }
 
@@ -101,18 +173,37 @@ fn bearer(req: &Request<Incoming>) -> Option<&str> {
     req.headers().get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
 }
 
-/// The URL agents should use, from `Host` (the address the caller reached us by).
-fn public_url(ctl: &Controller, req: &Request<Incoming>) -> String {
+/// The URL agents should use, from `Host` (the address the caller reached us by) and the scheme
+/// (a proxy's `X-Forwarded-Proto`, else whether we speak TLS).
+fn public_url(ctl: &Controller, req: &Request<Incoming>, fp: Option<&str>) -> String {
+    let forwarded = req.headers().get("X-Forwarded-Proto").and_then(|h| h.to_str().ok());
+    let scheme = match forwarded {
+        Some(p) if p.eq_ignore_ascii_case("https") => "https",
+        Some(_) => "http",
+        None if fp.is_some() => "https",
+        None => "http",
+    };
     match req.headers().get(header::HOST).and_then(|h| h.to_str().ok()) {
-        Some(h) => format!("http://{h}/"),
+        Some(h) => format!("{scheme}://{h}/"),
         None => match ctl.addrs.get() {
-            Some((http, _)) => format!("http://{http}/"),
-            None => "http://127.0.0.1:8080/".into(),
+            Some((http, _)) => format!("{scheme}://{http}/"),
+            None => format!("{scheme}://127.0.0.1:8080/"),
         },
     }
 }
 
-async fn route(ctl: Arc<Controller>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+/// The identity an agent should pin: ours, unless the request came through a proxy (whose
+/// certificate the agent sees instead).
+fn pin_for<'a>(req: &Request<Incoming>, fp: Option<&'a str>) -> Option<&'a str> {
+    fp.filter(|_| !req.headers().contains_key("X-Forwarded-Proto"))
+}
+
+async fn route(
+    ctl: Arc<Controller>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    fp: Option<&str>,
+) -> Response<Body> {
     let path = req.uri().path().to_string();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method(), segs.as_slice()) {
@@ -134,7 +225,7 @@ async fn route(ctl: Arc<Controller>, req: Request<Incoming>, peer: SocketAddr) -
         (req.method(), segs.as_slice())
     {
         if req.uri().query().is_some_and(|q| q.split('&').any(|kv| kv == "encrypt=true")) {
-            return match jnlp_xml(&ctl, &req, name) {
+            return match jnlp_xml(&ctl, &req, name, fp) {
                 Ok(xml) => {
                     let sealed = crate::auth::seal_descriptor(&ctl.secret(name), name, xml.as_bytes());
                     full(StatusCode::OK, "application/octet-stream", sealed)
@@ -152,11 +243,14 @@ async fn route(ctl: Arc<Controller>, req: Request<Incoming>, peer: SocketAddr) -
     }
     let result = match (req.method().clone(), segs.as_slice()) {
         (Method::GET, ["computer", name, "jenkins-agent.jnlp" | "slave-agent.jnlp"]) => {
-            jnlp(&ctl, &req, name)
+            jnlp(&ctl, &req, name, fp)
         }
         (Method::GET, ["api", "nodes"]) => Ok(list_nodes(&ctl)),
-        (Method::POST, ["api", "nodes"]) => add_node(&ctl, req).await,
-        (Method::GET, ["api", "nodes", name]) => node_info(&ctl, &req, name),
+        (Method::POST, ["api", "token", "rotate"]) => {
+            ctl.rotate_token().map(|t| json_response(StatusCode::OK, json!({ "token": t })))
+        }
+        (Method::POST, ["api", "nodes"]) => add_node(&ctl, req, fp).await,
+        (Method::GET, ["api", "nodes", name]) => node_info(&ctl, &req, name, fp),
         (Method::DELETE, ["api", "nodes", name]) => {
             ctl.remove_node(name).map(|_| json_response(StatusCode::OK, json!({ "removed": name })))
         }
@@ -216,7 +310,7 @@ fn ws_upgrade(ctl: Arc<Controller>, req: Request<Incoming>, peer: SocketAddr) ->
                 Ok(u) => u,
                 Err(e) => return log::warn!("http {peer}: upgrade failed: {e}"),
             };
-            let parts = match upgraded.downcast::<FuturesIo<TcpStream>>() {
+            let parts = match upgraded.downcast::<FuturesIo<BoxIo>>() {
                 Ok(p) => p,
                 Err(_) => return log::error!("http {peer}: upgraded stream of an unexpected type"),
             };
@@ -250,13 +344,23 @@ fn xml_escape(s: &str) -> String {
 }
 
 /// The Jenkins-shaped JNLP descriptor: arguments in agent.jar's order.
-fn jnlp(ctl: &Controller, req: &Request<Incoming>, name: &str) -> Result<Response<Body>, ApiError> {
-    Ok(full(StatusCode::OK, "application/x-java-jnlp-file", jnlp_xml(ctl, req, name)?))
+fn jnlp(
+    ctl: &Controller,
+    req: &Request<Incoming>,
+    name: &str,
+    fp: Option<&str>,
+) -> Result<Response<Body>, ApiError> {
+    Ok(full(StatusCode::OK, "application/x-java-jnlp-file", jnlp_xml(ctl, req, name, fp)?))
 }
 
-fn jnlp_xml(ctl: &Controller, req: &Request<Incoming>, name: &str) -> Result<String, ApiError> {
+fn jnlp_xml(
+    ctl: &Controller,
+    req: &Request<Incoming>,
+    name: &str,
+    fp: Option<&str>,
+) -> Result<String, ApiError> {
     let node = ctl.node(name).ok_or_else(|| ApiError::new(404, format!("no node named '{name}'")))?;
-    let url = public_url(ctl, req);
+    let url = public_url(ctl, req, fp);
     let mut args = vec![ctl.secret(name), name.to_string()];
     if node.websocket {
         args.push("-webSocket".into());
@@ -267,6 +371,10 @@ fn jnlp_xml(ctl: &Controller, req: &Request<Incoming>, name: &str) -> Result<Str
     }
     args.push("-url".into());
     args.push(url.clone());
+    if let Some(fp) = pin_for(req, fp) {
+        args.push("-instanceIdentity".into());
+        args.push(fp.to_string());
+    }
     let args: String = args.iter().map(|a| format!("    <argument>{}</argument>\n", xml_escape(a))).collect();
     let body = format!(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<jnlp codebase=\"{url}computer/{n}/\" spec=\"1.0+\">\n  \
@@ -292,8 +400,11 @@ fn list_nodes(ctl: &Controller) -> Response<Body> {
 }
 
 /// The agent command line for a node, as `wisp node add` prints it.
-fn agent_command(ctl: &Controller, url: &str, rec: &NodeRecord) -> String {
+fn agent_command(ctl: &Controller, url: &str, rec: &NodeRecord, pin: Option<&str>) -> String {
     let mut cmd = format!("wisp-agent --url {url} --name {} --secret {}", rec.name, ctl.secret(&rec.name));
+    if let Some(fp) = pin {
+        cmd.push_str(&format!(" --instance-identity {fp}"));
+    }
     if rec.websocket {
         cmd.push_str(" --websocket");
     } else if let Some((_, agent)) = ctl.addrs.get() {
@@ -308,7 +419,12 @@ fn agent_command(ctl: &Controller, url: &str, rec: &NodeRecord) -> String {
     cmd
 }
 
-fn node_info(ctl: &Controller, req: &Request<Incoming>, name: &str) -> Result<Response<Body>, ApiError> {
+fn node_info(
+    ctl: &Controller,
+    req: &Request<Incoming>,
+    name: &str,
+    fp: Option<&str>,
+) -> Result<Response<Body>, ApiError> {
     let (rec, online, busy) = ctl
         .nodes()
         .into_iter()
@@ -316,7 +432,7 @@ fn node_info(ctl: &Controller, req: &Request<Incoming>, name: &str) -> Result<Re
         .ok_or_else(|| ApiError::new(404, format!("no node named '{name}'")))?;
     let mut v = node_json(&rec, online, busy);
     v["secret"] = json!(ctl.secret(name));
-    v["command"] = json!(agent_command(ctl, &public_url(ctl, req), &rec));
+    v["command"] = json!(agent_command(ctl, &public_url(ctl, req, fp), &rec, pin_for(req, fp)));
     Ok(json_response(StatusCode::OK, v))
 }
 
@@ -341,8 +457,13 @@ fn yes() -> bool {
     true
 }
 
-async fn add_node(ctl: &Controller, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let url = public_url(ctl, &req);
+async fn add_node(
+    ctl: &Controller,
+    req: Request<Incoming>,
+    fp: Option<&str>,
+) -> Result<Response<Body>, ApiError> {
+    let url = public_url(ctl, &req, fp);
+    let pin = pin_for(&req, fp);
     let n: NewNode = serde_json::from_str(&body_text(req).await?)
         .map_err(|e| ApiError::new(400, format!("bad node: {e}")))?;
     labels::validate_label(&n.name).map_err(|e| ApiError::new(400, format!("bad node name: {e}")))?;
@@ -360,7 +481,7 @@ async fn add_node(ctl: &Controller, req: Request<Incoming>) -> Result<Response<B
     ctl.add_node(rec.clone())?;
     let mut v = node_json(&rec, false, 0);
     v["secret"] = json!(ctl.secret(&rec.name));
-    v["command"] = json!(agent_command(ctl, &url, &rec));
+    v["command"] = json!(agent_command(ctl, &url, &rec, pin));
     Ok(json_response(StatusCode::CREATED, v))
 }
 

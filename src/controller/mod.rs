@@ -5,6 +5,7 @@ pub mod cli;
 pub mod client;
 pub mod core;
 pub mod http;
+pub mod identity;
 pub mod labels;
 pub mod pipeline;
 pub mod store;
@@ -35,6 +36,13 @@ pub struct ServeConfig {
     pub agent_grace: Duration,
     /// Executor threads.
     pub threads: usize,
+    /// PEM certificate (chain) for TLS; with `tls_key`. None: a self-signed identity in the data dir.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Plain HTTP and TCP, no TLS on either port (`--no-tls`: tests, or a proxy in front that
+    /// terminates TLS).
+    pub no_tls: bool,
 }
 
 impl Default for ServeConfig {
@@ -48,6 +56,9 @@ impl Default for ServeConfig {
             handshake_timeout: agents::HANDSHAKE_TIMEOUT,
             agent_grace: core::AGENT_GRACE,
             threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 8),
+            tls_cert: None,
+            tls_key: None,
+            no_tls: false,
         }
     }
 }
@@ -55,6 +66,7 @@ impl Default for ServeConfig {
 /// Start a controller in the background: open its data dir, bind both ports, write
 /// `DATA/listening` (`http ADDR` and `agent ADDR` lines), and serve on executor threads.
 pub fn start(cfg: ServeConfig) -> Result<Arc<Controller>, String> {
+    raise_fd_limit();
     let ex = Arc::new(Executor::new());
     for i in 0..cfg.threads {
         let ex = ex.clone();
@@ -69,6 +81,15 @@ pub fn start(cfg: ServeConfig) -> Result<Arc<Controller>, String> {
         agent_grace: cfg.agent_grace,
     };
     let ctl = Controller::open(cfg.data.clone(), ex.clone(), timing)?;
+    let tls = if cfg.no_tls {
+        if cfg.tls_cert.is_some() || cfg.tls_key.is_some() {
+            return Err("--no-tls contradicts --tls-cert/--tls-key: choose one".into());
+        }
+        let _ = std::fs::remove_file(cfg.data.join("fingerprint"));
+        None
+    } else {
+        Some(Arc::new(identity::load(&cfg.data, cfg.tls_cert.as_deref(), cfg.tls_key.as_deref())?))
+    };
     let (http, agent) = smol::block_on(async {
         let http =
             smol::net::TcpListener::bind(SocketAddr::new(cfg.bind, cfg.http_port)).await.map_err(|e| {
@@ -96,16 +117,43 @@ pub fn start(cfg: ServeConfig) -> Result<Arc<Controller>, String> {
             a
         }
     };
-    let listening = format!("http {}\nagent {}\n", show(ha), show(aa));
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let listening = format!("http {}\nagent {}\nurl {scheme}://{}/\n", show(ha), show(aa), show(ha));
     let tmp = cfg.data.join("listening.tmp");
     std::fs::write(&tmp, listening)
         .and_then(|_| std::fs::rename(&tmp, cfg.data.join("listening")))
         .map_err(|e| format!("cannot write {}: {e}", cfg.data.join("listening").display()))?;
     log::info!(
-        "wisp controller: HTTP on {ha} (agents over WebSocket at /wsagents/), TCP agents on {aa}, data in {}",
+        "wisp controller: {} on {ha} (agents over WebSocket at /wsagents/), {} agents on {aa}, data in {}",
+        if tls.is_some() { "HTTPS" } else { "HTTP" },
+        if tls.is_some() { "TLS" } else { "plain TCP" },
         cfg.data.display()
     );
-    ex.spawn(http::http_loop(ctl.clone(), http)).detach();
-    ex.spawn(http::agent_loop(ctl.clone(), agent)).detach();
+    match &tls {
+        Some(t) if t.self_signed => log::info!(
+            "TLS: self-signed identity {} (kept in {}); agents pin it with --instance-identity {}",
+            t.fingerprint,
+            cfg.data.join("tls").display(),
+            t.fingerprint
+        ),
+        Some(t) => log::info!("TLS: identity {} from --tls-cert", t.fingerprint),
+        None => log::warn!(
+            "TLS is off (--no-tls): secrets stay unsent but builds, logs and the API token travel in clear; \
+             use this only behind a proxy that terminates TLS"
+        ),
+    }
+    ex.spawn(http::http_loop(ctl.clone(), http, tls.clone())).detach();
+    ex.spawn(http::agent_loop(ctl.clone(), agent, tls)).detach();
     Ok(ctl)
+}
+
+/// Raise the soft limit on open files to the hard limit: every agent link and every client is a
+/// descriptor, and the usual soft limit of 1024 is too few to ride out a slowloris.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+            log::warn!("cannot raise the open-file limit from {soft} to {hard}");
+        }
+    }
 }

@@ -91,6 +91,8 @@ pub struct Controller {
     pub extra_args: Vec<String>,
     /// Fixed (HTTP, agent) ports, kept across restarts; None picks free ports at each start.
     pub ports: Option<(u16, u16)>,
+    /// Serve TLS (the default of `wisp serve`); false passes `--no-tls`, which most tests use.
+    pub tls: bool,
 }
 
 /// A port that was free a moment ago.
@@ -112,9 +114,31 @@ impl Controller {
             agent_addr: String::new(),
             extra_args: args.iter().map(|s| s.to_string()).collect(),
             ports: None,
+            tls: false,
         };
         c.launch();
         c
+    }
+
+    /// A controller with TLS on both ports, as `wisp serve` runs by default (self-signed identity
+    /// unless `args` give --tls-cert/--tls-key).
+    pub fn start_tls(args: &[&str]) -> Self {
+        let mut c = Self {
+            proc: None,
+            data: TempDir::new("ctl"),
+            http: String::new(),
+            agent_addr: String::new(),
+            extra_args: args.iter().map(|s| s.to_string()).collect(),
+            ports: None,
+            tls: true,
+        };
+        c.launch();
+        c
+    }
+
+    /// The controller's identity fingerprint (TLS controllers only).
+    pub fn fingerprint(&self) -> String {
+        std::fs::read_to_string(self.data.path().join("fingerprint")).unwrap().trim().to_string()
     }
 
     /// A controller on fixed ports that stay the same when it is restarted (agents can find it again).
@@ -126,6 +150,7 @@ impl Controller {
             agent_addr: String::new(),
             extra_args: args.iter().map(|s| s.to_string()).collect(),
             ports: Some((free_port(), free_port())),
+            tls: false,
         };
         c.launch();
         c
@@ -153,6 +178,7 @@ impl Controller {
             })
             .arg("--data")
             .arg(self.data.path())
+            .args(if self.tls { &[][..] } else { &["--no-tls"][..] })
             .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -180,7 +206,7 @@ impl Controller {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}/", self.http)
+        format!("{}://{}/", if self.tls { "https" } else { "http" }, self.http)
     }
 
     pub fn log_text(&self) -> String {
@@ -279,6 +305,25 @@ impl Controller {
             let b = self.build_json(id);
             matches!(b["state"].as_str(), Some("success" | "failure" | "aborted")).then_some(b)
         })
+    }
+
+    /// The state of build `id` once it ends, asked through the CLI (works with TLS too).
+    pub fn wait_build_state_tls(&self, id: u64, limit: Duration) -> String {
+        wait_for(&format!("build {id} to finish"), limit, || {
+            let out = self.wisp(&["builds"]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let line = text.lines().find(|l| l.starts_with(&format!("#{id}\t")))?.to_string();
+            let state = line.split('\t').nth(1)?.to_string();
+            matches!(state.as_str(), "success" | "failure" | "aborted").then_some(state)
+        })
+    }
+
+    /// The state of build `id` now, asked through the CLI (works with TLS too).
+    pub fn build_state_now(&self, id: u64) -> String {
+        let out = self.wisp(&["builds"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let line = text.lines().find(|l| l.starts_with(&format!("#{id}\t"))).expect("the build is listed");
+        line.split('\t').nth(1).unwrap_or("").to_string()
     }
 
     pub fn step_log(&self, id: u64, step: u32) -> Vec<u8> {

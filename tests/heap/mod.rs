@@ -73,7 +73,7 @@ fn stream_one_gib(ws: bool) -> (isize, isize) {
             secret: secret.clone(),
             mode,
             work_dir,
-            ca_file: None,
+            trust: Default::default(),
             spool_cap: wisp::agent::DEFAULT_SPOOL_CAP,
         };
         let _ = wisp::agent::run(cfg);
