@@ -33,5 +33,8 @@ if [ "${WISP_SKIP_STATIC:-0}" != 1 ]; then
     bash scripts/test-static.sh
 fi
 
+section "bench smoke"
+bash scripts/bench.sh --smoke
+
 section "summary"
 grep -E '^test result:' target/test-output.txt | awk '{p+=$4; f+=$6} END {printf "cargo test: %d passed, %d failed\n", p, f}'
