@@ -42,7 +42,7 @@ BB_STREAM_MIB=${WISP_BB_STREAM_MIB:-64}
 BB_LAT_BUILDS=${WISP_BB_LAT_BUILDS:-20}
 
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
-[ "$(ulimit -n)" -ge 30000 ] || [ "$smoke" = 1 ] || die "cannot raise the fd limit (now $(ulimit -n))"
+[ "$(ulimit -n)" -ge 12000 ] || [ "$smoke" = 1 ] || die "cannot raise the fd limit (now $(ulimit -n))"
 
 ROOT_WORK=$(mktemp -d "${TMPDIR:-/tmp}/wisp-bench.XXXXXX")
 WORK=$ROOT_WORK
@@ -287,11 +287,11 @@ run_buildbot() {
     pb=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     buildbot create-master -q "$d/master" >/dev/null || { BB_NOTE="create-master failed"; return 1; }
     cat >"$d/master/master.cfg" <<CFG
-from buildbot.plugins import worker, schedulers, util, steps
+from buildbot.plugins import worker, schedulers, util, steps, changes
 c = BuildmasterConfig = {}
 c['workers'] = [worker.Worker("w1", "pass")]
 c['protocols'] = {'pb': {'port': "tcp:$pb:interface=127.0.0.1"}}
-c['change_source'] = []
+c["change_source"] = [changes.PBChangeSource()]
 c['schedulers'] = [
     schedulers.AnyBranchScheduler(name="trivial", treeStableTimer=None, builderNames=["trivial"],
         change_filter=util.ChangeFilter(project="trivial")),
@@ -336,7 +336,7 @@ PY
     local lats=() t0 t1 k
     for ((k = 1; k <= BB_LAT_BUILDS; k++)); do
         t0=$(now_ns)
-        buildbot sendchange -m "127.0.0.1:$pb" -a change:changepw -W bench -p trivial x >/dev/null 2>&1 ||
+        buildbot sendchange -m "127.0.0.1:$pb" -a change:changepw -W bench -P trivial x >/dev/null 2>&1 ||
             { BB_NOTE="sendchange failed"; return 1; }
         bb_wait trivial "$k" || { BB_NOTE="trivial build $k did not finish"; return 1; }
         t1=$(now_ns)
@@ -344,7 +344,7 @@ PY
     done
     bb_lat=$(printf '%s\n' "${lats[@]}" | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)], a[int(NR * 0.99 + 0.999)], a[1], a[NR] }')
     t0=$(now_ns)
-    buildbot sendchange -m "127.0.0.1:$pb" -a change:changepw -W bench -p stream x >/dev/null 2>&1
+    buildbot sendchange -m "127.0.0.1:$pb" -a change:changepw -W bench -P stream x >/dev/null 2>&1
     local wpeak=0 cur
     for ((j = 0; j < 12000; j++)); do
         [ "$(bb_builds stream 2>/dev/null || echo 0)" -ge 1 ] && break
@@ -468,7 +468,7 @@ section=$WORK/section.md
     done
     echo
     echo '- Latency is measured by the load generator: POST /api/builds, then GET /api/builds/ID every 0.2 ms until final; each request is a fresh HTTP connection, so the figures include that cost.'
-    echo '- Buildbot is driven by `buildbot sendchange` (PB) and build completion read from its sqlite DB every 10 ms (no buildbot-www needed); its latency therefore includes the start of the Python CLI.'
+    echo '- Buildbot is driven by `buildbot sendchange` (PB) and build completion read from its sqlite DB by a python3 query in a loop (each poll costs tens of ms; no buildbot-www needed); its latency therefore includes the start of the Python CLI and that polling granularity, so it is an upper bound for Buildbot.'
     echo '<!-- bench:end -->'
 } >"$section"
 
