@@ -39,7 +39,7 @@ async fn idle_agent(addr: String, name: String, secret: String) -> Result<(), St
     let (mut reader, mut writer) = link::tcp(Box::pin(stream) as BoxIo);
     let (mut hs, hello) = ClientHandshake::new(&name, &secret, auth::random_nonce(), 0);
     writer.send(&hello).await.map_err(|e| format!("{name}: {e}"))?;
-    loop {
+    let interval_ms = loop {
         let frame = match reader.next().await {
             Ok(Some(f)) => f,
             Ok(None) => return Err(format!("{name}: closed during the handshake")),
@@ -47,27 +47,54 @@ async fn idle_agent(addr: String, name: String, secret: String) -> Result<(), St
         };
         match hs.on_frame(&frame) {
             ClientStep::Send(f) => writer.send(&f).await.map_err(|e| format!("{name}: {e}"))?,
-            ClientStep::Done { .. } => {
+            ClientStep::Done { ping_interval_ms, .. } => {
                 let keys = hs.session_keys().expect("keys");
                 reader.authenticate(&keys.to_agent);
                 writer.authenticate(&keys.to_controller);
-                break;
+                break ping_interval_ms;
             }
             other => return Err(format!("{name}: handshake: {other:?}")),
         }
-    }
+    };
     CONNECTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    loop {
-        let ping = match reader.next().await {
-            Ok(Some(Frame::Ping { id })) => Some(id),
-            Ok(Some(_)) => None,
-            Ok(None) => return Err(format!("{name}: closed")),
-            Err(e) => return Err(format!("{name}: {e}")),
-        };
-        if let Some(id) = ping {
-            writer.send(&Frame::Pong { id }).await.map_err(|e| format!("{name}: {e}"))?;
+    // The controller drops a link that sends nothing for a few ping intervals: ping as the agent
+    // does, and answer its pings. One writer task; the reader hands it the ids to answer.
+    let (tx, rx) = smol::channel::bounded::<u64>(8);
+    let every = Duration::from_millis(u64::from(interval_ms.max(100)));
+    let writer_task = smol::spawn(async move {
+        let mut id = 0u64;
+        loop {
+            let next = smol::future::or(async { rx.recv().await.ok().map(Some) }, async {
+                Timer::after(every).await;
+                Some(None)
+            })
+            .await;
+            let frame = match next {
+                None => return,
+                Some(Some(pong)) => Frame::Pong { id: pong },
+                Some(None) => {
+                    id += 1;
+                    Frame::Ping { id }
+                }
+            };
+            if writer.send(&frame).await.is_err() {
+                return;
+            }
         }
-    }
+    });
+    let result = loop {
+        match reader.next().await {
+            Ok(Some(Frame::Ping { id })) => {
+                let _ = tx.send(id).await;
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => break Err(format!("{name}: closed")),
+            Err(e) => break Err(format!("{name}: {e}")),
+        }
+    };
+    drop(tx);
+    writer_task.cancel().await;
+    result
 }
 
 static CONNECTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
