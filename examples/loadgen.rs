@@ -56,6 +56,11 @@ async fn idle_agent(addr: String, name: String, secret: String) -> Result<(), St
             other => return Err(format!("{name}: handshake: {other:?}")),
         }
     };
+    // Like the agent: list the steps this agent holds (none) right after the handshake.
+    let mut buf = [0u8; 0];
+    let steps =
+        wisp::proto::encode_steps(std::iter::empty(), &mut buf).map_err(|e| format!("{name}: {e}"))?;
+    writer.send(&Frame::Running { steps }).await.map_err(|e| format!("{name}: {e}"))?;
     CONNECTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     // The controller drops a link that sends nothing for a few ping intervals: ping as the agent
     // does, and answer its pings. One writer task; the reader hands it the ids to answer.
