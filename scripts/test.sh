@@ -42,6 +42,9 @@ if [ "${WISP_SKIP_STATIC:-0}" != 1 ]; then
     bash scripts/test-static.sh
 fi
 
+section "bench smoke"
+bash scripts/bench.sh --smoke
+
 section "summary"
 if [ -f target/tmp/faults.txt ]; then
     echo "fault scenarios (tests/faults.rs):"

@@ -1,0 +1,486 @@
+#!/usr/bin/env bash
+# Side-by-side benchmarks (issue 6), written into BENCHMARKS.md between <!-- bench:begin --> and
+# <!-- bench:end --> (the static section is kept):
+#   1. footprint: agent and controller idle RSS, agent peak RSS while streaming; buildbot-worker and
+#      buildbot master idle RSS;
+#   2. streaming throughput of S MiB step output over TCP, WebSocket, WebSocket+TLS (nginx) against a
+#      raw loopback pipe (socat into a file) in the same run, and against Buildbot's log streaming;
+#   3. dispatch latency (submit of a one-step `true` build to its result) with 1 and 50 agents,
+#      against Buildbot (sendchange to build result);
+#   4. trivial builds/s with 100 agents;
+#   5. controller scale: N idle agents from one load-generator process (examples/loadgen.rs, the real
+#      handshake and pings over TCP): controller RSS, idle CPU, dispatch latency at N.
+#
+#   scripts/bench.sh [--smoke]
+#
+# --smoke: tiny sizes, no Buildbot, a few seconds per measurement; prints the section, never writes
+# BENCHMARKS.md, and fails if any measurement fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/static-common.sh
+export CARGO_TERM_COLOR=never
+
+smoke=0
+cmdline="${WISP_BENCH_RUNS:+WISP_BENCH_RUNS=$WISP_BENCH_RUNS }scripts/bench.sh${*:+ $*}"
+while [ $# -gt 0 ]; do
+    case $1 in
+        --smoke) smoke=1 ;;
+        -h | --help) sed -n '2,17s/^# \{0,1\}//p' "$0"; exit 0 ;;
+        *) die "unknown argument $1" ;;
+    esac
+    shift
+done
+
+if [ "$smoke" = 1 ]; then
+    stream_mib=16 runs=2 lat_builds=20 tput_builds=40 agents_many=10 agents_50=5 scale_ns=(50)
+    scale_lat_builds=10 idle_cpu_s=2
+else
+    stream_mib=1024 runs=${WISP_BENCH_RUNS:-3} lat_builds=200 tput_builds=1000 agents_many=100 agents_50=50
+    scale_ns=(1000 5000 10000) scale_lat_builds=100 idle_cpu_s=10
+fi
+BB_STREAM_MIB=${WISP_BB_STREAM_MIB:-64}
+BB_LAT_BUILDS=${WISP_BB_LAT_BUILDS:-20}
+
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+[ "$(ulimit -n)" -ge 12000 ] || [ "$smoke" = 1 ] || die "cannot raise the fd limit (now $(ulimit -n))"
+
+ROOT_WORK=$(mktemp -d "${TMPDIR:-/tmp}/wisp-bench.XXXXXX")
+WORK=$ROOT_WORK
+ENGINE=true
+EXTRA_PIDS=()
+cleanup() {
+    local p
+    for p in ${EXTRA_PIDS[@]+"${EXTRA_PIDS[@]}"}; do kill "$p" 2>/dev/null || true; done
+    for p in ${EXTRA_PIDS[@]+"${EXTRA_PIDS[@]}"}; do wait "$p" 2>/dev/null || true; done
+    harness_cleanup
+    rm -rf "$ROOT_WORK"
+}
+trap cleanup EXIT
+
+# ---- tools and binaries ----
+apt_ensure socat nginx openssl python3 || die "apt-get failed"
+say "building release binaries and the load generator"
+cargo build --release --bins --example loadgen >&2
+WISP=$TARGET_DIR/release/wisp
+AGENT=$TARGET_DIR/release/wisp-agent
+[ -x "$STATIC_DIR/x86_64-unknown-linux-musl/wisp-agent" ] && AGENT=$STATIC_DIR/x86_64-unknown-linux-musl/wisp-agent
+LOADGEN=$TARGET_DIR/release/examples/loadgen
+
+status_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+now_ns() { date +%s%N; }
+tck=$(getconf CLK_TCK)
+# stats: numbers on stdin -> "median min max"
+stats() { sort -g | awk '{ a[NR] = $1 } END { if (!NR) exit 1; m = (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2; print m, a[1], a[NR] }'; }
+spread() { awk -v m="$1" -v lo="$2" -v hi="$3" -v f="${4:-%.1f}" 'BEGIN { printf f " (" f "–" f ")", m, lo, hi }'; }
+kib_mib() { awk -v k="$1" 'BEGIN { printf "%.2f MiB", k / 1024 }'; }
+
+add_labeled() { # NAME LABELS -> secret in $WORK/NAME.secret
+    "$WISP" node add "$1" --labels "$2" --executors 1 --data "$CTL" >/dev/null || die "node add $1"
+    "$WISP" node secret "$1" --data "$CTL" >"$WORK/$1.secret" || die "node secret $1"
+}
+start_agent() { # NAME TRANSPORT [URL CA]; sets APID
+    local name=$1 transport=$2 how
+    case $transport in
+        ws) how=(--url "$URL" --websocket) ;;
+        tcp) how=(--url "$URL" --direct "$AGENT_ADDR") ;;
+        wss) how=(--url "$WSS_URL" --websocket --cert "$WSS_CA") ;;
+    esac
+    mkdir -p "$WORK/$name"
+    "$AGENT" "${how[@]}" --name "$name" --secret "@$WORK/$name.secret" --work-dir "$WORK/$name" \
+        >"$WORK/$name.log" 2>&1 &
+    APID=$!
+    HARNESS_PIDS+=("$APID")
+}
+online_count() { "$WISP" nodes --data "$CTL" 2>/dev/null | awk -F'\t' '$2 == "online"' | wc -l; }
+wait_count() { # N: wait until N nodes are online (60 s)
+    local i
+    for ((i = 0; i < 600; i++)); do
+        [ "$(online_count)" -ge "$1" ] && return 0
+        sleep 0.1
+    done
+    die "only $(online_count) of $1 nodes online after 60 s"
+}
+
+# ---- wss through nginx (TLS terminated in front of the controller's HTTP port) ----
+WSS_URL=
+setup_wss() {
+    local d=$WORK/tls port
+    mkdir -p "$d"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=wisp-bench-ca -keyout "$d/ca.key" \
+        -out "$d/ca.pem" -addext basicConstraints=critical,CA:TRUE >/dev/null 2>&1
+    openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout "$d/key.pem" -out "$d/req.pem" >/dev/null 2>&1
+    printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' >"$d/ext"
+    openssl x509 -req -in "$d/req.pem" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial -days 2 \
+        -extfile "$d/ext" -out "$d/cert.pem" >/dev/null 2>&1
+    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    cat >"$d/nginx.conf" <<CONF
+daemon off;
+worker_processes 1;
+pid $d/nginx.pid;
+error_log $d/error.log;
+events { worker_connections 64; }
+http {
+    access_log off;
+    client_body_temp_path $d/body;
+    proxy_temp_path $d/proxy;
+    server {
+        listen 127.0.0.1:$port ssl;
+        ssl_certificate $d/cert.pem;
+        ssl_certificate_key $d/key.pem;
+        location / {
+            proxy_pass ${URL};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade \$http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_set_header Host \$host:\$server_port;
+            proxy_read_timeout 1h;
+            proxy_buffering off;
+        }
+    }
+}
+CONF
+    nginx -c "$d/nginx.conf" -p "$d" >"$d/stderr" 2>&1 &
+    EXTRA_PIDS+=($!)
+    local i
+    for ((i = 0; i < 50; i++)); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            WSS_URL=https://127.0.0.1:$port/ WSS_CA=$d/ca.pem
+            return 0
+        fi
+        sleep 0.1
+    done
+    die "nginx did not start: $(tail -2 "$d/error.log")"
+}
+
+LINE=0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde
+GEN="yes $LINE | head -c $((stream_mib * 1048576))"
+
+# ================= wisp: footprint, throughput, latency, builds/s =================
+start_controller || die "the controller did not start"
+say "controller at $URL (agent port $AGENT_ADDR)"
+setup_wss
+sleep 1
+ctl_idle_kb=$(status_kb "$CTL_PID" VmRSS)
+
+declare -A tput idle_rss peak_rss
+raw_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+raw_samples=()
+for ((r = 0; r < runs; r++)); do
+    rm -f "$WORK/raw.out"
+    socat -u "TCP-LISTEN:$raw_port,bind=127.0.0.1,reuseaddr" "CREATE:$WORK/raw.out" &
+    sp=$!
+    sleep 0.2
+    t0=$(now_ns)
+    bash -c "$GEN" | socat -u - "TCP:127.0.0.1:$raw_port"
+    wait "$sp"
+    t1=$(now_ns)
+    [ "$(stat -c %s "$WORK/raw.out")" = $((stream_mib * 1048576)) ] || die "raw pipe lost bytes"
+    raw_samples+=("$(awk -v a="$t0" -v b="$t1" -v m="$stream_mib" 'BEGIN { printf "%.1f", m / ((b - a) / 1e9) }')")
+done
+read -r raw_med raw_min raw_max < <(printf '%s\n' "${raw_samples[@]}" | stats)
+say "raw pipe: $raw_med MiB/s"
+
+for tr in tcp ws wss; do
+    name=stream_$tr
+    add_labeled "$name" "$name"
+    start_agent "$name" "$tr"
+    wait_online "$name" "$APID" || die "agent over $tr did not come online: $(tail -3 "$WORK/$name.log")"
+    sleep 1
+    idle_rss[$tr]=$(status_kb "$APID" VmRSS)
+    s=()
+    for ((r = 0; r < runs; r++)); do
+        t0=$(now_ns)
+        rc=0
+        WISP_STEP_TIMEOUT=600 run_step "$name" /dev/null "$GEN" || rc=$?
+        t1=$(now_ns)
+        [ "$rc" = 0 ] || die "streaming over $tr failed (wisp run exit $rc)"
+        s+=("$(awk -v a="$t0" -v b="$t1" -v m="$stream_mib" 'BEGIN { printf "%.1f", m / ((b - a) / 1e9) }')")
+    done
+    tput[$tr]=$(printf '%s\n' "${s[@]}" | stats)
+    peak_rss[$tr]=$(status_kb "$APID" VmHWM)
+    say "$tr: ${tput[$tr]} MiB/s, agent idle ${idle_rss[$tr]} kB, peak ${peak_rss[$tr]} kB"
+    kill "$APID"
+    wait "$APID" 2>/dev/null || true
+done
+# The stored log really holds the bytes (the last wss build).
+last=$("$WISP" builds --data "$CTL" 2>/dev/null | awk 'NR == 1 { print $1 }' || true)
+
+# Dispatch latency and builds/s: agents over TCP, labels pool1 (1 agent), pool50, pool100.
+for ((i = 0; i < agents_many; i++)); do
+    l="pool100"
+    [ "$i" -lt "$agents_50" ] && l="$l pool50"
+    [ "$i" -eq 0 ] && l="$l pool1"
+    add_labeled "a$i" "$l"
+done
+start_agent a0 tcp
+wait_count 1
+lat_out() { # LABEL BUILDS CONC -> sets LAT (p50 p99 min max) and BPS
+    local o
+    o=$("$LOADGEN" dispatch --url "$URL" --data "$CTL" --label "$1" --builds "$2" --concurrency "$3") ||
+        die "dispatch to $1 failed: $o"
+    LAT=$(awk '$1 == "latency_ms" { print $2, $3, $4, $5 }' <<<"$o")
+    BPS=$(awk '$1 == "builds_per_s" { print $2 }' <<<"$o")
+}
+lat_out pool1 "$lat_builds" 1
+lat1=$LAT
+say "1 agent: latency p50 p99 min max = $lat1 ms"
+for ((i = 1; i < agents_50; i++)); do start_agent "a$i" tcp; done
+wait_count "$agents_50"
+lat_out pool50 "$lat_builds" 1
+lat50=$LAT
+say "$agents_50 agents: latency $lat50 ms"
+for ((i = agents_50; i < agents_many; i++)); do start_agent "a$i" tcp; done
+wait_count "$agents_many"
+bps=()
+for ((r = 0; r < runs; r++)); do
+    lat_out pool100 "$tput_builds" "$agents_many"
+    bps+=("$BPS")
+done
+read -r bps_med bps_min bps_max < <(printf '%s\n' "${bps[@]}" | stats)
+say "$agents_many agents: $bps_med builds/s"
+harness_cleanup
+HARNESS_PIDS=()
+
+# ================= controller scale =================
+declare -A sc_rss sc_cpu sc_lat sc_conn
+for n in "${scale_ns[@]}"; do
+    WORK=$ROOT_WORK/scale$n
+    mkdir -p "$WORK"
+    start_controller || die "controller for N=$n did not start"
+    add_labeled one one
+    start_agent one tcp
+    wait_online one "$APID" || die "agent one did not come online"
+    t0=$(now_ns)
+    "$LOADGEN" idle --url "$URL" --data "$CTL" --addr "$AGENT_ADDR" --n "$n" >"$WORK/loadgen.out" 2>"$WORK/loadgen.err" &
+    LG=$!
+    HARNESS_PIDS+=("$LG")
+    for ((i = 0; i < 3000; i++)); do
+        grep -q '^connected' "$WORK/loadgen.out" && break
+        kill -0 "$LG" 2>/dev/null || die "loadgen N=$n died: $(tail -3 "$WORK/loadgen.err")"
+        sleep 0.1
+    done
+    grep -q '^connected' "$WORK/loadgen.out" || die "loadgen N=$n did not connect in 300 s"
+    sc_conn[$n]=$(awk -v a="$t0" -v b="$(now_ns)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
+    sleep 2
+    c0=$(cpu_ticks "$CTL_PID")
+    sleep "$idle_cpu_s"
+    c1=$(cpu_ticks "$CTL_PID")
+    sc_cpu[$n]=$(awk -v a="$c0" -v b="$c1" -v t="$tck" -v s="$idle_cpu_s" 'BEGIN { printf "%.1f", 100 * (b - a) / t / s }')
+    lat_out one "$scale_lat_builds" 1
+    sc_lat[$n]=$LAT
+    sc_rss[$n]=$(status_kb "$CTL_PID" VmRSS)
+    kill -0 "$LG" 2>/dev/null || die "loadgen N=$n lost agents: $(tail -3 "$WORK/loadgen.err")"
+    say "N=$n: connected in ${sc_conn[$n]} s, controller RSS ${sc_rss[$n]} kB, idle CPU ${sc_cpu[$n]}%, latency ${sc_lat[$n]}"
+    harness_cleanup
+    HARNESS_PIDS=()
+done
+WORK=$ROOT_WORK
+
+# ================= Buildbot =================
+BB_NOTE=
+bb_worker_kb= bb_master_kb= bb_tput= bb_lat=
+run_buildbot() {
+    apt_ensure buildbot buildbot-worker || { BB_NOTE="apt-get install buildbot buildbot-worker failed"; return 1; }
+    local d=$WORK/bb pb
+    mkdir -p "$d"
+    pb=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    buildbot create-master -q "$d/master" >/dev/null || { BB_NOTE="create-master failed"; return 1; }
+    cat >"$d/master/master.cfg" <<CFG
+from buildbot.plugins import worker, schedulers, util, steps, changes
+c = BuildmasterConfig = {}
+c['workers'] = [worker.Worker("w1", "pass")]
+c['protocols'] = {'pb': {'port': "tcp:$pb:interface=127.0.0.1"}}
+c["change_source"] = [changes.PBChangeSource()]
+c['schedulers'] = [
+    schedulers.AnyBranchScheduler(name="trivial", treeStableTimer=None, builderNames=["trivial"],
+        change_filter=util.ChangeFilter(project="trivial")),
+    schedulers.AnyBranchScheduler(name="stream", treeStableTimer=None, builderNames=["stream"],
+        change_filter=util.ChangeFilter(project="stream")),
+]
+c['builders'] = [
+    util.BuilderConfig(name="trivial", workernames=["w1"], factory=util.BuildFactory([steps.ShellCommand(command="true")])),
+    util.BuilderConfig(name="stream", workernames=["w1"], factory=util.BuildFactory([steps.ShellCommand(
+        command="yes $LINE | head -c $((BB_STREAM_MIB * 1048576))", timeout=1200)])),
+]
+c['title'] = "bench"
+c['buildbotURL'] = "http://127.0.0.1:1/"
+c['db'] = {'db_url': "sqlite:///state.sqlite"}
+CFG
+    buildbot start "$d/master" >"$d/master.start" 2>&1 || { BB_NOTE="master did not start: $(tail -2 "$d/master/twistd.log")"; return 1; }
+    buildbot-worker create-worker -q "$d/worker" "127.0.0.1:$pb" w1 pass >/dev/null
+    buildbot-worker start "$d/worker" >"$d/worker.start" 2>&1 || { BB_NOTE="worker did not start"; return 1; }
+    local mpid wpid i
+    mpid=$(cat "$d/master/twistd.pid") wpid=$(cat "$d/worker/twistd.pid")
+    EXTRA_PIDS+=("$wpid" "$mpid")
+    for ((i = 0; i < 300; i++)); do
+        grep -q 'Connected to\|attached' "$d/worker/twistd.log" 2>/dev/null && grep -q "worker 'w1' attaching\|attached to" "$d/master/twistd.log" 2>/dev/null && break
+        sleep 0.1
+    done
+    sleep 3
+    bb_worker_kb=$(status_kb "$wpid" VmRSS) bb_master_kb=$(status_kb "$mpid" VmRSS)
+    bb_builds() { python3 - "$d/master/state.sqlite" "$1" <<'PY'
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+print(db.execute("select count(*) from builds b join builders r on b.builderid = r.id where r.name = ? and b.complete_at is not null", (sys.argv[2],)).fetchone()[0])
+PY
+    }
+    bb_wait() { # BUILDER COUNT
+        local j
+        for ((j = 0; j < 60000; j++)); do
+            [ "$(bb_builds "$1" 2>/dev/null || echo 0)" -ge "$2" ] && return 0
+            sleep 0.01
+        done
+        return 1
+    }
+    local lats=() t0 t1 k
+    for ((k = 1; k <= BB_LAT_BUILDS; k++)); do
+        t0=$(now_ns)
+        buildbot sendchange -m "127.0.0.1:$pb" -a change:changepw -W bench -P trivial x >/dev/null 2>&1 ||
+            { BB_NOTE="sendchange failed"; return 1; }
+        bb_wait trivial "$k" || { BB_NOTE="trivial build $k did not finish"; return 1; }
+        t1=$(now_ns)
+        lats+=("$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", (b - a) / 1e6 }')")
+    done
+    bb_lat=$(printf '%s\n' "${lats[@]}" | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)], a[int(NR * 0.99 + 0.999)], a[1], a[NR] }')
+    t0=$(now_ns)
+    buildbot sendchange -m "127.0.0.1:$pb" -a change:changepw -W bench -P stream x >/dev/null 2>&1
+    local wpeak=0 cur
+    for ((j = 0; j < 12000; j++)); do
+        [ "$(bb_builds stream 2>/dev/null || echo 0)" -ge 1 ] && break
+        cur=$(status_kb "$wpid" VmRSS)
+        [ "${cur:-0}" -gt "$wpeak" ] && wpeak=$cur
+        sleep 0.1
+    done
+    t1=$(now_ns)
+    [ "$(bb_builds stream)" -ge 1 ] || { BB_NOTE="stream build did not finish"; return 1; }
+    bb_tput=$(awk -v a="$t0" -v b="$t1" -v m="$BB_STREAM_MIB" 'BEGIN { printf "%.1f", m / ((b - a) / 1e9) }')
+    bb_worker_peak=$wpeak
+    buildbot-worker stop "$d/worker" >/dev/null 2>&1 || true
+    buildbot stop "$d/master" >/dev/null 2>&1 || true
+}
+if [ "$smoke" = 1 ]; then
+    BB_NOTE="not run in smoke mode"
+else
+    run_buildbot || say "Buildbot: $BB_NOTE"
+fi
+
+# ================= report =================
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+mark() { if awk "BEGIN { exit !($1) }"; then echo met; else echo "**not met**"; fi; }
+read -r tcp_med tcp_min tcp_max <<<"${tput[tcp]}"
+read -r ws_med ws_min ws_max <<<"${tput[ws]}"
+read -r wss_med wss_min wss_max <<<"${tput[wss]}"
+read -r l1p50 l1p99 l1min l1max <<<"$lat1"
+read -r l50p50 l50p99 l50min l50max <<<"$lat50"
+nmax=${scale_ns[-1]}
+section=$WORK/section.md
+{
+    echo '<!-- bench:begin -->'
+    echo '## Side by side: wisp against a raw pipe and Buildbot'
+    echo
+    printf 'Measured %s on %s, %s cores (%s), Linux %s; release build (`%s`, agent `%s`). Ratios measured in the same run are the headline; absolute figures are noisy (the machine is shared).\n' \
+        "$(date -u '+%Y-%m-%d %H:%M UTC')" "$(uname -m)" "$(nproc)" \
+        "$(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)" "$(uname -r | cut -d- -f1)" \
+        "$(realpath --relative-to=. "$WISP")" "$(realpath --relative-to=. "$AGENT")"
+    echo
+    echo "Command: \`$cmdline\` (median and min–max over $runs runs where a spread is shown)"
+    echo
+    echo '### Headline'
+    echo
+    echo '| goal | measured | |'
+    echo '| --- | ---: | --- |'
+    r=$(ratio "$tcp_med" "$raw_med"); echo "| throughput over TCP ≥ 50% of the raw pipe | $(awk -v r="$r" 'BEGIN { printf "%.0f%%", 100 * r }') | $(mark "$r >= 0.5") |"
+    r=$(ratio "$wss_med" "$raw_med"); echo "| throughput over WSS ≥ 35% of the raw pipe | $(awk -v r="$r" 'BEGIN { printf "%.0f%%", 100 * r }') | $(mark "$r >= 0.35") |"
+    if [ -n "$bb_tput" ]; then
+        r=$(ratio "$tcp_med" "$bb_tput"); echo "| throughput ≥ 100× Buildbot | ${r}× (TCP) | $(mark "$r >= 100") |"
+    else
+        echo "| throughput ≥ 100× Buildbot | not measured ($BB_NOTE) | not measured |"
+    fi
+    g=$(awk -v a="${peak_rss[tcp]}" -v b="${idle_rss[tcp]}" 'BEGIN { printf "%.2f", (a - b) / 1024 }')
+    echo "| agent RSS flat while streaming (peak − idle < 1 MiB, TCP) | +$g MiB | $(mark "$g < 1") |"
+    echo "| dispatch p50 ≤ 2 ms at $agents_50 agents | $l50p50 ms | $(mark "$l50p50 <= 2") |"
+    echo "| dispatch p99 ≤ 20 ms at $agents_50 agents | $l50p99 ms | $(mark "$l50p99 <= 20") |"
+    echo "| ≥ 1,000 trivial builds/s with $agents_many agents | $bps_med | $(mark "$bps_med >= 1000") |"
+    echo "| $nmax agents with controller RSS ≤ 1 GiB | $(kib_mib "${sc_rss[$nmax]}") | $(mark "${sc_rss[$nmax]} <= 1048576") |"
+    if [ -n "$bb_worker_kb" ]; then
+        r=$(ratio "$bb_worker_kb" "${idle_rss[tcp]}"); echo "| agent idle RSS ≥ 25× smaller than buildbot-worker's | ${r}× | $(mark "$r >= 25") |"
+        [ -z "$bb_lat" ] || echo "| dispatch vs Buildbot (p50, 1 agent) | $(ratio "$(awk '{ print $1 }' <<<"$bb_lat")" "$l1p50")× faster | |"
+    else
+        echo "| agent idle RSS ≥ 25× smaller than buildbot-worker's | not measured ($BB_NOTE) | not measured |"
+    fi
+    echo
+    echo '### 1. Footprint'
+    echo
+    echo '| process | idle RSS | peak RSS while streaming |'
+    echo '| --- | ---: | ---: |'
+    for tr in tcp ws wss; do
+        echo "| wisp-agent ($tr) | $(kib_mib "${idle_rss[$tr]}") | $(kib_mib "${peak_rss[$tr]}") ($stream_mib MiB, VmHWM) |"
+    done
+    echo "| wisp serve (no agent) | $(kib_mib "$ctl_idle_kb") | |"
+    if [ -n "$bb_worker_kb" ]; then
+        echo "| buildbot-worker | $(kib_mib "$bb_worker_kb") | $(kib_mib "${bb_worker_peak:-0}") ($BB_STREAM_MIB MiB, sampled every 0.1 s) |"
+        echo "| buildbot master | $(kib_mib "$bb_master_kb") | |"
+    else
+        echo "| buildbot-worker, master | not measured: $BB_NOTE | |"
+    fi
+    echo
+    echo "### 2. Streaming throughput ($stream_mib MiB of step stdout to the stored log, through \`wisp run --follow\`)"
+    echo
+    echo '| path | MiB/s | / raw pipe |'
+    echo '| --- | ---: | ---: |'
+    echo "| raw loopback pipe (\`yes \| head -c \| socat\` into a file) | $(spread "$raw_med" "$raw_min" "$raw_max") | 1.00 |"
+    echo "| wisp over TCP | $(spread "$tcp_med" "$tcp_min" "$tcp_max") | $(ratio "$tcp_med" "$raw_med") |"
+    echo "| wisp over WebSocket | $(spread "$ws_med" "$ws_min" "$ws_max") | $(ratio "$ws_med" "$raw_med") |"
+    echo "| wisp over WebSocket+TLS (nginx) | $(spread "$wss_med" "$wss_min" "$wss_max") | $(ratio "$wss_med" "$raw_med") |"
+    if [ -n "$bb_tput" ]; then
+        echo "| Buildbot ($BB_STREAM_MIB MiB, one run, sendchange to build complete) | $bb_tput | $(ratio "$bb_tput" "$raw_med") |"
+    else
+        echo "| Buildbot | not measured ($BB_NOTE) | |"
+    fi
+    echo
+    echo '### 3. Dispatch latency (submit of a one-step `true` build to its result), ms'
+    echo
+    echo '| setup | builds | p50 | p99 | min | max |'
+    echo '| --- | ---: | ---: | ---: | ---: | ---: |'
+    echo "| wisp, 1 agent | $lat_builds | $l1p50 | $l1p99 | $l1min | $l1max |"
+    echo "| wisp, $agents_50 agents | $lat_builds | $l50p50 | $l50p99 | $l50min | $l50max |"
+    if [ -n "$bb_lat" ]; then
+        read -r a b c e <<<"$bb_lat"
+        echo "| Buildbot, 1 worker (\`buildbot sendchange\` to build complete, incl. the CLI's start) | $BB_LAT_BUILDS | $a | $b | $c | $e |"
+    else
+        echo "| Buildbot | not measured ($BB_NOTE) | | | | |"
+    fi
+    echo
+    echo '### 4. Build throughput'
+    echo
+    echo "| setup | builds per run | builds/s |"
+    echo '| --- | ---: | ---: |'
+    echo "| wisp, $agents_many agents, $agents_many submitters | $tput_builds | $(spread "$bps_med" "$bps_min" "$bps_max") |"
+    echo
+    echo '### 5. Controller scale (idle agents from one `examples/loadgen.rs` process over TCP, real handshake and pings, plus one real agent)'
+    echo
+    echo '| N | time to connect all | controller RSS | controller CPU while idle | dispatch p50 / p99 at N (ms) |'
+    echo '| ---: | ---: | ---: | ---: | ---: |'
+    for n in "${scale_ns[@]}"; do
+        read -r a b _ _ <<<"${sc_lat[$n]}"
+        echo "| $n | ${sc_conn[$n]} s | $(kib_mib "${sc_rss[$n]}") | ${sc_cpu[$n]}% of a core over ${idle_cpu_s} s | $a / $b |"
+    done
+    echo
+    echo '- Latency is measured by the load generator: POST /api/builds, then GET /api/builds/ID every 0.2 ms until final; each request is a fresh HTTP connection, so the figures include that cost.'
+    echo '- Buildbot is driven by `buildbot sendchange` (PB) and build completion read from its sqlite DB by a python3 query in a loop (each poll costs tens of ms; no buildbot-www needed); its latency therefore includes the start of the Python CLI and that polling granularity, so it is an upper bound for Buildbot.'
+    echo '<!-- bench:end -->'
+} >"$section"
+
+cat "$section"
+[ "$smoke" = 0 ] || { say "smoke mode: BENCHMARKS.md not written"; exit 0; }
+if grep -q '<!-- bench:begin -->' BENCHMARKS.md; then
+    awk -v f="$section" '
+        /<!-- bench:begin -->/ { while ((getline l < f) > 0) print l; skip = 1; next }
+        /<!-- bench:end -->/ { skip = 0; next }
+        !skip { print }' BENCHMARKS.md >"$WORK/bench.md"
+    cat "$WORK/bench.md" >BENCHMARKS.md
+else
+    { echo; cat "$section"; } >>BENCHMARKS.md
+fi
+say "updated BENCHMARKS.md"
