@@ -1,4 +1,4 @@
-//! Child processes of the agent: spawning a step's shell in its own session, killing its process
+//! Child processes of the agent: spawning a step's shell in its own process group, killing its process
 //! group, and reaping exits (all children when the agent is PID 1).
 //!
 //! Exits are learned from SIGCHLD through a self-pipe, so no thread blocks in `waitpid`.
@@ -138,7 +138,7 @@ fn empty_stdin() -> Result<Stdio, String> {
     }
 }
 
-/// Start `shell -c script` in `dir` in a new session, stdin empty (/dev/null), stdout and stderr
+/// Start `shell -c script` in `dir` in a process group of its own, stdin empty (/dev/null), stdout and stderr
 /// merged into one pipe.
 pub fn spawn_shell<'a>(
     shell: &str,
@@ -158,14 +158,11 @@ pub fn spawn_shell<'a>(
     for (k, v) in env {
         cmd.env(k, v);
     }
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setsid().map_err(std::io::Error::from)?;
-            // Caught signals reset on exec; an ignored SIGPIPE would not, and shells expect it.
-            let _ = signal::signal(Signal::SIGPIPE, SigHandler::SigDfl);
-            Ok(())
-        });
-    }
+    // Its own process group, so a cancel or timeout reaches everything the step started. No
+    // pre_exec hook: std can then use posix_spawn (vfork + exec), much cheaper than a fork. std
+    // also resets SIGPIPE (which the agent ignores) and the signal mask for the child; caught
+    // signals reset on exec.
+    cmd.process_group(0);
     let child = cmd.spawn().map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound && !std::path::Path::new(shell).exists() {
             format!(

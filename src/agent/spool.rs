@@ -29,16 +29,20 @@ pub struct Spool {
     tail: Option<(u64, File)>,
     /// The segment last read from.
     head: Option<(u64, File)>,
+    /// Whether `dir` has been made (on the first output byte: a step with no output costs no
+    /// directory).
+    made: bool,
 }
 
 impl Spool {
-    /// A fresh spool in `dir` (created; anything left there by an earlier agent is removed).
+    /// A fresh spool in `dir` (anything left there by an earlier agent is removed; the directory
+    /// itself is made when the first output arrives).
     pub fn create(dir: PathBuf, cap: u64) -> io::Result<Self> {
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir)?;
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
         }
-        std::fs::create_dir_all(&dir)?;
-        Ok(Self { dir, acked: 0, produced: 0, peak: 0, cap: cap.max(1), tail: None, head: None })
+        Ok(Self { dir, acked: 0, produced: 0, peak: 0, cap: cap.max(1), tail: None, head: None, made: false })
     }
 
     fn segment(&self, i: u64) -> PathBuf {
@@ -50,6 +54,10 @@ impl Spool {
         while !data.is_empty() {
             let i = self.produced / SEGMENT;
             if self.tail.as_ref().is_none_or(|(t, _)| *t != i) {
+                if !self.made {
+                    std::fs::create_dir_all(&self.dir)?;
+                    self.made = true;
+                }
                 let f = OpenOptions::new().create(true).append(true).open(self.segment(i))?;
                 self.tail = Some((i, f));
             }
@@ -136,7 +144,9 @@ impl Spool {
 
 impl Drop for Spool {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if self.made {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -185,8 +195,11 @@ mod tests {
 
     #[test]
     fn the_cap_says_when_to_stop_reading() {
-        let mut s = Spool::create(temp("b"), 10).unwrap();
+        let dir = temp("b");
+        let mut s = Spool::create(dir.clone(), 10).unwrap();
+        assert!(!dir.exists(), "no directory before the first output");
         s.append(b"123456789").unwrap();
+        assert!(dir.exists());
         assert!(!s.full());
         s.append(b"0").unwrap();
         assert!(s.full());

@@ -8,7 +8,6 @@ use crate::proto::{self, Frame, RejectCode, StepStart};
 use event_listener::Event;
 use smol::channel::{bounded, Receiver};
 use std::collections::HashMap;
-use std::io::Write;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

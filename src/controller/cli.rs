@@ -103,6 +103,9 @@ struct Serve {
     /// serve plain HTTP and TCP without TLS (for tests, or behind a proxy that terminates TLS)
     #[argh(switch)]
     no_tls: bool,
+    /// executor threads (default: the number of CPUs, at most 8)
+    #[argh(option)]
+    threads: Option<usize>,
 }
 
 /// Where the controller is (shared by client commands).
@@ -312,7 +315,7 @@ pub fn main() {
                 tls_cert: s.tls_cert,
                 tls_key: s.tls_key,
                 no_tls: s.no_tls,
-                ..ServeConfig::default()
+                threads: s.threads.unwrap_or(ServeConfig::default().threads).clamp(1, 64),
             };
             if let Err(e) = start(cfg) {
                 die(e);

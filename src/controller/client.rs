@@ -1,14 +1,17 @@
-//! The CLI's HTTP client for the controller's JSON API (hyper over smol, one connection a call).
+//! The CLI's HTTP client for the controller's JSON API (hyper over smol). JSON calls reuse idle
+//! keep-alive connections; log streams get a connection of their own.
 
 use crate::agent::connect::{self, parse_url, Target, Tls};
 use crate::link::BoxIo;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
 use hyper::{Method, Request};
 use smol::net::TcpStream;
 use smol_hyper::rt::FuturesIo;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// How long connecting to the controller may take.
@@ -20,7 +23,12 @@ pub struct Client {
     url: String,
     token: String,
     tls: Option<Tls>,
+    /// Connections whose last exchange ended cleanly, ready for another request.
+    idle: Mutex<Vec<SendRequest<Full<Bytes>>>>,
 }
+
+/// Most idle connections kept for reuse.
+const MAX_IDLE: usize = 16;
 
 fn read_trimmed(path: &Path) -> Option<String> {
     std::fs::read_to_string(path).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
@@ -70,7 +78,7 @@ impl Client {
         } else {
             None
         };
-        Ok(Self { target, url, token, tls })
+        Ok(Self { target, url, token, tls, idle: Mutex::new(Vec::new()) })
     }
 
     /// The controller URL in use.
@@ -78,12 +86,7 @@ impl Client {
         &self.url
     }
 
-    async fn send(
-        &self,
-        method: Method,
-        path: &str,
-        body: Bytes,
-    ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, String> {
         let (host, port) = (&self.target.host, self.target.port);
         let stream: BoxIo = match &self.tls {
             Some(tls) => connect::open_stream(host, port, Some(tls)).await.map_err(|e| {
@@ -95,7 +98,11 @@ impl Client {
             })?,
             None => Box::pin(
                 smol::future::or(
-                    async { TcpStream::connect((host.as_str(), port)).await.map_err(|e| e.to_string()) },
+                    async {
+                        let s = TcpStream::connect((host.as_str(), port)).await.map_err(|e| e.to_string())?;
+                        let _ = s.set_nodelay(true);
+                        Ok(s)
+                    },
                     async {
                         smol::Timer::after(CONNECT_TIMEOUT).await;
                         Err("timed out".to_string())
@@ -111,22 +118,58 @@ impl Client {
                 })?,
             ),
         };
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(FuturesIo::new(stream))
+        let (sender, conn) = hyper::client::conn::http1::handshake(FuturesIo::new(stream))
             .await
             .map_err(|e| format!("talking to {}: {e}", self.url))?;
         smol::spawn(async move {
             let _ = conn.await;
         })
         .detach();
+        Ok(sender)
+    }
+
+    /// An idle kept-alive connection if one is still open, else a new one.
+    async fn sender(&self, reuse: bool) -> Result<(SendRequest<Full<Bytes>>, bool), String> {
+        if reuse {
+            loop {
+                let Some(mut s) = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop() else { break };
+                if s.ready().await.is_ok() {
+                    return Ok((s, true));
+                }
+            }
+        }
+        Ok((self.connect().await?, false))
+    }
+
+    /// Send a request; on a reused connection that the controller closed before taking the
+    /// request (an idle keep-alive timing out), send it again on a new one.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        reuse: bool,
+    ) -> Result<(hyper::Response<hyper::body::Incoming>, SendRequest<Full<Bytes>>), String> {
+        let (host, port) = (&self.target.host, self.target.port);
         let uri = format!("{}{}", self.target.prefix.trim_end_matches('/'), path);
-        let req = Request::builder()
-            .method(method)
-            .uri(uri)
-            .header("Host", format!("{host}:{port}"))
-            .header("Authorization", format!("Bearer {}", self.token))
-            .body(Full::new(body))
-            .map_err(|e| e.to_string())?;
-        sender.send_request(req).await.map_err(|e| format!("talking to {}: {e}", self.url))
+        let (mut sender, mut reused) = self.sender(reuse).await?;
+        loop {
+            let req = Request::builder()
+                .method(method.clone())
+                .uri(&uri)
+                .header("Host", format!("{host}:{port}"))
+                .header("Authorization", format!("Bearer {}", self.token))
+                .body(Full::new(body.clone()))
+                .map_err(|e| e.to_string())?;
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok((resp, sender)),
+                Err(e) if reused && e.message().is_some() => {
+                    // Not sent at all: safe to send again, even a POST.
+                    (sender, reused) = (self.connect().await?, false);
+                }
+                Err(e) => return Err(format!("talking to {}: {}", self.url, e.into_error())),
+            }
+        }
     }
 
     /// Call the API and decode its JSON answer; a non-2xx answer becomes its error message.
@@ -136,10 +179,15 @@ impl Client {
         path: &str,
         body: impl Into<Bytes>,
     ) -> Result<serde_json::Value, String> {
-        let resp = self.send(method, path, body.into()).await?;
+        let (resp, sender) = self.send(method, path, body.into(), true).await?;
         let status = resp.status();
         let bytes =
             resp.into_body().collect().await.map_err(|e| format!("reading the answer: {e}"))?.to_bytes();
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push(sender);
+        }
+        drop(idle);
         let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| {
             format!("{}: unexpected answer (HTTP {status}): {}", self.url, String::from_utf8_lossy(&bytes))
         })?;
@@ -152,7 +200,7 @@ impl Client {
 
     /// Stream a GET answer's body into `out` as it arrives.
     pub async fn stream(&self, path: &str, out: &mut dyn Write) -> Result<(), String> {
-        let resp = self.send(Method::GET, path, Bytes::new()).await?;
+        let (resp, _sender) = self.send(Method::GET, path, Bytes::new(), false).await?;
         let status = resp.status();
         let mut body = resp.into_body();
         if !status.is_success() {

@@ -147,13 +147,45 @@ pub struct Sink {
     /// The StepStart went out (the agent may hold the step).
     pub started: bool,
     /// The step's log file.
-    pub file: File,
+    pub file: LogFile,
     /// Bytes stored so far.
     pub offset: u64,
     /// Tells the build task the step ended.
     pub done: Sender<StepEnd>,
     /// The build, to wake its followers.
     pub build: Arc<LiveBuild>,
+}
+
+/// A step's log file, made when its first byte arrives: a step with no output costs no
+/// directory and no file (the readers treat a missing file as an empty log).
+pub struct LogFile {
+    path: PathBuf,
+    file: Option<File>,
+}
+
+impl LogFile {
+    /// The log at `path`; nothing is created yet. Returns it and the bytes it already holds (a
+    /// controller restarted mid-step appends to what it had stored).
+    pub fn open(path: PathBuf) -> std::io::Result<(Self, u64)> {
+        match std::fs::metadata(&path) {
+            Ok(m) => Ok((Self { path, file: None }, m.len())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((Self { path, file: None }, 0)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Append bytes, making the file (and its build directory) on first use.
+    pub fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        if self.file.is_none() {
+            if let Some(dir) = self.path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let f = std::fs::OpenOptions::new().append(true).create(true).open(&self.path)?;
+            self.file = Some(f);
+        }
+        self.file.as_mut().expect("opened above").write_all(data)
+    }
 }
 
 /// One authenticated agent link.
@@ -358,12 +390,8 @@ impl Controller {
             live.steps_done.store(step - 1, Ordering::SeqCst);
             if running {
                 let path = self.data.join("builds").join(b.id.to_string()).join(format!("{step}.log"));
-                let file = std::fs::OpenOptions::new()
-                    .append(true)
-                    .create(true)
-                    .open(&path)
+                let (file, offset) = LogFile::open(path.clone())
                     .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-                let offset = file.metadata().map(|m| m.len()).unwrap_or(0);
                 let (done, done_rx) = bounded(1);
                 self.steps().insert(
                     (b.id, step),
@@ -705,17 +733,17 @@ impl Controller {
         mut running: Option<Receiver<StepEnd>>,
     ) {
         let id = build.id;
+        // The build is marked running together with its first step (one store write).
+        let mut start_on = (from == 1).then_some(node.as_str());
         if from == 1 {
             log::info!("build {id}: running on node {node}");
-            if let Err(e) = self.store().start_build(id, &node) {
-                log::error!("build {id}: store: {e}");
-            }
         }
-        build.changed.notify(usize::MAX);
         let workspace = pipeline::workspace_name(&build.pipeline.name);
         let dir = self.data.join("builds").join(id.to_string());
         let mut state = BuildState::Success;
         let mut message = String::new();
+        let mut finished = false;
+        let last = build.pipeline.steps.len() as u32;
         for (i, spec) in build.pipeline.steps.iter().enumerate().skip(from as usize - 1) {
             let step = i as u32 + 1;
             if build.cancelled.load(Ordering::SeqCst) {
@@ -723,8 +751,9 @@ impl Controller {
                 message = "cancelled".into();
                 break;
             }
-            let (end, bytes) =
-                self.run_step(&build, &node, &dir, step, &workspace, spec, running.take()).await;
+            let (end, bytes) = self
+                .run_step(&build, &node, &dir, step, &workspace, spec, running.take(), start_on.take())
+                .await;
             let (step_state, exit, code) = match &end {
                 StepEnd::Exit(ExitStatus::Code(0), _) => ("success", "exit code 0".to_string(), Some(0)),
                 StepEnd::Exit(ExitStatus::Cancelled, _) => ("aborted", "cancelled".to_string(), None),
@@ -733,31 +762,44 @@ impl Controller {
                 StepEnd::Lost(m) => ("failure", m.clone(), None),
             };
             log::info!("build {id} step {step}: {exit} (node {node})");
-            if let Err(e) = self.store().set_step(id, step, step_state, &exit, code, bytes) {
-                log::error!("build {id}: store: {e}");
-            }
-            build.steps_done.store(step, Ordering::SeqCst);
-            build.changed.notify(usize::MAX);
             match step_state {
                 "success" => {}
                 "aborted" => {
                     state = BuildState::Aborted;
                     message = format!("cancelled during step {step}");
-                    break;
                 }
                 _ => {
                     state = BuildState::Failure;
                     message = format!("step {step} ({}) failed: {exit}", spec.name);
-                    break;
                 }
             }
+            if state == BuildState::Failure && build.cancelled.load(Ordering::SeqCst) {
+                state = BuildState::Aborted;
+            }
+            // The build's last step and the build's end are one store write.
+            finished = state != BuildState::Success || step == last;
+            if finished {
+                log::info!("build {id}: finished {} {message}", state.as_str());
+            }
+            let stored = super::store::StepEnd { state: step_state, exit: &exit, code, bytes };
+            let finish = finished.then_some((state, message.as_str()));
+            if let Err(e) = self.store().end_step(id, step, &stored, finish) {
+                log::error!("build {id}: store: {e}");
+            }
+            build.steps_done.store(step, Ordering::SeqCst);
+            build.changed.notify(usize::MAX);
+            if finished {
+                break;
+            }
         }
-        if state == BuildState::Failure && build.cancelled.load(Ordering::SeqCst) {
-            state = BuildState::Aborted;
-        }
-        log::info!("build {id}: finished {} {message}", state.as_str());
-        if let Err(e) = self.store().finish_build(id, state, &message) {
-            log::error!("build {id}: store: {e}");
+        if !finished {
+            if state == BuildState::Failure && build.cancelled.load(Ordering::SeqCst) {
+                state = BuildState::Aborted;
+            }
+            log::info!("build {id}: finished {} {message}", state.as_str());
+            if let Err(e) = self.store().finish_build(id, state, &message) {
+                log::error!("build {id}: store: {e}");
+            }
         }
         {
             let mut st = self.state();
@@ -782,6 +824,7 @@ impl Controller {
         workspace: &str,
         spec: &pipeline::Step,
         running: Option<Receiver<StepEnd>>,
+        start_on: Option<&str>,
     ) -> (StepEnd, u64) {
         let id = build.id;
         let key = (id, step);
@@ -789,12 +832,13 @@ impl Controller {
         let done_rx = match running {
             Some(rx) => rx,
             None => {
-                let file = match std::fs::create_dir_all(dir).and_then(|_| File::create(&log_path)) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        let m = format!("cannot create the step log in {}: {e}", dir.display());
+                // A step started again (after a restart found it pending) begins an empty log.
+                let file = match std::fs::remove_file(&log_path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        let m = format!("cannot reset the step log {}: {e}", log_path.display());
                         return (StepEnd::Lost(m), 0);
                     }
+                    _ => LogFile { path: log_path.clone(), file: None },
                 };
                 let (done, done_rx) = bounded(1);
                 let sink = Sink {
@@ -806,7 +850,7 @@ impl Controller {
                     build: build.clone(),
                 };
                 self.steps().insert(key, sink);
-                if let Err(e) = self.store().set_step(id, step, "running", "", None, 0) {
+                if let Err(e) = self.store().start_step(id, step, start_on) {
                     log::error!("build {id}: store: {e}");
                 }
                 build.changed.notify(usize::MAX);

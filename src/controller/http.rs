@@ -23,7 +23,7 @@ use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Largest request body accepted (a pipeline, a node).
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -256,7 +256,10 @@ async fn route(
         }
         (Method::POST, ["api", "builds"]) => submit(&ctl, req).await,
         (Method::GET, ["api", "builds"]) => list_builds(&ctl),
-        (Method::GET, ["api", "builds", id]) => build_info(&ctl, id),
+        (Method::GET, ["api", "builds", id]) => {
+            let wait = query_param(&req, "wait");
+            build_info(&ctl, id, wait.as_deref()).await
+        }
         (Method::POST, ["api", "builds", id, "cancel"]) => parse_id(id)
             .and_then(|id| ctl.cancel(id))
             .map(|_| json_response(StatusCode::OK, json!({ "cancelled": true }))),
@@ -505,9 +508,44 @@ fn list_builds(ctl: &Controller) -> Result<Response<Body>, ApiError> {
     Ok(json_response(StatusCode::OK, json!({ "builds": list })))
 }
 
-fn build_info(ctl: &Controller, id: &str) -> Result<Response<Body>, ApiError> {
+/// The value of query parameter `name`, if given.
+fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == name).then(|| v.to_string())
+    })
+}
+
+/// Longest `?wait=` a client may ask for, in seconds.
+pub const MAX_WAIT_SECS: u64 = 300;
+
+/// A build's record and steps. With `?wait=SECS` the answer is held until the build is final or
+/// SECS (at most [`MAX_WAIT_SECS`]) have passed, so a client learns the result without polling.
+async fn build_info(ctl: &Controller, id: &str, wait: Option<&str>) -> Result<Response<Body>, ApiError> {
     let id = parse_id(id)?;
-    let b = ctl.build(id)?;
+    let wait = match wait {
+        None => Duration::ZERO,
+        Some(w) => Duration::from_secs_f64(
+            w.parse::<f64>()
+                .ok()
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .ok_or_else(|| ApiError::new(400, format!("bad wait {w:?}: give seconds, e.g. ?wait=30")))?
+                .min(MAX_WAIT_SECS as f64),
+        ),
+    };
+    let deadline = Instant::now() + wait;
+    let b = loop {
+        let listener = ctl.live(id).map(|l| l.changed.listen());
+        let b = ctl.build(id)?;
+        let Some(listener) = listener.filter(|_| !b.state.is_final()) else { break b };
+        if Instant::now() >= deadline {
+            break b;
+        }
+        smol::future::or(listener, async {
+            smol::Timer::at(deadline).await;
+        })
+        .await;
+    };
     let steps = ctl.store().steps(id)?;
     let mut v = build_json(ctl, &b);
     v["steps"] = serde_json::to_value(steps).unwrap_or_default();
@@ -526,11 +564,24 @@ fn step_log(ctl: &Controller, id: &str, step: &str) -> Result<Response<Body>, Ap
     let step: u32 = step.parse().map_err(|_| ApiError::new(400, format!("bad step number {step:?}")))?;
     ctl.build(id)?;
     let path = ctl.data.join("builds").join(id.to_string()).join(format!("{step}.log"));
-    let mut file = std::fs::File::open(&path)
-        .map_err(|_| ApiError::new(404, format!("build #{id} has no log for step {step} (yet)")))?;
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => Some(f),
+        // A step that started but wrote nothing has no file: its log is empty.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let started = ctl.store().steps(id)?.iter().any(|s| s.index == step && s.state != "pending");
+            if !started {
+                return Err(ApiError::new(404, format!("build #{id} has no log for step {step} (yet)")));
+            }
+            None
+        }
+        Err(e) => {
+            return Err(ApiError::new(500, format!("cannot read the log of build #{id} step {step}: {e}")))
+        }
+    };
     let (tx, rx) = smol::channel::bounded(4);
     ctl.ex
         .spawn(async move {
+            let Some(mut file) = file else { return };
             let mut buf = vec![0u8; LOG_CHUNK];
             while let Ok(n) = file.read(&mut buf) {
                 if n == 0 || tx.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
@@ -581,12 +632,18 @@ async fn follow_log(ctl: &Controller, id: u64, follow: bool, tx: &Tx) -> Result<
             }
         }
         send(tx, format!("==> step {}: {}\n", s.index, s.name)).await?;
-        let mut file = std::fs::File::open(dir.join(format!("{}.log", s.index))).ok();
+        let path = dir.join(format!("{}.log", s.index));
+        let mut file = None;
         let mut last = b'\n';
         loop {
             let live = ctl.live(id);
             let listener = live.as_ref().map(|b| b.changed.listen());
             let done = live.as_ref().is_none_or(|b| b.steps_done.load(Ordering::SeqCst) >= s.index);
+            // The file appears with the step's first byte (looked for after `done` is read, so a
+            // step that ended with output is never taken for an empty one).
+            if file.is_none() {
+                file = std::fs::File::open(&path).ok();
+            }
             if let Some(f) = file.as_mut() {
                 loop {
                     let n = f.read(&mut buf).unwrap_or(0);
@@ -599,9 +656,6 @@ async fn follow_log(ctl: &Controller, id: u64, follow: bool, tx: &Tx) -> Result<
             }
             if done || !follow {
                 break;
-            }
-            if file.is_none() {
-                file = std::fs::File::open(dir.join(format!("{}.log", s.index))).ok();
             }
             // A notification is the normal wake-up; the timer only bounds a missed one.
             if let Some(l) = listener {

@@ -105,6 +105,18 @@ pub struct StepRecord {
     pub bytes: u64,
 }
 
+/// How a step ended, as stored.
+pub struct StepEnd<'a> {
+    /// success, failure, aborted (or running).
+    pub state: &'a str,
+    /// "exit code 3", "killed by signal 9"...
+    pub exit: &'a str,
+    /// Exit code when it exited normally.
+    pub code: Option<i32>,
+    /// Output bytes stored.
+    pub bytes: u64,
+}
+
 /// Store errors carry the SQLite message.
 pub type Result<T> = std::result::Result<T, rusqlite::Error>;
 
@@ -179,56 +191,70 @@ impl Store {
     /// Record a new queued build with its steps; returns its number.
     pub fn insert_build(&self, name: &str, yaml: &str, steps: &[String]) -> Result<u64> {
         let tx = self.db.unchecked_transaction()?;
-        tx.execute(
-            "INSERT INTO builds (name, yaml, state, created) VALUES (?1, ?2, 'queued', ?3)",
-            params![name, yaml, now()],
-        )?;
+        tx.prepare_cached("INSERT INTO builds (name, yaml, state, created) VALUES (?1, ?2, 'queued', ?3)")?
+            .execute(params![name, yaml, now()])?;
         let id = tx.last_insert_rowid() as u64;
-        for (i, s) in steps.iter().enumerate() {
-            tx.execute(
+        {
+            let mut q = tx.prepare_cached(
                 "INSERT INTO steps (build, idx, name, state) VALUES (?1, ?2, ?3, 'pending')",
-                params![id, i as u32 + 1, s],
             )?;
+            for (i, s) in steps.iter().enumerate() {
+                q.execute(params![id, i as u32 + 1, s])?;
+            }
         }
         tx.commit()?;
         Ok(id)
     }
 
-    /// Mark a build running on `node`.
-    pub fn start_build(&self, id: u64, node: &str) -> Result<()> {
-        self.db.execute(
-            "UPDATE builds SET state = 'running', node = ?2, started = ?3 WHERE id = ?1",
-            params![id, node, now()],
-        )?;
-        Ok(())
+    /// Mark a step running; with `start_on`, also the build running on that node (its first step),
+    /// in one transaction.
+    pub fn start_step(&self, build: u64, idx: u32, start_on: Option<&str>) -> Result<()> {
+        let tx = self.db.unchecked_transaction()?;
+        if let Some(node) = start_on {
+            tx.prepare_cached("UPDATE builds SET state = 'running', node = ?2, started = ?3 WHERE id = ?1")?
+                .execute(params![build, node, now()])?;
+        }
+        tx.prepare_cached(
+            "UPDATE steps SET state = 'running', exit = '', code = NULL, bytes = 0 WHERE build = ?1 AND idx = ?2",
+        )?
+        .execute(params![build, idx])?;
+        tx.commit()
     }
 
     /// Give a build its final state.
     pub fn finish_build(&self, id: u64, state: BuildState, message: &str) -> Result<()> {
-        self.db.execute(
-            "UPDATE builds SET state = ?2, message = ?3, finished = ?4 WHERE id = ?1",
-            params![id, state.as_str(), message, now()],
-        )?;
+        let tx = self.db.unchecked_transaction()?;
+        Self::finish_in(&tx, id, state, message)?;
+        tx.commit()
+    }
+
+    fn finish_in(db: &Connection, id: u64, state: BuildState, message: &str) -> Result<()> {
+        db.prepare_cached("UPDATE builds SET state = ?2, message = ?3, finished = ?4 WHERE id = ?1")?
+            .execute(params![id, state.as_str(), message, now()])?;
         // Steps that never ran are marked so, for people reading the build.
-        self.db.execute("UPDATE steps SET state = 'skipped' WHERE build = ?1 AND state = 'pending'", [id])?;
+        db.prepare_cached("UPDATE steps SET state = 'skipped' WHERE build = ?1 AND state = 'pending'")?
+            .execute([id])?;
         Ok(())
     }
 
-    /// Update a step's state, exit description, exit code and stored byte count.
-    pub fn set_step(
+    /// Update a step's state, exit description, exit code and stored byte count; with `finish`,
+    /// also give the build its final state (its last step), in one transaction.
+    pub fn end_step(
         &self,
         build: u64,
         idx: u32,
-        state: &str,
-        exit: &str,
-        code: Option<i32>,
-        bytes: u64,
+        end: &StepEnd<'_>,
+        finish: Option<(BuildState, &str)>,
     ) -> Result<()> {
-        self.db.execute(
+        let tx = self.db.unchecked_transaction()?;
+        tx.prepare_cached(
             "UPDATE steps SET state = ?3, exit = ?4, code = ?5, bytes = ?6 WHERE build = ?1 AND idx = ?2",
-            params![build, idx, state, exit, code, bytes],
-        )?;
-        Ok(())
+        )?
+        .execute(params![build, idx, end.state, end.exit, end.code, end.bytes])?;
+        if let Some((state, message)) = finish {
+            Self::finish_in(&tx, build, state, message)?;
+        }
+        tx.commit()
     }
 
     fn build_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BuildRecord> {
@@ -249,11 +275,10 @@ impl Store {
     /// One build.
     pub fn build(&self, id: u64) -> Result<Option<BuildRecord>> {
         self.db
-            .query_row(
+            .prepare_cached(
                 "SELECT id, name, yaml, state, node, message, created, started, finished FROM builds WHERE id = ?1",
-                [id],
-                Self::build_row,
-            )
+            )?
+            .query_row([id], Self::build_row)
             .optional()
     }
 
@@ -278,9 +303,9 @@ impl Store {
 
     /// A build's steps in order.
     pub fn steps(&self, build: u64) -> Result<Vec<StepRecord>> {
-        let mut q = self
-            .db
-            .prepare("SELECT idx, name, state, exit, code, bytes FROM steps WHERE build = ?1 ORDER BY idx")?;
+        let mut q = self.db.prepare_cached(
+            "SELECT idx, name, state, exit, code, bytes FROM steps WHERE build = ?1 ORDER BY idx",
+        )?;
         let rows = q.query_map([build], |r| {
             Ok(StepRecord {
                 index: r.get(0)?,
@@ -315,9 +340,10 @@ mod tests {
             s.add_node(&n).unwrap();
             assert!(s.add_node(&n).is_err(), "duplicate names are refused");
             let id = s.insert_build("hello", "name: hello", &["a".into(), "b".into()]).unwrap();
-            s.start_build(id, "n1").unwrap();
-            s.set_step(id, 1, "success", "exit code 0", Some(0), 12).unwrap();
-            s.finish_build(id, BuildState::Success, "").unwrap();
+            s.start_step(id, 1, Some("n1")).unwrap();
+            assert_eq!(s.build(id).unwrap().unwrap().state, BuildState::Running);
+            let end = StepEnd { state: "success", exit: "exit code 0", code: Some(0), bytes: 12 };
+            s.end_step(id, 1, &end, Some((BuildState::Success, ""))).unwrap();
         }
         let s = Store::open(&dir).unwrap();
         assert_eq!(s.nodes().unwrap()[0].labels, vec!["linux", "x86_64"]);
