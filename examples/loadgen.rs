@@ -6,7 +6,7 @@
 //!       are online, then serves until killed.
 //!   loadgen dispatch --url URL --data DIR --label L --builds K --concurrency C
 //!       submits K one-step `true` builds for label L (C at a time), waits for each result (one
-//!       `GET /api/builds/ID?wait=60`, on kept-alive connections) and
+//!       `POST /api/builds?wait=60` per build, on kept-alive connections) and
 //!       prints `latency_ms p50 p99 min max`, `builds_per_s X` and `failures F`.
 use std::time::{Duration, Instant};
 
@@ -166,10 +166,9 @@ async fn idle(args: Vec<String>) -> i32 {
 
 async fn one_build(c: &Client, yaml: &str) -> Result<(f64, bool), String> {
     let t0 = Instant::now();
-    let v = c.json(hyper::Method::POST, "/api/builds", yaml.to_string()).await?;
-    let id = v["id"].as_u64().ok_or("no build id")?;
-    // The controller holds the answer until the build is final (`?wait=`), so there is no polling.
-    let b = c.json(hyper::Method::GET, &format!("/api/builds/{id}?wait=60"), "").await?;
+    // Submit and wait in one call: the controller answers once the build is final (`?wait=`).
+    let b = c.json(hyper::Method::POST, "/api/builds?wait=60", yaml.to_string()).await?;
+    let id = b["id"].as_u64().ok_or("no build id")?;
     match b["state"].as_str() {
         Some("queued" | "running") => Err(format!("build {id} not done after 60 s")),
         Some(s) => Ok((t0.elapsed().as_secs_f64() * 1000.0, s == "success")),

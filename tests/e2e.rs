@@ -259,3 +259,73 @@ fn jnlp_url_with_a_secret_file_starts_the_agent_like_agent_jar() {
     let wd = std::fs::canonicalize(&wd).unwrap();
     assert!(out.contains(&format!("{}/workspace/jn\n", wd.display())), "{out}");
 }
+
+#[test]
+fn submit_and_wait_answers_with_the_result_and_a_silent_step_has_an_empty_log() {
+    let ctl = Controller::start();
+    let work = TempDir::new("work");
+    let _agent = online_node(&ctl, "w1", false, &work);
+    let token = ctl.token();
+    // One call: submitted, held until final, answered with the record.
+    let yaml = b"name: quiet\nsteps:\n  - sh: \"true\"\n  - sh: exit 3\n";
+    let (status, body) = http_request(&ctl.http, "POST", "/api/builds?wait=30", Some(&token), yaml);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["state"], "failure", "{v}");
+    assert_eq!(v["steps"][0]["state"], "success", "{v}");
+    assert_eq!(v["steps"][1]["code"], 3, "{v}");
+    let id = v["id"].as_u64().unwrap();
+    // The steps wrote nothing: no log file was made, and the log reads empty (not 404).
+    assert!(!ctl.data.path().join(format!("builds/{id}/1.log")).exists());
+    let (status, body) =
+        http_request(&ctl.http, "GET", &format!("/api/builds/{id}/steps/1/log"), Some(&token), b"");
+    assert_eq!((status, body.len()), (200, 0));
+    // GET ?wait on a running build returns when it ends, well before the wait runs out.
+    let (_, body) = http_request(
+        &ctl.http,
+        "POST",
+        "/api/builds",
+        Some(&token),
+        b"name: slow\nsteps:\n  - sh: sleep 1; echo done\n",
+    );
+    let id = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["id"].as_u64().unwrap();
+    let t0 = std::time::Instant::now();
+    let (status, body) =
+        http_request(&ctl.http, "GET", &format!("/api/builds/{id}?wait=60"), Some(&token), b"");
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((status, v["state"].as_str()), (200, Some("success")), "{v}");
+    assert!(t0.elapsed() < Duration::from_secs(30), "answered when the build ended");
+    assert_eq!(v["steps"][0]["bytes"], 5, "{v}");
+    // A short wait on a build that is not final answers with its current state.
+    let (_, body) = http_request(
+        &ctl.http,
+        "POST",
+        "/api/builds",
+        Some(&token),
+        b"name: slower\nsteps:\n  - sh: sleep 5\n",
+    );
+    let id = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["id"].as_u64().unwrap();
+    let (status, body) =
+        http_request(&ctl.http, "GET", &format!("/api/builds/{id}?wait=0.2"), Some(&token), b"");
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status, 200);
+    assert!(matches!(v["state"].as_str(), Some("queued" | "running")), "{v}");
+    let (status, body) = http_request(&ctl.http, "GET", "/api/builds/1?wait=soon", Some(&token), b"");
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("?wait=30"));
+}
+
+#[test]
+fn a_second_controller_on_the_same_data_dir_is_refused() {
+    let ctl = Controller::start();
+    let out = std::process::Command::new(WISP)
+        .args(["serve", "--http-port", "0", "--agent-port", "0", "--bind", "127.0.0.1", "--no-tls", "--data"])
+        .arg(ctl.data.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("another controller is using the data dir"), "{err}");
+    // The first one is unharmed.
+    assert!(ctl.wisp(&["nodes"]).status.success());
+}

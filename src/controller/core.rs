@@ -329,8 +329,14 @@ impl Controller {
             .map_err(|e| format!("controller key in {}: {e}", data.display()))?;
         let token = secret_file(&data.join("token"), || crate::auth::hex(&crate::auth::random_nonce()))
             .map_err(|e| format!("API token in {}: {e}", data.display()))?;
-        let store =
-            Store::open(&data).map_err(|e| format!("cannot open the store in {}: {e}", data.display()))?;
+        let store = Store::open(&data).map_err(|e| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => format!(
+                "another controller is using the data dir {} (its store is locked): stop it first, or \
+                     give this one another --data",
+                data.display()
+            ),
+            _ => format!("cannot open the store in {}: {e}", data.display()),
+        })?;
         let mut state = State::default();
         for rec in store.nodes().map_err(|e| format!("store: {e}"))? {
             state.nodes.insert(rec.name.clone(), Node::new(rec));

@@ -488,10 +488,17 @@ async fn add_node(
     Ok(json_response(StatusCode::CREATED, v))
 }
 
+/// Queue a pipeline: `{"id": N}`. With `?wait=SECS` the answer is held until the build is final
+/// (or SECS have passed) and is the build's record, as `GET /api/builds/N?wait=SECS` gives it:
+/// submit and result in one call (like `jenkins-cli build -s`).
 async fn submit(ctl: &Arc<Controller>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let wait = query_param(&req, "wait").map(|w| parse_wait(&w)).transpose()?;
     let yaml = body_text(req).await?;
     let id = ctl.submit(&yaml)?;
-    Ok(json_response(StatusCode::CREATED, json!({ "id": id })))
+    match wait {
+        None => Ok(json_response(StatusCode::CREATED, json!({ "id": id }))),
+        Some(wait) => Ok(json_response(StatusCode::CREATED, build_record(ctl, id, wait).await?)),
+    }
 }
 
 fn build_json(ctl: &Controller, b: &super::store::BuildRecord) -> serde_json::Value {
@@ -519,20 +526,26 @@ fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
 /// Longest `?wait=` a client may ask for, in seconds.
 pub const MAX_WAIT_SECS: u64 = 300;
 
+/// `?wait=SECS`: seconds, at most [`MAX_WAIT_SECS`].
+fn parse_wait(w: &str) -> Result<Duration, ApiError> {
+    let secs = w
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .ok_or_else(|| ApiError::new(400, format!("bad wait {w:?}: give seconds, e.g. ?wait=30")))?;
+    Ok(Duration::from_secs_f64(secs.min(MAX_WAIT_SECS as f64)))
+}
+
 /// A build's record and steps. With `?wait=SECS` the answer is held until the build is final or
 /// SECS (at most [`MAX_WAIT_SECS`]) have passed, so a client learns the result without polling.
 async fn build_info(ctl: &Controller, id: &str, wait: Option<&str>) -> Result<Response<Body>, ApiError> {
     let id = parse_id(id)?;
-    let wait = match wait {
-        None => Duration::ZERO,
-        Some(w) => Duration::from_secs_f64(
-            w.parse::<f64>()
-                .ok()
-                .filter(|s| s.is_finite() && *s >= 0.0)
-                .ok_or_else(|| ApiError::new(400, format!("bad wait {w:?}: give seconds, e.g. ?wait=30")))?
-                .min(MAX_WAIT_SECS as f64),
-        ),
-    };
+    let wait = wait.map(parse_wait).transpose()?.unwrap_or(Duration::ZERO);
+    Ok(json_response(StatusCode::OK, build_record(ctl, id, wait).await?))
+}
+
+/// The build's record with its steps, once it is final or `wait` has passed.
+async fn build_record(ctl: &Controller, id: u64, wait: Duration) -> Result<serde_json::Value, ApiError> {
     let deadline = Instant::now() + wait;
     let b = loop {
         let listener = ctl.live(id).map(|l| l.changed.listen());
@@ -549,7 +562,7 @@ async fn build_info(ctl: &Controller, id: &str, wait: Option<&str>) -> Result<Re
     let steps = ctl.store().steps(id)?;
     let mut v = build_json(ctl, &b);
     v["steps"] = serde_json::to_value(steps).unwrap_or_default();
-    Ok(json_response(StatusCode::OK, v))
+    Ok(v)
 }
 
 fn stream_response(rx: smol::channel::Receiver<Bytes>, content_type: &str) -> Response<Body> {

@@ -136,9 +136,14 @@ impl Store {
     /// Open (or create) `DIR/wisp.db`.
     pub fn open(dir: &Path) -> Result<Self> {
         let db = Connection::open(dir.join("wisp.db"))?;
+        // The controller is the database's only user: it holds the lock for as long as it runs
+        // (no lock calls per transaction, no shared-memory index), and a second controller on
+        // the same data dir is refused at once instead of corrupting the first one's state.
+        db.busy_timeout(std::time::Duration::from_millis(200))?;
+        db.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "NORMAL")?;
-        db.busy_timeout(std::time::Duration::from_secs(5))?;
+        db.execute_batch("BEGIN EXCLUSIVE; COMMIT;")?;
         db.execute_batch(
             "CREATE TABLE IF NOT EXISTS nodes (
                 name TEXT PRIMARY KEY, labels TEXT NOT NULL, executors INTEGER NOT NULL,
@@ -346,6 +351,8 @@ mod tests {
             s.end_step(id, 1, &end, Some((BuildState::Success, ""))).unwrap();
         }
         let s = Store::open(&dir).unwrap();
+        let second = Store::open(&dir).err().and_then(|e| e.sqlite_error_code());
+        assert_eq!(second, Some(rusqlite::ErrorCode::DatabaseBusy), "one owner at a time");
         assert_eq!(s.nodes().unwrap()[0].labels, vec!["linux", "x86_64"]);
         let b = s.builds(10).unwrap();
         assert_eq!((b.len(), b[0].state, b[0].node.as_deref()), (1, BuildState::Success, Some("n1")));
