@@ -130,7 +130,10 @@ enum ReadKind {
 }
 
 enum WriteKind {
-    Ws(WebSocketSender<BoxIo>),
+    /// The sender, and the buffer each message is built in: its allocation is reclaimed for the
+    /// next message once the WebSocket layer has copied the last one out (no allocation per frame,
+    /// which with musl's allocator would be an mmap and a munmap per 32 KiB of output).
+    Ws(WebSocketSender<BoxIo>, bytes::BytesMut),
     Tcp(smol::io::WriteHalf<BoxIo>),
 }
 
@@ -186,7 +189,11 @@ pub fn websocket(ws: WebSocketStream<BoxIo>) -> (LinkReader, LinkWriter) {
     let (w, r) = ws.split();
     (
         LinkReader { kind: ReadKind::Ws(r, None), buf: Box::new([]), mac: None },
-        LinkWriter { kind: WriteKind::Ws(w), buf: vec![0; 4 + SMALL_SEND + TAG_LEN], mac: None },
+        LinkWriter {
+            kind: WriteKind::Ws(w, bytes::BytesMut::new()),
+            buf: vec![0; 4 + SMALL_SEND + TAG_LEN],
+            mac: None,
+        },
     )
 }
 
@@ -308,8 +315,10 @@ impl LinkWriter {
                 w.write_all(buf).await?;
                 w.flush().await?;
             }
-            WriteKind::Ws(w) => {
-                w.send(Message::Binary(buf[4..].to_vec().into())).await?;
+            WriteKind::Ws(w, msg) => {
+                msg.reserve(n);
+                msg.extend_from_slice(&buf[4..]);
+                w.send(Message::Binary(msg.split().freeze())).await?;
             }
         }
         Ok(())
@@ -321,7 +330,7 @@ impl LinkWriter {
             WriteKind::Tcp(w) => {
                 let _ = w.close().await;
             }
-            WriteKind::Ws(w) => {
+            WriteKind::Ws(w, _) => {
                 let _ = w.close(None).await;
             }
         }

@@ -2,9 +2,12 @@
 //! reader and writer loops that store output, grant credit and keep the link alive.
 
 use super::core::{Conn, Controller, Out, StepEnd, STEP_CREDIT};
+
+/// Output credit is granted back in batches of this many bytes (a quarter of the window).
+const CREDIT_BATCH: u32 = STEP_CREDIT / 4;
 use crate::auth::{self, ServerHandshake, ServerStep};
 use crate::link::{LinkError, LinkReader, LinkWriter};
-use crate::proto::{self, Frame, RejectCode, StepStart};
+use crate::proto::{self, Frame, RejectCode, StepStart, MAX_OUTPUT_CHUNK};
 use event_listener::Event;
 use smol::channel::{bounded, Receiver};
 use std::collections::HashMap;
@@ -312,6 +315,11 @@ async fn write_loop(mut writer: LinkWriter, rx: Receiver<Out>, ping: Duration) -
 /// Read frames until the link ends; returns why it ended.
 async fn read_loop(ctl: &Controller, conn: &Arc<Conn>, reader: &mut LinkReader) -> String {
     let dead_after = ctl.ping_interval * DEAD_AFTER_PINGS;
+    // Credit owed to the agent for output stored but not yet granted back: granted in batches of
+    // CREDIT_BATCH (or at once after a short frame, when the agent has drained its pipe), so a
+    // fast stream costs one Credit frame per 64 KiB instead of one per output frame. The batch is
+    // well under the step's credit window, so the agent never stalls waiting for it.
+    let mut owed: Option<((u64, u32), u32, u64)> = None;
     loop {
         let listener = conn.close.listen();
         if conn.closing.load(Ordering::SeqCst) {
@@ -343,9 +351,21 @@ async fn read_loop(ctl: &Controller, conn: &Arc<Conn>, reader: &mut LinkReader) 
                         return m;
                     }
                 };
-                let credit = Out::Credit { build, step, bytes: data.len() as u32, stored };
-                if conn.tx.send(credit).await.is_err() {
-                    return "writer closed".into();
+                let key = (build, step);
+                if let Some((k, bytes, stored)) = owed.take_if(|(k, _, _)| *k != key) {
+                    let credit = Out::Credit { build: k.0, step: k.1, bytes, stored };
+                    if conn.tx.send(credit).await.is_err() {
+                        return "writer closed".into();
+                    }
+                }
+                let due = owed.map_or(0, |(_, b, _)| b) + data.len() as u32;
+                if due >= CREDIT_BATCH || data.len() < MAX_OUTPUT_CHUNK {
+                    owed = None;
+                    if conn.tx.send(Out::Credit { build, step, bytes: due, stored }).await.is_err() {
+                        return "writer closed".into();
+                    }
+                } else {
+                    owed = Some((key, due, stored));
                 }
             }
             Frame::Exit { build, step, status, offset, message } => {
