@@ -329,3 +329,17 @@ fn a_second_controller_on_the_same_data_dir_is_refused() {
     // The first one is unharmed.
     assert!(ctl.wisp(&["nodes"]).status.success());
 }
+
+#[test]
+fn run_wait_exits_with_the_result_without_the_log() {
+    let ctl = Controller::start();
+    let work = TempDir::new("work");
+    let _agent = online_node(&ctl, "rw1", true, &work);
+    let file = work.path().join("p.yaml");
+    std::fs::write(&file, "name: w\nsteps:\n  - sh: echo twelve bytes\n  - sh: exit 4\n").unwrap();
+    let out = ctl.wisp(&["run", file.to_str().unwrap(), "--wait"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("FAILURE: step 2") && stdout.contains("(13 output bytes stored)"), "{stdout}");
+    assert!(!stdout.contains("twelve"), "no log with --wait: {stdout}");
+}

@@ -206,7 +206,7 @@ struct Nodes {
     data: Option<PathBuf>,
 }
 
-/// submit a pipeline (YAML); with --follow, stream its log and exit with its result
+/// submit a pipeline (YAML); with --follow or --wait, exit with its result
 #[derive(FromArgs)]
 #[argh(subcommand, name = "run")]
 struct Run {
@@ -216,6 +216,9 @@ struct Run {
     /// stream the log until the build ends; exit 0 on success, 1 on failure, 2 if aborted
     #[argh(switch, short = 'f')]
     follow: bool,
+    /// wait for the result without the log (one call, no polling); same exit codes as --follow
+    #[argh(switch, short = 'w')]
+    wait: bool,
     /// controller URL
     #[argh(option)]
     url: Option<String>,
@@ -366,7 +369,14 @@ pub fn main() {
         Cmd::Run(r) => {
             let yaml = std::fs::read_to_string(&r.file)
                 .unwrap_or_else(|e| die(format!("cannot read {}: {e}", r.file.display())));
-            client_do(r.url, r.token, r.data, |c| async move { submit(&c, &yaml, r.follow).await })
+            if r.follow && r.wait {
+                die("--follow already waits for the result: give one of --follow and --wait");
+            }
+            if r.wait {
+                client_do(r.url, r.token, r.data, |c| async move { submit_and_wait(&c, &yaml).await })
+            } else {
+                client_do(r.url, r.token, r.data, |c| async move { submit(&c, &yaml, r.follow).await })
+            }
         }
         Cmd::Builds(b) => client_do(b.url, b.token, b.data, |c| async move {
             let v = c.json(Method::GET, "/api/builds", "").await?;
@@ -423,6 +433,27 @@ async fn submit(c: &Client, yaml: &str, follow: bool) -> Result<i32, String> {
         return Ok(0);
     }
     show_log(c, id, true).await
+}
+
+/// Submit and wait for the result in one call (`POST /api/builds?wait=`), asking again while
+/// the build runs longer than the controller's longest wait.
+async fn submit_and_wait(c: &Client, yaml: &str) -> Result<i32, String> {
+    let mut v = c.json(Method::POST, "/api/builds?wait=300", yaml.to_string()).await?;
+    let id = v["id"].as_u64().ok_or("the controller did not return a build number")?;
+    eprintln!("build #{id} queued at {}", c.url());
+    while matches!(v["state"].as_str(), Some("queued" | "running")) {
+        v = c.json(Method::GET, &format!("/api/builds/{id}?wait=300"), "").await?;
+    }
+    let state = v["state"].as_str().unwrap_or("unknown");
+    let message =
+        v["message"].as_str().filter(|m| !m.is_empty()).map(|m| format!(": {m}")).unwrap_or_default();
+    let bytes: u64 = v["steps"].as_array().into_iter().flatten().filter_map(|s| s["bytes"].as_u64()).sum();
+    println!("build #{id} {}{message} ({bytes} output bytes stored)", state.to_uppercase());
+    Ok(match state {
+        "success" => 0,
+        "aborted" => EXIT_ABORTED,
+        _ => EXIT_FAILURE,
+    })
 }
 
 async fn show_log(c: &Client, id: u64, follow: bool) -> Result<i32, String> {
