@@ -3,7 +3,8 @@
 # <!-- bench:end --> (the static section is kept):
 #   1. footprint: agent and controller idle RSS, agent peak RSS while streaming; buildbot-worker and
 #      buildbot master idle RSS;
-#   2. streaming throughput of S MiB step output over TCP, WebSocket, WebSocket+TLS (nginx) against a
+#   2. streaming throughput of S MiB step output to the stored log over TCP, WebSocket, WebSocket+TLS
+#      (the controller's own TLS), plus TCP with a live log reader and WSS through nginx, against a
 #      raw loopback pipe (socat into a file) in the same run, and against Buildbot's log streaming;
 #   3. dispatch latency (submit of a one-step `true` build to its result) with 1 and 50 agents,
 #      against Buildbot (sendchange to build result);
@@ -181,20 +182,65 @@ done
 read -r raw_med raw_min raw_max < <(printf '%s\n' "${raw_samples[@]}" | stats)
 say "raw pipe: $raw_med MiB/s"
 
-for tr in tcp ws wss; do
+# The controller's own TLS (its default; the main bench controller runs --no-tls): a second
+# controller for the wss row, the agent pinning its self-signed identity.
+TLS_CTL=$WORK/ctl-tls
+mkdir -p "$TLS_CTL"
+"$WISP" serve --data "$TLS_CTL" --http-port 0 --agent-port 0 --bind 127.0.0.1 2>"$WORK/controller-tls.log" &
+HARNESS_PIDS+=("$!")
+for ((i = 0; i < 100; i++)); do
+    grep -q '^url ' "$TLS_CTL/listening" 2>/dev/null && [ -s "$TLS_CTL/fingerprint" ] && break
+    sleep 0.1
+done
+TLS_URL=$(sed -n 's/^url //p' "$TLS_CTL/listening" 2>/dev/null)
+[ -n "$TLS_URL" ] || die "the TLS controller did not start: $(tail -3 "$WORK/controller-tls.log")"
+
+# stream_stored NAME DATA: stream $GEN as a build on node NAME of the controller with data dir DATA
+# and wait for its result (`wisp run --wait`: step stdout to the stored log, no reader attached);
+# fails unless every byte is stored.
+stream_stored() {
+    local yaml=$WORK/$1.$RANDOM.yaml out
+    printf 'name: %s\nagent:\n  label: "%s"\nsteps:\n  - sh: %s\n' "$1" "$1" "$GEN" >"$yaml"
+    out=$(timeout 600 "$WISP" run "$yaml" --wait --data "$2" 2>&1) || die "streaming on $1 failed: $out"
+    grep -q "SUCCESS ($((stream_mib * 1048576)) output bytes stored)" <<<"$out" || die "streaming on $1: $out"
+}
+
+# Rows: tcp, ws, wss (the controller's TLS) to the stored log; tcp with a live `wisp run --follow`
+# reader (the log streamed back out while it is stored); wss through nginx terminating TLS.
+for tr in tcp ws wss tcp_follow wss_nginx; do
     name=stream_$tr
-    add_labeled "$name" "$name"
-    start_agent "$name" "$tr"
+    data=$CTL
+    case $tr in
+        wss)
+            data=$TLS_CTL
+            "$WISP" node add "$name" --labels "$name" --executors 1 --data "$data" >/dev/null || die "node add $name"
+            "$WISP" node secret "$name" --data "$data" >"$WORK/$name.secret" || die "node secret $name"
+            mkdir -p "$WORK/$name"
+            "$AGENT" --url "$TLS_URL" --websocket --instance-identity "$(cat "$TLS_CTL/fingerprint")" --name "$name" \
+                --secret "@$WORK/$name.secret" --work-dir "$WORK/$name" >"$WORK/$name.log" 2>&1 &
+            APID=$!
+            HARNESS_PIDS+=("$APID")
+            ;;
+        tcp_follow) add_labeled "$name" "$name"; start_agent "$name" tcp ;;
+        wss_nginx) add_labeled "$name" "$name"; start_agent "$name" wss ;;
+        *) add_labeled "$name" "$name"; start_agent "$name" "$tr" ;;
+    esac
+    main_ctl=$CTL CTL=$data
     wait_online "$name" "$APID" || die "agent over $tr did not come online: $(tail -3 "$WORK/$name.log")"
+    CTL=$main_ctl
     sleep 1
     idle_rss[$tr]=$(status_kb "$APID" VmRSS)
     s=()
     for ((r = 0; r < runs; r++)); do
         t0=$(now_ns)
-        rc=0
-        WISP_STEP_TIMEOUT=600 run_step "$name" /dev/null "$GEN" || rc=$?
+        if [ "$tr" = tcp_follow ]; then
+            rc=0
+            WISP_STEP_TIMEOUT=600 run_step "$name" /dev/null "$GEN" || rc=$?
+            [ "$rc" = 0 ] || die "streaming over $tr failed (wisp run exit $rc)"
+        else
+            stream_stored "$name" "$data"
+        fi
         t1=$(now_ns)
-        [ "$rc" = 0 ] || die "streaming over $tr failed (wisp run exit $rc)"
         s+=("$(awk -v a="$t0" -v b="$t1" -v m="$stream_mib" 'BEGIN { printf "%.1f", m / ((b - a) / 1e9) }')")
     done
     tput[$tr]=$(printf '%s\n' "${s[@]}" | stats)
@@ -371,6 +417,8 @@ mark() { if awk "BEGIN { exit !($1) }"; then echo met; else echo "**not met**"; 
 read -r tcp_med tcp_min tcp_max <<<"${tput[tcp]}"
 read -r ws_med ws_min ws_max <<<"${tput[ws]}"
 read -r wss_med wss_min wss_max <<<"${tput[wss]}"
+read -r tf_med tf_min tf_max <<<"${tput[tcp_follow]}"
+read -r wn_med wn_min wn_max <<<"${tput[wss_nginx]}"
 read -r l1p50 l1p99 l1min l1max <<<"$lat1"
 read -r l50p50 l50p99 l50min l50max <<<"$lat50"
 nmax=${scale_ns[-1]}
@@ -425,14 +473,16 @@ section=$WORK/section.md
         echo "| buildbot-worker, master | not measured: $BB_NOTE | |"
     fi
     echo
-    echo "### 2. Streaming throughput ($stream_mib MiB of step stdout to the stored log, through \`wisp run --follow\`)"
+    echo "### 2. Streaming throughput ($stream_mib MiB of step stdout to the controller's stored log: \`wisp run --wait\`, submit to result, every byte checked stored)"
     echo
     echo '| path | MiB/s | / raw pipe |'
     echo '| --- | ---: | ---: |'
     echo "| raw loopback pipe (\`yes \| head -c \| socat\` into a file) | $(spread "$raw_med" "$raw_min" "$raw_max") | 1.00 |"
     echo "| wisp over TCP | $(spread "$tcp_med" "$tcp_min" "$tcp_max") | $(ratio "$tcp_med" "$raw_med") |"
     echo "| wisp over WebSocket | $(spread "$ws_med" "$ws_min" "$ws_max") | $(ratio "$ws_med" "$raw_med") |"
-    echo "| wisp over WebSocket+TLS (nginx) | $(spread "$wss_med" "$wss_min" "$wss_max") | $(ratio "$wss_med" "$raw_med") |"
+    echo "| wisp over WebSocket+TLS (the controller's own TLS, identity pinned) | $(spread "$wss_med" "$wss_min" "$wss_max") | $(ratio "$wss_med" "$raw_med") |"
+    echo "| wisp over TCP, with \`wisp run --follow\` reading the log back live | $(spread "$tf_med" "$tf_min" "$tf_max") | $(ratio "$tf_med" "$raw_med") |"
+    echo "| wisp over WebSocket+TLS through nginx terminating TLS | $(spread "$wn_med" "$wn_min" "$wn_max") | $(ratio "$wn_med" "$raw_med") |"
     if [ -n "$bb_tput" ]; then
         echo "| Buildbot ($BB_STREAM_MIB MiB, one run, sendchange to build complete) | $bb_tput | $(ratio "$bb_tput" "$raw_med") |"
     else
