@@ -34,9 +34,7 @@ done
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/wisp-static-bench.XXXXXX")
 ENGINE=true
-NGINX_PID=
 cleanup() {
-    [ -z "$NGINX_PID" ] || kill "$NGINX_PID" 2>/dev/null || true
     harness_cleanup
     rm -rf "$WORK"
 }
@@ -52,81 +50,8 @@ AGENT=$STATIC_DIR/x86_64-unknown-linux-musl/wisp-agent
 start_controller || die "the controller did not start"
 say "controller at $URL (agent port $AGENT_ADDR)"
 
-# ---- wss: nginx terminating TLS in front of the controller's HTTP port ----
-WSS_URL=
-WSS_NOTE=
-setup_wss() {
-    apt_ensure nginx openssl || { WSS_NOTE="nginx could not be installed"; return 1; }
-    local d=$WORK/tls port
-    mkdir -p "$d"
-    # A CA and a certificate for 127.0.0.1 signed by it; the agent trusts the CA with --cert.
-    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=wisp-bench-ca -keyout "$d/ca.key" \
-        -out "$d/ca.pem" -addext basicConstraints=critical,CA:TRUE >/dev/null 2>&1 &&
-        openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout "$d/key.pem" -out "$d/req.pem" \
-            >/dev/null 2>&1 &&
-        printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' >"$d/ext" &&
-        openssl x509 -req -in "$d/req.pem" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial -days 2 \
-            -extfile "$d/ext" -out "$d/cert.pem" >/dev/null 2>&1 || { WSS_NOTE="openssl failed"; return 1; }
-    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-    cat >"$d/nginx.conf" <<CONF
-daemon off;
-worker_processes 1;
-pid $d/nginx.pid;
-error_log $d/error.log;
-events { worker_connections 64; }
-http {
-    access_log off;
-    client_body_temp_path $d/body;
-    proxy_temp_path $d/proxy;
-    server {
-        listen 127.0.0.1:$port ssl;
-        ssl_certificate $d/cert.pem;
-        ssl_certificate_key $d/key.pem;
-        location / {
-            proxy_pass ${URL};
-            proxy_http_version 1.1;
-            proxy_set_header Upgrade \$http_upgrade;
-            proxy_set_header Connection "upgrade";
-            proxy_set_header Host \$host:\$server_port;
-            proxy_read_timeout 1h;
-            proxy_buffering off;
-        }
-    }
-}
-CONF
-    nginx -c "$d/nginx.conf" -p "$d" >"$d/stderr" 2>&1 &
-    NGINX_PID=$!
-    local i
-    for ((i = 0; i < 50; i++)); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            WSS_URL=https://127.0.0.1:$port/
-            WSS_CA=$d/ca.pem
-            return 0
-        fi
-        sleep 0.1
-    done
-    WSS_NOTE="nginx did not start: $(tail -1 "$d/error.log" 2>/dev/null)"
-    return 1
-}
 setup_wss || say "wss not measured: $WSS_NOTE"
 
-# Start the x86_64 agent for node NAME over TRANSPORT (ws, tcp, wss); sets APID.
-start_agent() {
-    local name=$1 transport=$2 how
-    case $transport in
-        ws) how=(--url "$URL" --websocket) ;;
-        tcp) how=(--url "$URL" --direct "$AGENT_ADDR") ;;
-        wss) how=(--url "$WSS_URL" --websocket --cert "$WSS_CA") ;;
-    esac
-    mkdir -p "$WORK/$name"
-    "$AGENT" "${how[@]}" --name "$name" --secret "@$WORK/$name.secret" --work-dir "$WORK/$name" \
-        >"$WORK/$name.log" 2>&1 &
-    APID=$!
-    HARNESS_PIDS+=("$APID")
-}
-status_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
-cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
-now_ns() { date +%s%N; }
 stop_agent() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
 transports=(ws tcp)

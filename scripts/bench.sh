@@ -67,9 +67,6 @@ AGENT=$TARGET_DIR/release/wisp-agent
 [ -x "$STATIC_DIR/x86_64-unknown-linux-musl/wisp-agent" ] && AGENT=$STATIC_DIR/x86_64-unknown-linux-musl/wisp-agent
 LOADGEN=$TARGET_DIR/release/examples/loadgen
 
-status_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
-cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
-now_ns() { date +%s%N; }
 tck=$(getconf CLK_TCK)
 # stats: numbers on stdin -> "median min max"
 stats() { sort -g | awk '{ a[NR] = $1 } END { if (!NR) exit 1; m = (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2; print m, a[1], a[NR] }'; }
@@ -79,19 +76,6 @@ kib_mib() { awk -v k="$1" 'BEGIN { printf "%.2f MiB", k / 1024 }'; }
 add_labeled() { # NAME LABELS -> secret in $WORK/NAME.secret
     "$WISP" node add "$1" --labels "$2" --executors 1 --data "$CTL" >/dev/null || die "node add $1"
     "$WISP" node secret "$1" --data "$CTL" >"$WORK/$1.secret" || die "node secret $1"
-}
-start_agent() { # NAME TRANSPORT [URL CA]; sets APID
-    local name=$1 transport=$2 how
-    case $transport in
-        ws) how=(--url "$URL" --websocket) ;;
-        tcp) how=(--url "$URL" --direct "$AGENT_ADDR") ;;
-        wss) how=(--url "$WSS_URL" --websocket --cert "$WSS_CA") ;;
-    esac
-    mkdir -p "$WORK/$name"
-    "$AGENT" "${how[@]}" --name "$name" --secret "@$WORK/$name.secret" --work-dir "$WORK/$name" \
-        >"$WORK/$name.log" 2>&1 &
-    APID=$!
-    HARNESS_PIDS+=("$APID")
 }
 online_count() { "$WISP" nodes --data "$CTL" 2>/dev/null | awk -F'\t' '$2 == "online"' | wc -l; }
 wait_count() { # N: wait until N nodes are online (60 s)
@@ -103,64 +87,13 @@ wait_count() { # N: wait until N nodes are online (60 s)
     die "only $(online_count) of $1 nodes online after 60 s"
 }
 
-# ---- wss through nginx (TLS terminated in front of the controller's HTTP port) ----
-WSS_URL=
-setup_wss() {
-    local d=$WORK/tls port
-    mkdir -p "$d"
-    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=wisp-bench-ca -keyout "$d/ca.key" \
-        -out "$d/ca.pem" -addext basicConstraints=critical,CA:TRUE >/dev/null 2>&1
-    openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout "$d/key.pem" -out "$d/req.pem" >/dev/null 2>&1
-    printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' >"$d/ext"
-    openssl x509 -req -in "$d/req.pem" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial -days 2 \
-        -extfile "$d/ext" -out "$d/cert.pem" >/dev/null 2>&1
-    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-    cat >"$d/nginx.conf" <<CONF
-daemon off;
-worker_processes 1;
-pid $d/nginx.pid;
-error_log $d/error.log;
-events { worker_connections 64; }
-http {
-    access_log off;
-    client_body_temp_path $d/body;
-    proxy_temp_path $d/proxy;
-    server {
-        listen 127.0.0.1:$port ssl;
-        ssl_certificate $d/cert.pem;
-        ssl_certificate_key $d/key.pem;
-        location / {
-            proxy_pass ${URL};
-            proxy_http_version 1.1;
-            proxy_set_header Upgrade \$http_upgrade;
-            proxy_set_header Connection "upgrade";
-            proxy_set_header Host \$host:\$server_port;
-            proxy_read_timeout 1h;
-            proxy_buffering off;
-        }
-    }
-}
-CONF
-    nginx -c "$d/nginx.conf" -p "$d" >"$d/stderr" 2>&1 &
-    EXTRA_PIDS+=($!)
-    local i
-    for ((i = 0; i < 50; i++)); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            WSS_URL=https://127.0.0.1:$port/ WSS_CA=$d/ca.pem
-            return 0
-        fi
-        sleep 0.1
-    done
-    die "nginx did not start: $(tail -2 "$d/error.log")"
-}
-
 LINE=0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde
 GEN="yes $LINE | head -c $((stream_mib * 1048576))"
 
 # ================= wisp: footprint, throughput, latency, builds/s =================
 start_controller || die "the controller did not start"
 say "controller at $URL (agent port $AGENT_ADDR)"
-setup_wss
+setup_wss || die "$WSS_NOTE"
 sleep 1
 ctl_idle_kb=$(status_kb "$CTL_PID" VmRSS)
 
@@ -192,16 +125,17 @@ for ((i = 0; i < 100; i++)); do
     grep -q '^url ' "$TLS_CTL/listening" 2>/dev/null && [ -s "$TLS_CTL/fingerprint" ] && break
     sleep 0.1
 done
-TLS_URL=$(sed -n 's/^url //p' "$TLS_CTL/listening" 2>/dev/null)
-[ -n "$TLS_URL" ] || die "the TLS controller did not start: $(tail -3 "$WORK/controller-tls.log")"
+PIN_URL=$(sed -n 's/^url //p' "$TLS_CTL/listening" 2>/dev/null)
+[ -n "$PIN_URL" ] || die "the TLS controller did not start: $(tail -3 "$WORK/controller-tls.log")"
+PIN_FP=$(cat "$TLS_CTL/fingerprint")
 
-# stream_stored NAME DATA: stream $GEN as a build on node NAME of the controller with data dir DATA
-# and wait for its result (`wisp run --wait`: step stdout to the stored log, no reader attached);
-# fails unless every byte is stored.
+# stream_stored NAME: stream $GEN as a build on node NAME of the controller with data dir $CTL and
+# wait for its result (`wisp run --wait`: step stdout to the stored log, no reader attached); fails
+# unless every byte is stored.
 stream_stored() {
     local yaml=$WORK/$1.$RANDOM.yaml out
     printf 'name: %s\nagent:\n  label: "%s"\nsteps:\n  - sh: %s\n' "$1" "$1" "$GEN" >"$yaml"
-    out=$(timeout 600 "$WISP" run "$yaml" --wait --data "$2" 2>&1) || die "streaming on $1 failed: $out"
+    out=$(timeout 600 "$WISP" run "$yaml" --wait --data "$CTL" 2>&1) || die "streaming on $1 failed: $out"
     grep -q "SUCCESS ($((stream_mib * 1048576)) output bytes stored)" <<<"$out" || die "streaming on $1: $out"
 }
 
@@ -209,25 +143,16 @@ stream_stored() {
 # reader (the log streamed back out while it is stored); wss through nginx terminating TLS.
 for tr in tcp ws wss tcp_follow wss_nginx; do
     name=stream_$tr
-    data=$CTL
+    main_ctl=$CTL
+    [ "$tr" != wss ] || CTL=$TLS_CTL
+    add_labeled "$name" "$name"
     case $tr in
-        wss)
-            data=$TLS_CTL
-            "$WISP" node add "$name" --labels "$name" --executors 1 --data "$data" >/dev/null || die "node add $name"
-            "$WISP" node secret "$name" --data "$data" >"$WORK/$name.secret" || die "node secret $name"
-            mkdir -p "$WORK/$name"
-            "$AGENT" --url "$TLS_URL" --websocket --instance-identity "$(cat "$TLS_CTL/fingerprint")" --name "$name" \
-                --secret "@$WORK/$name.secret" --work-dir "$WORK/$name" >"$WORK/$name.log" 2>&1 &
-            APID=$!
-            HARNESS_PIDS+=("$APID")
-            ;;
-        tcp_follow) add_labeled "$name" "$name"; start_agent "$name" tcp ;;
-        wss_nginx) add_labeled "$name" "$name"; start_agent "$name" wss ;;
-        *) add_labeled "$name" "$name"; start_agent "$name" "$tr" ;;
+        wss) start_agent "$name" pinned ;;
+        tcp_follow) start_agent "$name" tcp ;;
+        wss_nginx) start_agent "$name" wss ;;
+        *) start_agent "$name" "$tr" ;;
     esac
-    main_ctl=$CTL CTL=$data
     wait_online "$name" "$APID" || die "agent over $tr did not come online: $(tail -3 "$WORK/$name.log")"
-    CTL=$main_ctl
     sleep 1
     idle_rss[$tr]=$(status_kb "$APID" VmRSS)
     s=()
@@ -238,7 +163,7 @@ for tr in tcp ws wss tcp_follow wss_nginx; do
             WISP_STEP_TIMEOUT=600 run_step "$name" /dev/null "$GEN" || rc=$?
             [ "$rc" = 0 ] || die "streaming over $tr failed (wisp run exit $rc)"
         else
-            stream_stored "$name" "$data"
+            stream_stored "$name"
         fi
         t1=$(now_ns)
         s+=("$(awk -v a="$t0" -v b="$t1" -v m="$stream_mib" 'BEGIN { printf "%.1f", m / ((b - a) / 1e9) }')")
@@ -248,9 +173,8 @@ for tr in tcp ws wss tcp_follow wss_nginx; do
     say "$tr: ${tput[$tr]} MiB/s, agent idle ${idle_rss[$tr]} kB, peak ${peak_rss[$tr]} kB"
     kill "$APID"
     wait "$APID" 2>/dev/null || true
+    CTL=$main_ctl
 done
-# The stored log really holds the bytes (the last wss build).
-last=$("$WISP" builds --data "$CTL" 2>/dev/null | awk 'NR == 1 { print $1 }' || true)
 
 # Dispatch latency and builds/s: agents over TCP, labels pool1 (1 agent), pool50, pool100.
 for ((i = 0; i < agents_many; i++)); do

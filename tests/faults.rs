@@ -90,32 +90,21 @@ impl NetLab {
 
     /// Every packet on the agent's link vanishes; neither side gets an error.
     fn partition(&self) {
-        run_ok(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.ns,
-            "iptables",
-            "-A",
-            "OUTPUT",
-            "-o",
-            &self.agent_if,
-            "-j",
-            "DROP",
-        ]);
-        run_ok(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.ns,
-            "iptables",
-            "-A",
-            "INPUT",
-            "-i",
-            &self.agent_if,
-            "-j",
-            "DROP",
-        ]);
+        for (chain, dir) in [("OUTPUT", "-o"), ("INPUT", "-i")] {
+            run_ok(&[
+                "ip",
+                "netns",
+                "exec",
+                &self.ns,
+                "iptables",
+                "-A",
+                chain,
+                dir,
+                &self.agent_if,
+                "-j",
+                "DROP",
+            ]);
+        }
     }
 
     fn heal(&self) {
@@ -406,7 +395,12 @@ impl Nginx {
             .find(|p| Path::new(p).exists())
             .expect("nginx is not installed: scripts/test.sh installs it (apt-get install nginx)");
         let mut cmd = Command::new(nginx);
-        cmd.arg("-p").arg(self.dir.path()).arg("-c").arg(&self.conf).args(["-g", "daemon off;"]);
+        // One process: a test that ends with SIGKILL (Proc's drop) leaves no orphaned worker behind.
+        cmd.arg("-p")
+            .arg(self.dir.path())
+            .arg("-c")
+            .arg(&self.conf)
+            .args(["-g", "daemon off; master_process off;"]);
         self.proc = Some(spawn_logged(cmd, self.dir.path(), "nginx-stderr"));
         let addr = format!("127.0.0.1:{}", self.port);
         wait_for("nginx to listen", Duration::from_secs(20), || std::net::TcpStream::connect(&addr).ok());

@@ -2,9 +2,6 @@
 //! reader and writer loops that store output, grant credit and keep the link alive.
 
 use super::core::{Conn, Controller, Out, StepEnd, STEP_CREDIT};
-
-/// Output credit is granted back in batches of this many bytes (a quarter of the window).
-const CREDIT_BATCH: u32 = STEP_CREDIT / 4;
 use crate::auth::{self, ServerHandshake, ServerStep};
 use crate::link::{LinkError, LinkReader, LinkWriter};
 use crate::proto::{self, Frame, RejectCode, StepStart, MAX_OUTPUT_CHUNK};
@@ -24,6 +21,8 @@ pub const STALE_CHECK: Duration = Duration::from_secs(3);
 pub const DEAD_AFTER_PINGS: u32 = 3;
 /// Frames waiting to be written to one agent.
 const OUT_QUEUE: usize = 64;
+/// Output credit is granted back in batches of this many bytes (a quarter of the window).
+const CREDIT_BATCH: u32 = STEP_CREDIT / 4;
 /// Failed handshakes one source address may have within `FAILURE_WINDOW`; after that its new links
 /// are refused until the window has passed (a proxy in front counts as one address).
 pub const MAX_FAILURES: u32 = 10;

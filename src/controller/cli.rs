@@ -1,6 +1,7 @@
 //! The `wisp` command line: `serve`, the client commands, and `demo`.
 
 use super::client::Client;
+use super::store::BuildState;
 use super::{start, ServeConfig};
 use argh::FromArgs;
 use hyper::Method;
@@ -372,11 +373,13 @@ pub fn main() {
             if r.follow && r.wait {
                 die("--follow already waits for the result: give one of --follow and --wait");
             }
-            if r.wait {
-                client_do(r.url, r.token, r.data, |c| async move { submit_and_wait(&c, &yaml).await })
-            } else {
-                client_do(r.url, r.token, r.data, |c| async move { submit(&c, &yaml, r.follow).await })
-            }
+            client_do(r.url, r.token, r.data, |c| async move {
+                if r.wait {
+                    submit_and_wait(&c, &yaml).await
+                } else {
+                    submit(&c, &yaml, r.follow).await
+                }
+            })
         }
         Cmd::Builds(b) => client_do(b.url, b.token, b.data, |c| async move {
             let v = c.json(Method::GET, "/api/builds", "").await?;
@@ -449,11 +452,16 @@ async fn submit_and_wait(c: &Client, yaml: &str) -> Result<i32, String> {
         v["message"].as_str().filter(|m| !m.is_empty()).map(|m| format!(": {m}")).unwrap_or_default();
     let bytes: u64 = v["steps"].as_array().into_iter().flatten().filter_map(|s| s["bytes"].as_u64()).sum();
     println!("build #{id} {}{message} ({bytes} output bytes stored)", state.to_uppercase());
-    Ok(match state {
-        "success" => 0,
-        "aborted" => EXIT_ABORTED,
+    Ok(exit_code(BuildState::parse(state)))
+}
+
+/// The CLI's exit code for a build's final state.
+fn exit_code(state: BuildState) -> i32 {
+    match state {
+        BuildState::Success => 0,
+        BuildState::Aborted => EXIT_ABORTED,
         _ => EXIT_FAILURE,
-    })
+    }
 }
 
 async fn show_log(c: &Client, id: u64, follow: bool) -> Result<i32, String> {
@@ -463,11 +471,7 @@ async fn show_log(c: &Client, id: u64, follow: bool) -> Result<i32, String> {
         return Ok(0);
     }
     let b = c.json(Method::GET, &format!("/api/builds/{id}"), "").await?;
-    Ok(match b["state"].as_str() {
-        Some("success") => 0,
-        Some("aborted") => EXIT_ABORTED,
-        _ => EXIT_FAILURE,
-    })
+    Ok(exit_code(BuildState::parse(b["state"].as_str().unwrap_or_default())))
 }
 
 const SAMPLE: &str = include_str!("../../examples/hello.yaml");

@@ -174,6 +174,15 @@ impl LogFile {
         }
     }
 
+    /// A new, empty log at `path`: a file left by an earlier start of the step (a restart found it
+    /// pending) is removed; nothing is created yet.
+    pub fn create(path: PathBuf) -> std::io::Result<Self> {
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(Self { path, file: None }),
+        }
+    }
+
     /// Append bytes, making the file (and its build directory) on first use.
     pub fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
         use std::io::Write;
@@ -748,7 +757,8 @@ impl Controller {
         let dir = self.data.join("builds").join(id.to_string());
         let mut state = BuildState::Success;
         let mut message = String::new();
-        let mut finished = false;
+        // Whether the build's end went into the store with its last step.
+        let mut ended = false;
         let last = build.pipeline.steps.len() as u32;
         for (i, spec) in build.pipeline.steps.iter().enumerate().skip(from as usize - 1) {
             let step = i as u32 + 1;
@@ -783,26 +793,21 @@ impl Controller {
                 state = BuildState::Aborted;
             }
             // The build's last step and the build's end are one store write.
-            finished = state != BuildState::Success || step == last;
-            if finished {
-                log::info!("build {id}: finished {} {message}", state.as_str());
-            }
+            ended = state != BuildState::Success || step == last;
             let stored = super::store::StepEnd { state: step_state, exit: &exit, code, bytes };
-            let finish = finished.then_some((state, message.as_str()));
+            let finish = ended.then_some((state, message.as_str()));
             if let Err(e) = self.store().end_step(id, step, &stored, finish) {
                 log::error!("build {id}: store: {e}");
             }
             build.steps_done.store(step, Ordering::SeqCst);
             build.changed.notify(usize::MAX);
-            if finished {
+            if ended {
                 break;
             }
         }
-        if !finished {
-            if state == BuildState::Failure && build.cancelled.load(Ordering::SeqCst) {
-                state = BuildState::Aborted;
-            }
-            log::info!("build {id}: finished {} {message}", state.as_str());
+        log::info!("build {id}: finished {} {message}", state.as_str());
+        // Cancelled before a step ran (or no step left after a restart): the end is written alone.
+        if !ended {
             if let Err(e) = self.store().finish_build(id, state, &message) {
                 log::error!("build {id}: store: {e}");
             }
@@ -838,13 +843,12 @@ impl Controller {
         let done_rx = match running {
             Some(rx) => rx,
             None => {
-                // A step started again (after a restart found it pending) begins an empty log.
-                let file = match std::fs::remove_file(&log_path) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                let file = match LogFile::create(log_path.clone()) {
+                    Ok(f) => f,
+                    Err(e) => {
                         let m = format!("cannot reset the step log {}: {e}", log_path.display());
                         return (StepEnd::Lost(m), 0);
                     }
-                    _ => LogFile { path: log_path.clone(), file: None },
                 };
                 let (done, done_rx) = bounded(1);
                 let sink = Sink {

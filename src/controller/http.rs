@@ -5,7 +5,7 @@ use super::agents;
 use super::core::{ApiError, Controller};
 use super::identity::ServerTls;
 use super::labels;
-use super::store::{BuildState, NodeRecord};
+use super::store::NodeRecord;
 use crate::link::{self, BoxIo};
 use async_tungstenite::tungstenite::handshake::derive_accept_key;
 use async_tungstenite::tungstenite::protocol::Role;
@@ -715,14 +715,5 @@ async fn finish(ctl: &Controller, id: u64, follow: bool, tx: &Tx) -> Result<(), 
                 smol::Timer::after(Duration::from_millis(50)).await;
             }
         }
-    }
-}
-
-/// Whether a build state is final: used by clients to pick an exit code.
-pub fn exit_code(state: BuildState) -> i32 {
-    match state {
-        BuildState::Success => 0,
-        BuildState::Aborted => 2,
-        _ => 1,
     }
 }

@@ -48,7 +48,8 @@ impl BuildState {
         }
     }
 
-    fn parse(s: &str) -> Self {
+    /// The state named `s` (as stored; anything unknown reads as a failure).
+    pub fn parse(s: &str) -> Self {
         match s {
             "queued" => Self::Queued,
             "running" => Self::Running,

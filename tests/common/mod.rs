@@ -106,34 +106,13 @@ impl Controller {
     }
 
     pub fn start_with(args: &[&str]) -> Self {
-        let data = TempDir::new("ctl");
-        let mut c = Self {
-            proc: None,
-            data,
-            http: String::new(),
-            agent_addr: String::new(),
-            extra_args: args.iter().map(|s| s.to_string()).collect(),
-            ports: None,
-            tls: false,
-        };
-        c.launch();
-        c
+        Self::launched(args, None, false)
     }
 
     /// A controller with TLS on both ports, as `wisp serve` runs by default (self-signed identity
     /// unless `args` give --tls-cert/--tls-key).
     pub fn start_tls(args: &[&str]) -> Self {
-        let mut c = Self {
-            proc: None,
-            data: TempDir::new("ctl"),
-            http: String::new(),
-            agent_addr: String::new(),
-            extra_args: args.iter().map(|s| s.to_string()).collect(),
-            ports: None,
-            tls: true,
-        };
-        c.launch();
-        c
+        Self::launched(args, None, true)
     }
 
     /// The controller's identity fingerprint (TLS controllers only).
@@ -143,14 +122,18 @@ impl Controller {
 
     /// A controller on fixed ports that stay the same when it is restarted (agents can find it again).
     pub fn start_on_fixed_ports(args: &[&str]) -> Self {
+        Self::launched(args, Some((free_port(), free_port())), false)
+    }
+
+    fn launched(args: &[&str], ports: Option<(u16, u16)>, tls: bool) -> Self {
         let mut c = Self {
             proc: None,
             data: TempDir::new("ctl"),
             http: String::new(),
             agent_addr: String::new(),
             extra_args: args.iter().map(|s| s.to_string()).collect(),
-            ports: Some((free_port(), free_port())),
-            tls: false,
+            ports,
+            tls,
         };
         c.launch();
         c
