@@ -104,7 +104,7 @@ struct Serve {
     /// serve plain HTTP and TCP without TLS (for tests, or behind a proxy that terminates TLS)
     #[argh(switch)]
     no_tls: bool,
-    /// executor threads (default: the number of CPUs, at most 8)
+    /// executor threads (default 1; more help only with many TLS agents streaming at once)
     #[argh(option)]
     threads: Option<usize>,
 }
