@@ -1,8 +1,9 @@
 //! A framed link over WebSocket (one binary message per frame) or TCP (u32 length prefix), split
-//! into a reader and a writer half. The TCP reader has a fixed buffer of `MAX_FRAME` bytes; the
-//! writer encodes control frames into a small buffer that grows (to `MAX_FRAME` at most) only for
-//! the large frames its own side sends, and step output goes out from an [`OutputBuf`] the step
-//! reads its pipe into, so the agent never copies output.
+//! into a reader and a writer half. The TCP reader has a fixed buffer of one wire frame that it reads
+//! ahead into (one read can bring several small frames); the writer encodes control frames into a
+//! small buffer that grows (to `MAX_FRAME` at most) only for the large frames its own side sends,
+//! and step output goes out from an [`OutputBuf`] the step reads its pipe into, so the agent never
+//! copies output.
 //!
 //! Once the handshake is done both halves are keyed ([`LinkReader::authenticate`],
 //! [`LinkWriter::authenticate`]): every frame then carries a `TAG_LEN`-byte tag, the first bytes of
@@ -19,6 +20,7 @@ use smol::stream::StreamExt;
 use std::fmt;
 use std::io;
 use std::pin::Pin;
+use std::time::{Duration, Instant};
 
 /// Any byte stream a link can run over (TCP, TLS over TCP, an upgraded HTTP connection).
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -66,6 +68,42 @@ impl Mac {
             ));
         }
         Ok(frame)
+    }
+}
+
+/// Notices a link that went quiet: [`Watchdog::expired`] completes once no frame was
+/// [fed](Watchdog::fed) for the whole period.
+///
+/// One timer serves the link's life and is re-armed only when it fires. A fresh timer per frame
+/// (racing each read against `Timer::after`) costs a reactor wake-up per frame, because async-io
+/// wakes its poller whenever a timer is added: a context switch per frame while streaming.
+pub struct Watchdog {
+    timer: smol::Timer,
+    last: Instant,
+    period: Duration,
+}
+
+impl Watchdog {
+    /// A watchdog that expires `period` after the last frame (counting from now).
+    pub fn new(period: Duration) -> Self {
+        Self { timer: smol::Timer::after(period), last: Instant::now(), period }
+    }
+
+    /// A frame arrived.
+    pub fn fed(&mut self) {
+        self.last = Instant::now();
+    }
+
+    /// Completes when `period` has passed since the last frame; cancel-safe.
+    pub async fn expired(&mut self) {
+        loop {
+            (&mut self.timer).await;
+            let due = self.last + self.period;
+            if Instant::now() >= due {
+                return;
+            }
+            self.timer.set_at(due);
+        }
     }
 }
 
@@ -140,7 +178,11 @@ enum WriteKind {
 /// The receiving half of a link.
 pub struct LinkReader {
     kind: ReadKind,
+    /// TCP: bytes read ahead, `buf[start..end]` not yet taken; one read fetches as much as has
+    /// arrived (up to the buffer), so small frames cost no read each and a header no read of its own.
     buf: Box<[u8]>,
+    start: usize,
+    end: usize,
     mac: Option<Mac>,
 }
 
@@ -179,7 +221,13 @@ impl OutputBuf {
 pub fn tcp(io: BoxIo) -> (LinkReader, LinkWriter) {
     let (r, w) = smol::io::split(io);
     (
-        LinkReader { kind: ReadKind::Tcp(r), buf: vec![0; MAX_WIRE_FRAME].into_boxed_slice(), mac: None },
+        LinkReader {
+            kind: ReadKind::Tcp(r),
+            buf: vec![0; 4 + MAX_WIRE_FRAME].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            mac: None,
+        },
         LinkWriter { kind: WriteKind::Tcp(w), buf: vec![0; 4 + SMALL_SEND + TAG_LEN], mac: None },
     )
 }
@@ -188,7 +236,7 @@ pub fn tcp(io: BoxIo) -> (LinkReader, LinkWriter) {
 pub fn websocket(ws: WebSocketStream<BoxIo>) -> (LinkReader, LinkWriter) {
     let (w, r) = ws.split();
     (
-        LinkReader { kind: ReadKind::Ws(r, None), buf: Box::new([]), mac: None },
+        LinkReader { kind: ReadKind::Ws(r, None), buf: Box::new([]), start: 0, end: 0, mac: None },
         LinkWriter {
             kind: WriteKind::Ws(w, bytes::BytesMut::new()),
             buf: vec![0; 4 + SMALL_SEND + TAG_LEN],
@@ -209,23 +257,26 @@ impl LinkReader {
     pub async fn next(&mut self) -> Result<Option<Frame<'_>>, LinkError> {
         match &mut self.kind {
             ReadKind::Tcp(r) => {
-                let mut len = [0u8; 4];
-                match r.read_exact(&mut len).await {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-                    Err(e) => return Err(e.into()),
+                if !fill(r, &mut self.buf, &mut self.start, &mut self.end, 4).await? {
+                    return Ok(None);
                 }
-                let len = u32::from_be_bytes(len) as usize;
+                let head: [u8; 4] = self.buf[self.start..self.start + 4].try_into().expect("4 bytes");
+                let len = u32::from_be_bytes(head) as usize;
                 let limit = if self.mac.is_some() { MAX_WIRE_FRAME } else { MAX_FRAME };
                 if len > limit {
                     return Err(LinkError::Protocol(format!(
                         "length prefix {len} is over the {limit}-byte frame limit (is this a wisp agent port?)"
                     )));
                 }
-                r.read_exact(&mut self.buf[..len]).await?;
+                if !fill(r, &mut self.buf, &mut self.start, &mut self.end, 4 + len).await? {
+                    return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+                }
+                let at = self.start + 4;
+                self.start = at + len;
+                let wire = &self.buf[at..at + len];
                 let frame = match &mut self.mac {
-                    Some(mac) => mac.open(&self.buf[..len])?,
-                    None => &self.buf[..len],
+                    Some(mac) => mac.open(wire)?,
+                    None => wire,
                 };
                 Ok(Some(proto::decode(frame)?))
             }
@@ -260,6 +311,36 @@ impl LinkReader {
             }
         }
     }
+}
+
+/// Read until `buf[start..end]` holds `need` bytes (`need` ≤ the buffer), moving what is held to the
+/// front when the rest would not fit. False on end of stream before that: cleanly when nothing
+/// was held, else an `UnexpectedEof` error.
+async fn fill(
+    r: &mut smol::io::ReadHalf<BoxIo>,
+    buf: &mut [u8],
+    start: &mut usize,
+    end: &mut usize,
+    need: usize,
+) -> Result<bool, LinkError> {
+    if *start == *end {
+        (*start, *end) = (0, 0);
+    }
+    while *end - *start < need {
+        if *start + need > buf.len() {
+            buf.copy_within(*start..*end, 0);
+            (*start, *end) = (0, *end - *start);
+        }
+        let n = r.read(&mut buf[*end..]).await?;
+        if n == 0 {
+            if *start == *end {
+                return Ok(false);
+            }
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+        }
+        *end += n;
+    }
+    Ok(true)
 }
 
 impl LinkWriter {

@@ -13,7 +13,7 @@ pub mod process;
 pub mod spool;
 
 use crate::auth::{self, ClientHandshake, ClientStep};
-use crate::link::{LinkError, LinkReader, LinkWriter, OutputBuf};
+use crate::link::{LinkError, LinkReader, LinkWriter, OutputBuf, Watchdog};
 use crate::proto::{self, ExitStatus, Frame, RejectCode, StepStart, MAX_MESSAGE, MAX_OUTPUT_CHUNK};
 pub use connect::Mode;
 use nix::sys::signal::Signal;
@@ -140,7 +140,11 @@ pub fn fetch_descriptor(
 /// Run the agent until it is rejected or receives SIGTERM/SIGINT (then `Ok`).
 pub fn run(cfg: Config) -> Result<(), AgentError> {
     let ex = Rc::new(LocalExecutor::new());
-    smol::block_on(ex.run(run_on(ex.clone(), cfg)))
+    // The executor parks between wake-ups and async-io's own thread waits on I/O alone. With
+    // `smol::block_on` this thread would poll I/O itself, but async-io's helper thread then wakes
+    // on a back-off timer (50 µs up to 10 ms) after each burst and takes the poller over between
+    // builds: with 100 agents on 2 cores that cost each agent about a third more CPU per build.
+    smol::future::block_on(ex.run(run_on(ex.clone(), cfg)))
 }
 
 /// Run the agent on an executor the caller drives.
@@ -435,13 +439,20 @@ impl Agent {
         dead_after: Duration,
         broken: &Receiver<()>,
     ) -> Result<(), End> {
+        let mut watchdog = Watchdog::new(dead_after);
         loop {
             let next = async { Some(reader.next().await) };
             let failed = async {
                 let _ = broken.recv().await;
                 None
             };
-            let frame = match timeout(dead_after, smol::future::or(next, failed)).await {
+            let quiet = async {
+                watchdog.expired().await;
+                None
+            };
+            let frame = smol::future::or(async { Some(smol::future::or(next, failed).await) }, quiet).await;
+            watchdog.fed();
+            let frame = match frame {
                 Some(None) => {
                     return Err(End::Retry("sending to the controller failed: the link is broken".into()))
                 }

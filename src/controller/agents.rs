@@ -3,10 +3,11 @@
 
 use super::core::{Conn, Controller, Out, StepEnd, STEP_CREDIT};
 use crate::auth::{self, ServerHandshake, ServerStep};
-use crate::link::{LinkError, LinkReader, LinkWriter};
-use crate::proto::{self, Frame, RejectCode, StepStart, MAX_OUTPUT_CHUNK};
+use crate::link::{LinkError, LinkReader, LinkWriter, Watchdog};
+use crate::proto::{self, Frame, RejectCode, StepStart};
 use event_listener::Event;
 use smol::channel::{bounded, Receiver};
+use smol::stream::StreamExt;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -253,9 +254,12 @@ pub async fn serve(ctl: Arc<Controller>, mut reader: LinkReader, mut writer: Lin
 async fn write_loop(mut writer: LinkWriter, rx: Receiver<Out>, ping: Duration) -> LinkWriter {
     let mut env = vec![0u8; proto::MAX_FRAME].into_boxed_slice();
     let mut ping_id = 0u64;
+    // One timer for the link's life (see `Watchdog` for why not one per message): a ping goes
+    // out every interval, whatever else is sent.
+    let mut pings = smol::Timer::interval(ping);
     loop {
         let next = smol::future::or(async { rx.recv().await.ok() }, async {
-            smol::Timer::after(ping).await;
+            pings.next().await;
             ping_id += 1;
             Some(Out::Ping(ping_id))
         })
@@ -315,20 +319,30 @@ async fn write_loop(mut writer: LinkWriter, rx: Receiver<Out>, ping: Duration) -
 async fn read_loop(ctl: &Controller, conn: &Arc<Conn>, reader: &mut LinkReader) -> String {
     let dead_after = ctl.ping_interval * DEAD_AFTER_PINGS;
     // Credit owed to the agent for output stored but not yet granted back: granted in batches of
-    // CREDIT_BATCH (or at once after a short frame, when the agent has drained its pipe), so a
-    // fast stream costs one Credit frame per 64 KiB instead of one per output frame. The batch is
-    // well under the step's credit window, so the agent never stalls waiting for it.
+    // CREDIT_BATCH, so a fast stream costs one Credit frame per 64 KiB instead of one per output
+    // frame (a pipe read often brings less than a full frame). The batch is well under the step's
+    // credit window, so the agent never stalls waiting for it; the Ack of the step's exit settles
+    // whatever is still owed.
     let mut owed: Option<((u64, u32), u32, u64)> = None;
+    let mut watchdog = Watchdog::new(dead_after);
     loop {
         let listener = conn.close.listen();
         if conn.closing.load(Ordering::SeqCst) {
             return "closed by the controller".into();
         }
-        let next = smol::future::or(async { Some(timeout(dead_after, reader.next()).await) }, async {
+        let read = async {
+            smol::future::or(async { Some(reader.next().await) }, async {
+                watchdog.expired().await;
+                None
+            })
+            .await
+        };
+        let next = smol::future::or(async { Some(read.await) }, async {
             listener.await;
             None
         })
         .await;
+        watchdog.fed();
         let frame = match next {
             None => return "closed by the controller".into(),
             Some(None) => return format!("no frame for {}s (missed pings)", dead_after.as_secs()),
@@ -358,7 +372,7 @@ async fn read_loop(ctl: &Controller, conn: &Arc<Conn>, reader: &mut LinkReader) 
                     }
                 }
                 let due = owed.map_or(0, |(_, b, _)| b) + data.len() as u32;
-                if due >= CREDIT_BATCH || data.len() < MAX_OUTPUT_CHUNK {
+                if due >= CREDIT_BATCH {
                     owed = None;
                     if conn.tx.send(Out::Credit { build, step, bytes: due, stored }).await.is_err() {
                         return "writer closed".into();
@@ -368,6 +382,7 @@ async fn read_loop(ctl: &Controller, conn: &Arc<Conn>, reader: &mut LinkReader) 
                 }
             }
             Frame::Exit { build, step, status, offset, message } => {
+                owed.take_if(|(k, _, _)| *k == (build, step));
                 // Decide under the lock, act after it: the lock is never held across an await.
                 let stored = {
                     let sinks = ctl.steps();
@@ -439,6 +454,6 @@ fn store_output(
         return Err(format!("build {build} step {step}: cannot write the log: {e}"));
     }
     sink.offset += fresh.len() as u64;
-    sink.build.changed.notify(usize::MAX);
+    sink.build.output.notify(usize::MAX);
     Ok(sink.offset)
 }

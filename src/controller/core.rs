@@ -262,8 +262,12 @@ pub struct LiveBuild {
     pub pipeline: Pipeline,
     /// Set by `wisp cancel`.
     pub cancelled: AtomicBool,
-    /// Fires on output, step changes and the end of the build (wakes followers and the runner).
+    /// Fires on step changes, cancels, node changes and the end of the build (wakes the runner,
+    /// waiters and followers).
     pub changed: Event,
+    /// Fires on each piece of output stored (wakes log followers only: a waiter for the result has
+    /// no business waking per output frame).
+    pub output: Event,
     /// Steps finished so far.
     pub steps_done: AtomicU32,
 }
@@ -972,6 +976,7 @@ impl LiveBuild {
             pipeline,
             cancelled: AtomicBool::new(false),
             changed: Event::new(),
+            output: Event::new(),
             steps_done: AtomicU32::new(0),
         }
     }

@@ -547,6 +547,7 @@ async fn build_info(ctl: &Controller, id: &str, wait: Option<&str>) -> Result<Re
 /// The build's record with its steps, once it is final or `wait` has passed.
 async fn build_record(ctl: &Controller, id: u64, wait: Duration) -> Result<serde_json::Value, ApiError> {
     let deadline = Instant::now() + wait;
+    let mut timer = smol::Timer::at(deadline);
     let b = loop {
         let listener = ctl.live(id).map(|l| l.changed.listen());
         let b = ctl.build(id)?;
@@ -555,7 +556,7 @@ async fn build_record(ctl: &Controller, id: u64, wait: Duration) -> Result<serde
             break b;
         }
         smol::future::or(listener, async {
-            smol::Timer::at(deadline).await;
+            (&mut timer).await;
         })
         .await;
     };
@@ -648,9 +649,11 @@ async fn follow_log(ctl: &Controller, id: u64, follow: bool, tx: &Tx) -> Result<
         let path = dir.join(format!("{}.log", s.index));
         let mut file = None;
         let mut last = b'\n';
+        // Bounds a missed notification; one timer for the step, not one per wake-up.
+        let mut tick = smol::Timer::interval(Duration::from_secs(1));
         loop {
             let live = ctl.live(id);
-            let listener = live.as_ref().map(|b| b.changed.listen());
+            let listener = live.as_ref().map(|b| smol::future::or(b.changed.listen(), b.output.listen()));
             let done = live.as_ref().is_none_or(|b| b.steps_done.load(Ordering::SeqCst) >= s.index);
             // The file appears with the step's first byte (looked for after `done` is read, so a
             // step that ended with output is never taken for an empty one).
@@ -673,7 +676,7 @@ async fn follow_log(ctl: &Controller, id: u64, follow: bool, tx: &Tx) -> Result<
             // A notification is the normal wake-up; the timer only bounds a missed one.
             if let Some(l) = listener {
                 smol::future::or(l, async {
-                    smol::Timer::after(Duration::from_secs(1)).await;
+                    tick.next().await;
                 })
                 .await;
             }
