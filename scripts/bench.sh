@@ -7,30 +7,34 @@
 #      (the controller's own TLS), plus TCP with a live log reader and WSS through nginx, against a
 #      raw loopback pipe (socat into a file) in the same run, and against Buildbot's log streaming;
 #   3. dispatch latency (submit of a one-step `true` build to its result) with 1 and 50 agents,
-#      against Buildbot (sendchange to build result);
+#      against Buildbot (REST force to the build's completion event on /sse);
 #   4. trivial builds/s with 100 agents;
 #   5. controller scale: N idle agents from one load-generator process (examples/loadgen.rs, the real
 #      handshake and pings over TCP): controller RSS, idle CPU, dispatch latency at N.
 #
-#   scripts/bench.sh [--smoke]
+#   scripts/bench.sh [--smoke | --buildbot-only]
 #
 # --smoke: tiny sizes, no Buildbot, a few seconds per measurement; prints the section, never writes
 # BENCHMARKS.md, and fails if any measurement fails.
+# --buildbot-only: only the Buildbot measurements (no cargo build, no wisp); prints their figures,
+# never writes BENCHMARKS.md, fails if they fail. Sizes: WISP_BB_STREAM_MIB, WISP_BB_LAT_BUILDS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/static-common.sh
 export CARGO_TERM_COLOR=never
 
-smoke=0
+smoke=0 bb_only=0
 cmdline="${WISP_BENCH_RUNS:+WISP_BENCH_RUNS=$WISP_BENCH_RUNS }scripts/bench.sh${*:+ $*}"
 while [ $# -gt 0 ]; do
     case $1 in
         --smoke) smoke=1 ;;
-        -h | --help) sed -n '2,17s/^# \{0,1\}//p' "$0"; exit 0 ;;
+        --buildbot-only) bb_only=1 ;;
+        -h | --help) sed -n '2,20s/^# \{0,1\}//p' "$0"; exit 0 ;;
         *) die "unknown argument $1" ;;
     esac
     shift
 done
+[ "$smoke$bb_only" != 11 ] || die "--smoke and --buildbot-only exclude each other"
 
 if [ "$smoke" = 1 ]; then
     stream_mib=16 runs=2 lat_builds=20 tput_builds=40 agents_many=10 agents_50=5 scale_ns=(50)
@@ -41,9 +45,10 @@ else
 fi
 BB_STREAM_MIB=${WISP_BB_STREAM_MIB:-64}
 BB_LAT_BUILDS=${WISP_BB_LAT_BUILDS:-20}
+LINE=0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde
 
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
-[ "$(ulimit -n)" -ge 12000 ] || [ "$smoke" = 1 ] || die "cannot raise the fd limit (now $(ulimit -n))"
+[ "$(ulimit -n)" -ge 12000 ] || [ "$smoke" = 1 ] || [ "$bb_only" = 1 ] || die "cannot raise the fd limit (now $(ulimit -n))"
 
 ROOT_WORK=$(mktemp -d "${TMPDIR:-/tmp}/wisp-bench.XXXXXX")
 WORK=$ROOT_WORK
@@ -57,6 +62,99 @@ cleanup() {
     rm -rf "$ROOT_WORK"
 }
 trap cleanup EXIT
+
+# ================= Buildbot (run after the wisp measurements, or alone with --buildbot-only) =================
+# Debian's buildbot and buildbot-worker; the master runs from a venv over the system site-packages
+# that adds the buildbot-www wheel (Debian does not package it) for its REST API and /sse. Builds
+# are forced over REST and their completion read from /sse by scripts/bb-drive.py.
+BB_NOTE=
+bb_worker_kb= bb_master_kb= bb_tput= bb_lat= bb_worker_peak=
+BB_VENV=$(realpath -m "$TARGET_DIR")/bench-venv
+bb_venv() { # the venv with buildbot-www 3.7.0, made once and kept in the target dir
+    "$BB_VENV/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("buildbot-www") != "3.7.0")' \
+        2>/dev/null && return 0
+    say "making $BB_VENV (buildbot-www 3.7.0 from PyPI)"
+    rm -rf "$BB_VENV"
+    # /usr/bin/python3: the interpreter Debian's buildbot is installed for (`python3` may be another).
+    /usr/bin/python3 -m venv --system-site-packages "$BB_VENV" &&
+        "$BB_VENV/bin/pip" install -q --disable-pip-version-check buildbot-www==3.7.0
+}
+run_buildbot() {
+    apt_ensure buildbot buildbot-worker python3-venv ||
+        { BB_NOTE="apt-get install buildbot buildbot-worker python3-venv failed"; return 1; }
+    local d=$WORK/bb pb www bb drv
+    mkdir -p "$d"
+    bb_venv >"$d/venv.log" 2>&1 || { BB_NOTE="no venv with buildbot-www: $(tail -1 "$d/venv.log")"; return 1; }
+    bb=("$BB_VENV/bin/python" /usr/bin/buildbot)
+    pb=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    www=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    drv=("$BB_VENV/bin/python" scripts/bb-drive.py "http://127.0.0.1:$www/")
+    bb_stop() {
+        buildbot-worker stop "$d/worker" >/dev/null 2>&1 || true
+        "${bb[@]}" stop "$d/master" >/dev/null 2>&1 || true
+    }
+    bb_fail() { BB_NOTE=$1; bb_stop; }
+    "${bb[@]}" create-master -q "$d/master" >"$d/create.log" 2>&1 ||
+        { BB_NOTE="create-master failed: $(tail -1 "$d/create.log")"; return 1; }
+    # authz is the default (no rules): anonymous may force.
+    cat >"$d/master/master.cfg" <<CFG
+from buildbot.plugins import worker, schedulers, util, steps
+c = BuildmasterConfig = {}
+c['workers'] = [worker.Worker("w1", "pass")]
+c['protocols'] = {'pb': {'port': "tcp:$pb:interface=127.0.0.1"}}
+c['schedulers'] = [
+    schedulers.ForceScheduler(name="trivial", builderNames=["trivial"]),
+    schedulers.ForceScheduler(name="stream", builderNames=["stream"]),
+]
+c['builders'] = [
+    util.BuilderConfig(name="trivial", workernames=["w1"], factory=util.BuildFactory([steps.ShellCommand(command="true")])),
+    util.BuilderConfig(name="stream", workernames=["w1"], factory=util.BuildFactory([steps.ShellCommand(
+        command="yes $LINE | head -c $((BB_STREAM_MIB * 1048576))", timeout=1200)])),
+]
+c['title'] = "bench"
+c['buildbotURL'] = "http://127.0.0.1:$www/"
+c['www'] = dict(port="tcp:$www:interface=127.0.0.1", plugins={})
+c['db'] = {'db_url': "sqlite:///state.sqlite"}
+CFG
+    "${bb[@]}" start "$d/master" >"$d/master.start" 2>&1 ||
+        { bb_fail "master did not start: $(tail -2 "$d/master/twistd.log")"; return 1; }
+    local mpid wpid
+    mpid=$(cat "$d/master/twistd.pid")
+    EXTRA_PIDS+=("$mpid")
+    buildbot-worker create-worker -q "$d/worker" "127.0.0.1:$pb" w1 pass >/dev/null
+    buildbot-worker start "$d/worker" >"$d/worker.start" 2>&1 || { bb_fail "worker did not start"; return 1; }
+    wpid=$(cat "$d/worker/twistd.pid")
+    EXTRA_PIDS+=("$wpid")
+    "${drv[@]}" wait-worker w1 60 2>"$d/drive.err" ||
+        { bb_fail "worker w1 did not connect: $(tail -1 "$d/drive.err")"; return 1; }
+    sleep 3
+    bb_worker_kb=$(status_kb "$wpid" VmRSS) bb_master_kb=$(status_kb "$mpid" VmRSS)
+    local lats
+    lats=$("${drv[@]}" force trivial trivial "$BB_LAT_BUILDS" 2>"$d/drive.err") ||
+        { bb_fail "trivial builds: $(tail -1 "$d/drive.err")"; return 1; }
+    [ "$(wc -l <<<"$lats")" = "$BB_LAT_BUILDS" ] || { bb_fail "trivial builds: $(wc -l <<<"$lats") results"; return 1; }
+    bb_lat=$(sort -g <<<"$lats" | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)], a[int(NR * 0.99 + 0.999)], a[1], a[NR] }')
+    # The stream build, the worker's RSS sampled every 0.1 s while the driver waits for it.
+    "${drv[@]}" stream stream stream $((BB_STREAM_MIB * 1048576)) >"$d/stream.out" 2>"$d/drive.err" &
+    local dp=$! wpeak=0 cur
+    while kill -0 "$dp" 2>/dev/null; do
+        cur=$(status_kb "$wpid" VmRSS)
+        [ "${cur:-0}" -gt "$wpeak" ] && wpeak=$cur
+        sleep 0.1
+    done
+    wait "$dp" || { bb_fail "stream build: $(tail -1 "$d/drive.err")"; return 1; }
+    bb_tput=$(awk -v s="$(cat "$d/stream.out")" -v m="$BB_STREAM_MIB" 'BEGIN { if (s > 0) printf "%.1f", m / s }')
+    [ -n "$bb_tput" ] || { bb_fail "stream build: no elapsed time from bb-drive.py"; return 1; }
+    bb_worker_peak=$wpeak
+    bb_stop
+}
+if [ "$bb_only" = 1 ]; then
+    run_buildbot || die "Buildbot: $BB_NOTE"
+    say "Buildbot: buildbot-worker idle RSS $bb_worker_kb kB, master idle RSS $bb_master_kb kB"
+    say "Buildbot: dispatch latency p50 p99 min max = $bb_lat ms ($BB_LAT_BUILDS builds)"
+    say "Buildbot: streaming $bb_tput MiB/s ($BB_STREAM_MIB MiB), buildbot-worker peak RSS $bb_worker_peak kB"
+    exit 0
+fi
 
 # ---- tools and binaries ----
 apt_ensure socat nginx openssl python3 || die "apt-get failed"
@@ -87,7 +185,6 @@ wait_count() { # N: wait until N nodes are online (60 s)
     die "only $(online_count) of $1 nodes online after 60 s"
 }
 
-LINE=0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde
 GEN="yes $LINE | head -c $((stream_mib * 1048576))"
 
 # ================= wisp: footprint, throughput, latency, builds/s =================
@@ -247,88 +344,7 @@ for n in "${scale_ns[@]}"; do
 done
 WORK=$ROOT_WORK
 
-# ================= Buildbot =================
-BB_NOTE=
-bb_worker_kb= bb_master_kb= bb_tput= bb_lat=
-run_buildbot() {
-    apt_ensure buildbot buildbot-worker || { BB_NOTE="apt-get install buildbot buildbot-worker failed"; return 1; }
-    local d=$WORK/bb pb
-    mkdir -p "$d"
-    pb=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-    buildbot create-master -q "$d/master" >/dev/null || { BB_NOTE="create-master failed"; return 1; }
-    cat >"$d/master/master.cfg" <<CFG
-from buildbot.plugins import worker, schedulers, util, steps, changes
-c = BuildmasterConfig = {}
-c['workers'] = [worker.Worker("w1", "pass")]
-c['protocols'] = {'pb': {'port': "tcp:$pb:interface=127.0.0.1"}}
-c["change_source"] = [changes.PBChangeSource()]
-c['schedulers'] = [
-    schedulers.AnyBranchScheduler(name="trivial", treeStableTimer=None, builderNames=["trivial"],
-        change_filter=util.ChangeFilter(project="trivial")),
-    schedulers.AnyBranchScheduler(name="stream", treeStableTimer=None, builderNames=["stream"],
-        change_filter=util.ChangeFilter(project="stream")),
-]
-c['builders'] = [
-    util.BuilderConfig(name="trivial", workernames=["w1"], factory=util.BuildFactory([steps.ShellCommand(command="true")])),
-    util.BuilderConfig(name="stream", workernames=["w1"], factory=util.BuildFactory([steps.ShellCommand(
-        command="yes $LINE | head -c $((BB_STREAM_MIB * 1048576))", timeout=1200)])),
-]
-c['title'] = "bench"
-c['buildbotURL'] = "http://127.0.0.1:1/"
-c['db'] = {'db_url': "sqlite:///state.sqlite"}
-CFG
-    buildbot start "$d/master" >"$d/master.start" 2>&1 || { BB_NOTE="master did not start: $(tail -2 "$d/master/twistd.log")"; return 1; }
-    buildbot-worker create-worker -q "$d/worker" "127.0.0.1:$pb" w1 pass >/dev/null
-    buildbot-worker start "$d/worker" >"$d/worker.start" 2>&1 || { BB_NOTE="worker did not start"; return 1; }
-    local mpid wpid i
-    mpid=$(cat "$d/master/twistd.pid") wpid=$(cat "$d/worker/twistd.pid")
-    EXTRA_PIDS+=("$wpid" "$mpid")
-    for ((i = 0; i < 300; i++)); do
-        grep -q 'Connected to\|attached' "$d/worker/twistd.log" 2>/dev/null && grep -q "worker 'w1' attaching\|attached to" "$d/master/twistd.log" 2>/dev/null && break
-        sleep 0.1
-    done
-    sleep 3
-    bb_worker_kb=$(status_kb "$wpid" VmRSS) bb_master_kb=$(status_kb "$mpid" VmRSS)
-    bb_builds() { python3 - "$d/master/state.sqlite" "$1" <<'PY'
-import sqlite3, sys
-db = sqlite3.connect(sys.argv[1])
-print(db.execute("select count(*) from builds b join builders r on b.builderid = r.id where r.name = ? and b.complete_at is not null", (sys.argv[2],)).fetchone()[0])
-PY
-    }
-    bb_wait() { # BUILDER COUNT
-        local j
-        for ((j = 0; j < 60000; j++)); do
-            [ "$(bb_builds "$1" 2>/dev/null || echo 0)" -ge "$2" ] && return 0
-            sleep 0.01
-        done
-        return 1
-    }
-    local lats=() t0 t1 k
-    for ((k = 1; k <= BB_LAT_BUILDS; k++)); do
-        t0=$(now_ns)
-        buildbot sendchange -m "127.0.0.1:$pb" -a change:changepw -W bench -P trivial x >/dev/null 2>&1 ||
-            { BB_NOTE="sendchange failed"; return 1; }
-        bb_wait trivial "$k" || { BB_NOTE="trivial build $k did not finish"; return 1; }
-        t1=$(now_ns)
-        lats+=("$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", (b - a) / 1e6 }')")
-    done
-    bb_lat=$(printf '%s\n' "${lats[@]}" | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)], a[int(NR * 0.99 + 0.999)], a[1], a[NR] }')
-    t0=$(now_ns)
-    buildbot sendchange -m "127.0.0.1:$pb" -a change:changepw -W bench -P stream x >/dev/null 2>&1
-    local wpeak=0 cur
-    for ((j = 0; j < 12000; j++)); do
-        [ "$(bb_builds stream 2>/dev/null || echo 0)" -ge 1 ] && break
-        cur=$(status_kb "$wpid" VmRSS)
-        [ "${cur:-0}" -gt "$wpeak" ] && wpeak=$cur
-        sleep 0.1
-    done
-    t1=$(now_ns)
-    [ "$(bb_builds stream)" -ge 1 ] || { BB_NOTE="stream build did not finish"; return 1; }
-    bb_tput=$(awk -v a="$t0" -v b="$t1" -v m="$BB_STREAM_MIB" 'BEGIN { printf "%.1f", m / ((b - a) / 1e9) }')
-    bb_worker_peak=$wpeak
-    buildbot-worker stop "$d/worker" >/dev/null 2>&1 || true
-    buildbot stop "$d/master" >/dev/null 2>&1 || true
-}
+# ================= Buildbot (run_buildbot is defined above) =================
 if [ "$smoke" = 1 ]; then
     BB_NOTE="not run in smoke mode"
 else
@@ -408,7 +424,7 @@ section=$WORK/section.md
     echo "| wisp over TCP, with \`wisp run --follow\` reading the log back live | $(spread "$tf_med" "$tf_min" "$tf_max") | $(ratio "$tf_med" "$raw_med") |"
     echo "| wisp over WebSocket+TLS through nginx terminating TLS | $(spread "$wn_med" "$wn_min" "$wn_max") | $(ratio "$wn_med" "$raw_med") |"
     if [ -n "$bb_tput" ]; then
-        echo "| Buildbot ($BB_STREAM_MIB MiB, one run, sendchange to build complete) | $bb_tput | $(ratio "$bb_tput" "$raw_med") |"
+        echo "| Buildbot ($BB_STREAM_MIB MiB, one run, REST force to the build's completion event on /sse) | $bb_tput | $(ratio "$bb_tput" "$raw_med") |"
     else
         echo "| Buildbot | not measured ($BB_NOTE) | |"
     fi
@@ -421,7 +437,7 @@ section=$WORK/section.md
     echo "| wisp, $agents_50 agents | $lat_builds | $l50p50 | $l50p99 | $l50min | $l50max |"
     if [ -n "$bb_lat" ]; then
         read -r a b c e <<<"$bb_lat"
-        echo "| Buildbot, 1 worker (\`buildbot sendchange\` to build complete, incl. the CLI's start) | $BB_LAT_BUILDS | $a | $b | $c | $e |"
+        echo "| Buildbot, 1 worker (REST \`force\` to the build's completion event on \`/sse\`) | $BB_LAT_BUILDS | $a | $b | $c | $e |"
     else
         echo "| Buildbot | not measured ($BB_NOTE) | | | | |"
     fi
@@ -443,7 +459,7 @@ section=$WORK/section.md
     echo
     echo '- Latency is measured by the load generator as a client sees it: one `POST /api/builds?wait=60` per build (submit, held until the build is final, answered with the result), on kept-alive HTTP connections; the step is `sh -c true` started by the agent, which alone costs about 1 ms of CPU on this machine (dash is dynamically linked).'
     echo '- Throughput rows other than the live-reader one end when `wisp run --wait` has the result, which the controller gives once the last byte is in the stored log; the step output goes through the agent'"'"'s disk spool and is stored in `DATA/builds/ID/1.log` (checked: every byte). The raw pipe writes into a file the same way.'
-    echo '- Buildbot is driven by `buildbot sendchange` (PB) and build completion read from its sqlite DB by a python3 query in a loop (each poll costs tens of ms; no buildbot-www needed); its latency therefore includes the start of the Python CLI and that polling granularity, so it is an upper bound for Buildbot.'
+    echo '- Buildbot (Debian `buildbot`, `buildbot-worker` 3.7.0; the master with the `buildbot-www` 3.7.0 wheel for its REST API) is driven by `scripts/bb-drive.py` the way its web UI forces a build: a JSON-RPC `force` call to a ForceScheduler (`POST /api/v2/forceschedulers/NAME`) per build, one at a time, and the build'"'"'s `builds/*/finished` event (matched by build request) on the master'"'"'s `/sse` stream, no polling; latency runs from just before the POST to that event'"'"'s arrival. The master RSS includes its web server.'
     echo '<!-- bench:end -->'
 } >"$section"
 
