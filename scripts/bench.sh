@@ -194,10 +194,14 @@ setup_wss || die "$WSS_NOTE"
 sleep 1
 ctl_idle_kb=$(status_kb "$CTL_PID" VmRSS)
 
-declare -A tput idle_rss peak_rss
+declare -A tput vs_raw idle_rss peak_rss
 raw_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 raw_samples=()
-for ((r = 0; r < runs; r++)); do
+# raw_once: the same bytes through a raw loopback pipe (socat into a file); prints MiB/s. Run
+# right before each wisp run, so each ratio compares two runs made under the same conditions
+# (this machine's speed drifts by a third between minutes).
+raw_once() {
+    local sp t0 t1
     rm -f "$WORK/raw.out"
     socat -u "TCP-LISTEN:$raw_port,bind=127.0.0.1,reuseaddr" "CREATE:$WORK/raw.out" &
     sp=$!
@@ -207,10 +211,9 @@ for ((r = 0; r < runs; r++)); do
     wait "$sp"
     t1=$(now_ns)
     [ "$(stat -c %s "$WORK/raw.out")" = $((stream_mib * 1048576)) ] || die "raw pipe lost bytes"
-    raw_samples+=("$(awk -v a="$t0" -v b="$t1" -v m="$stream_mib" 'BEGIN { printf "%.1f", m / ((b - a) / 1e9) }')")
-done
-read -r raw_med raw_min raw_max < <(printf '%s\n' "${raw_samples[@]}" | stats)
-say "raw pipe: $raw_med MiB/s"
+    rm -f "$WORK/raw.out"
+    awk -v a="$t0" -v b="$t1" -v m="$stream_mib" 'BEGIN { printf "%.1f", m / ((b - a) / 1e9) }'
+}
 
 # The controller's own TLS (its default; the main bench controller runs --no-tls): a second
 # controller for the wss row, the agent pinning its self-signed identity.
@@ -252,8 +255,10 @@ for tr in tcp ws wss tcp_follow wss_nginx; do
     wait_online "$name" "$APID" || die "agent over $tr did not come online: $(tail -3 "$WORK/$name.log")"
     sleep 1
     idle_rss[$tr]=$(status_kb "$APID" VmRSS)
-    s=()
+    s=() q=()
     for ((r = 0; r < runs; r++)); do
+        raw=$(raw_once)
+        raw_samples+=("$raw")
         t0=$(now_ns)
         if [ "$tr" = tcp_follow ]; then
             rc=0
@@ -264,14 +269,19 @@ for tr in tcp ws wss tcp_follow wss_nginx; do
         fi
         t1=$(now_ns)
         s+=("$(awk -v a="$t0" -v b="$t1" -v m="$stream_mib" 'BEGIN { printf "%.1f", m / ((b - a) / 1e9) }')")
+        q+=("$(awk -v w="${s[-1]}" -v r="$raw" 'BEGIN { printf "%.3f", w / r }')")
     done
     tput[$tr]=$(printf '%s\n' "${s[@]}" | stats)
+    vs_raw[$tr]=$(printf '%s\n' "${q[@]}" | stats)
     peak_rss[$tr]=$(status_kb "$APID" VmHWM)
-    say "$tr: ${tput[$tr]} MiB/s, agent idle ${idle_rss[$tr]} kB, peak ${peak_rss[$tr]} kB"
+    say "$tr: ${tput[$tr]} MiB/s (/ raw pipe run just before: ${vs_raw[$tr]}), agent idle ${idle_rss[$tr]} kB, peak ${peak_rss[$tr]} kB"
     kill "$APID"
     wait "$APID" 2>/dev/null || true
     CTL=$main_ctl
 done
+
+read -r raw_med raw_min raw_max < <(printf '%s\n' "${raw_samples[@]}" | stats)
+say "raw pipe: $raw_med MiB/s"
 
 # Dispatch latency and builds/s: agents over TCP, labels pool1 (1 agent), pool50, pool100.
 for ((i = 0; i < agents_many; i++)); do
@@ -289,13 +299,29 @@ lat_out() { # LABEL BUILDS CONC -> sets LAT (p50 p99 min max) and BPS
     LAT=$(awk '$1 == "latency_ms" { print $2, $3, $4, $5 }' <<<"$o")
     BPS=$(awk '$1 == "builds_per_s" { print $2 }' <<<"$o")
 }
-lat_out pool1 "$lat_builds" 1
-lat1=$LAT
+# lat_runs LABEL: `runs` runs of lat_builds builds one after another -> LATS: the median of the
+# runs' p50 and p99, the lowest and highest latency of all, then the lowest and highest p50 and p99
+# of a run.
+lat_runs() {
+    local r all=()
+    for ((r = 0; r < runs; r++)); do
+        lat_out "$1" "$lat_builds" 1
+        all+=("$LAT")
+    done
+    LATS=$(printf '%s\n' "${all[@]}" | awk '{ p50[NR] = $1; p99[NR] = $2; lo[NR] = $3; hi[NR] = $4 }
+        function med(a, n,   i, j, t) { for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
+            return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2 }
+        END { n = NR; m50 = med(p50, n); m99 = med(p99, n); med(lo, n); med(hi, n)
+            printf "%.3f %.3f %.3f %.3f", m50, m99, lo[1], hi[n]
+            printf " %.3f %.3f %.3f %.3f\n", p50[1], p50[n], p99[1], p99[n] }')
+}
+lat_runs pool1
+lat1=$LATS
 say "1 agent: latency p50 p99 min max = $lat1 ms"
 for ((i = 1; i < agents_50; i++)); do start_agent "a$i" tcp; done
 wait_count "$agents_50"
-lat_out pool50 "$lat_builds" 1
-lat50=$LAT
+lat_runs pool50
+lat50=$LATS
 say "$agents_50 agents: latency $lat50 ms"
 for ((i = agents_50; i < agents_many; i++)); do start_agent "a$i" tcp; done
 wait_count "$agents_many"
@@ -359,8 +385,10 @@ read -r ws_med ws_min ws_max <<<"${tput[ws]}"
 read -r wss_med wss_min wss_max <<<"${tput[wss]}"
 read -r tf_med tf_min tf_max <<<"${tput[tcp_follow]}"
 read -r wn_med wn_min wn_max <<<"${tput[wss_nginx]}"
-read -r l1p50 l1p99 l1min l1max <<<"$lat1"
-read -r l50p50 l50p99 l50min l50max <<<"$lat50"
+read -r l1p50 l1p99 l1min l1max l1p50lo l1p50hi l1p99lo l1p99hi <<<"$lat1"
+read -r l50p50 l50p99 l50min l50max l50p50lo l50p50hi l50p99lo l50p99hi <<<"$lat50"
+read -r tcp_q tcp_qlo tcp_qhi <<<"${vs_raw[tcp]}"
+read -r wss_q wss_qlo wss_qhi <<<"${vs_raw[wss]}"
 nmax=${scale_ns[-1]}
 section=$WORK/section.md
 {
@@ -378,8 +406,9 @@ section=$WORK/section.md
     echo
     echo '| goal | measured | |'
     echo '| --- | ---: | --- |'
-    r=$(ratio "$tcp_med" "$raw_med"); echo "| throughput over TCP ≥ 50% of the raw pipe | $(awk -v r="$r" 'BEGIN { printf "%.0f%%", 100 * r }') | $(mark "$r >= 0.5") |"
-    r=$(ratio "$wss_med" "$raw_med"); echo "| throughput over WSS ≥ 35% of the raw pipe | $(awk -v r="$r" 'BEGIN { printf "%.0f%%", 100 * r }') | $(mark "$r >= 0.35") |"
+    pct() { awk -v r="$1" -v lo="$2" -v hi="$3" 'BEGIN { printf "%.0f%% (%.0f–%.0f%%)", 100 * r, 100 * lo, 100 * hi }'; }
+    echo "| throughput over TCP ≥ 50% of the raw pipe | $(pct "$tcp_q" "$tcp_qlo" "$tcp_qhi") | $(mark "$tcp_q >= 0.5") |"
+    echo "| throughput over WSS ≥ 35% of the raw pipe | $(pct "$wss_q" "$wss_qlo" "$wss_qhi") | $(mark "$wss_q >= 0.35") |"
     if [ -n "$bb_tput" ]; then
         r=$(ratio "$tcp_med" "$bb_tput"); echo "| throughput ≥ 100× Buildbot | ${r}× (TCP) | $(mark "$r >= 100") |"
     else
@@ -415,14 +444,14 @@ section=$WORK/section.md
     echo
     echo "### 2. Streaming throughput ($stream_mib MiB of step stdout to the controller's stored log: \`wisp run --wait\`, submit to result, every byte checked stored)"
     echo
-    echo '| path | MiB/s | / raw pipe |'
+    echo '| path | MiB/s | / raw pipe (each run against a raw run just before it) |'
     echo '| --- | ---: | ---: |'
     echo "| raw loopback pipe (\`yes \| head -c \| socat\` into a file) | $(spread "$raw_med" "$raw_min" "$raw_max") | 1.00 |"
-    echo "| wisp over TCP | $(spread "$tcp_med" "$tcp_min" "$tcp_max") | $(ratio "$tcp_med" "$raw_med") |"
-    echo "| wisp over WebSocket | $(spread "$ws_med" "$ws_min" "$ws_max") | $(ratio "$ws_med" "$raw_med") |"
-    echo "| wisp over WebSocket+TLS (the controller's own TLS, identity pinned) | $(spread "$wss_med" "$wss_min" "$wss_max") | $(ratio "$wss_med" "$raw_med") |"
-    echo "| wisp over TCP, with \`wisp run --follow\` reading the log back live | $(spread "$tf_med" "$tf_min" "$tf_max") | $(ratio "$tf_med" "$raw_med") |"
-    echo "| wisp over WebSocket+TLS through nginx terminating TLS | $(spread "$wn_med" "$wn_min" "$wn_max") | $(ratio "$wn_med" "$raw_med") |"
+    echo "| wisp over TCP | $(spread "$tcp_med" "$tcp_min" "$tcp_max") | $(spread ${vs_raw[tcp]} %.2f) |"
+    echo "| wisp over WebSocket | $(spread "$ws_med" "$ws_min" "$ws_max") | $(spread ${vs_raw[ws]} %.2f) |"
+    echo "| wisp over WebSocket+TLS (the controller's own TLS, identity pinned) | $(spread "$wss_med" "$wss_min" "$wss_max") | $(spread ${vs_raw[wss]} %.2f) |"
+    echo "| wisp over TCP, with \`wisp run --follow\` reading the log back live | $(spread "$tf_med" "$tf_min" "$tf_max") | $(spread ${vs_raw[tcp_follow]} %.2f) |"
+    echo "| wisp over WebSocket+TLS through nginx terminating TLS | $(spread "$wn_med" "$wn_min" "$wn_max") | $(spread ${vs_raw[wss_nginx]} %.2f) |"
     if [ -n "$bb_tput" ]; then
         echo "| Buildbot ($BB_STREAM_MIB MiB, one run, REST force to the build's completion event on /sse) | $bb_tput | $(ratio "$bb_tput" "$raw_med") |"
     else
@@ -431,10 +460,12 @@ section=$WORK/section.md
     echo
     echo '### 3. Dispatch latency (submit of a one-step `true` build to its result), ms'
     echo
+    echo "Median over $runs runs of $lat_builds builds each (p50 and p99: median, and the lowest–highest run)."
+    echo
     echo '| setup | builds | p50 | p99 | min | max |'
     echo '| --- | ---: | ---: | ---: | ---: | ---: |'
-    echo "| wisp, 1 agent | $lat_builds | $l1p50 | $l1p99 | $l1min | $l1max |"
-    echo "| wisp, $agents_50 agents | $lat_builds | $l50p50 | $l50p99 | $l50min | $l50max |"
+    echo "| wisp, 1 agent | $runs × $lat_builds | $(spread "$l1p50" "$l1p50lo" "$l1p50hi" %.3f) | $(spread "$l1p99" "$l1p99lo" "$l1p99hi" %.3f) | $l1min | $l1max |"
+    echo "| wisp, $agents_50 agents | $runs × $lat_builds | $(spread "$l50p50" "$l50p50lo" "$l50p50hi" %.3f) | $(spread "$l50p99" "$l50p99lo" "$l50p99hi" %.3f) | $l50min | $l50max |"
     if [ -n "$bb_lat" ]; then
         read -r a b c e <<<"$bb_lat"
         echo "| Buildbot, 1 worker (REST \`force\` to the build's completion event on \`/sse\`) | $BB_LAT_BUILDS | $a | $b | $c | $e |"
