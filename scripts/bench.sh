@@ -208,7 +208,13 @@ raw_once() {
     sync
     socat -u -b 131072 "TCP-LISTEN:$raw_port,bind=127.0.0.1,reuseaddr" "CREATE:$WORK/raw.out" &
     sp=$!
-    sleep 0.2
+    local i hex
+    hex=$(printf '%04X' "$raw_port")
+    for ((i = 0; i < 250; i++)); do # until socat listens (state 0A in /proc/net/tcp), 5 s at most
+        awk -v p=":$hex" '$4 == "0A" && substr($2, length($2) - 4) == p { f = 1 } END { exit !f }' /proc/net/tcp &&
+            break
+        sleep 0.02
+    done
     t0=$(now_ns)
     bash -c "$GEN" | socat -u -b 131072 - "TCP:127.0.0.1:$raw_port"
     wait "$sp"

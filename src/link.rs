@@ -94,8 +94,21 @@ impl Watchdog {
         self.last = Instant::now();
     }
 
+    /// `fut`'s output (which counts as a frame), or None when the link went quiet first.
+    pub async fn guard<T>(&mut self, fut: impl std::future::Future<Output = T>) -> Option<T> {
+        let out = smol::future::or(async { Some(fut.await) }, async {
+            self.expired().await;
+            None
+        })
+        .await;
+        if out.is_some() {
+            self.fed();
+        }
+        out
+    }
+
     /// Completes when `period` has passed since the last frame; cancel-safe.
-    pub async fn expired(&mut self) {
+    async fn expired(&mut self) {
         loop {
             (&mut self.timer).await;
             let due = self.last + self.period;
@@ -164,7 +177,50 @@ impl From<CodecError> for LinkError {
 
 enum ReadKind {
     Ws(WebSocketReceiver<BoxIo>, Option<Message>),
-    Tcp(smol::io::ReadHalf<BoxIo>),
+    Tcp(ReadAhead),
+}
+
+/// The TCP read side: bytes read ahead into a buffer of one wire frame, `buf[start..end]` not yet
+/// taken. One read fetches as much as has arrived, so small frames cost no read each and a length
+/// prefix no read of its own.
+struct ReadAhead {
+    r: smol::io::ReadHalf<BoxIo>,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl ReadAhead {
+    /// Read until `need` bytes (at most the buffer) are held, moving what is held to the front when
+    /// the rest would not fit. False on end of stream with nothing held; end of stream with part
+    /// of what is needed is an `UnexpectedEof` error.
+    async fn fill(&mut self, need: usize) -> Result<bool, LinkError> {
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        }
+        while self.end - self.start < need {
+            if self.start + need > self.buf.len() {
+                self.buf.copy_within(self.start..self.end, 0);
+                (self.start, self.end) = (0, self.end - self.start);
+            }
+            let n = self.r.read(&mut self.buf[self.end..]).await?;
+            if n == 0 {
+                if self.start == self.end {
+                    return Ok(false);
+                }
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+            }
+            self.end += n;
+        }
+        Ok(true)
+    }
+
+    /// Take the next `n` bytes held (after a `fill` of at least `n`).
+    fn take(&mut self, n: usize) -> &[u8] {
+        let at = self.start;
+        self.start += n;
+        &self.buf[at..at + n]
+    }
 }
 
 enum WriteKind {
@@ -178,11 +234,6 @@ enum WriteKind {
 /// The receiving half of a link.
 pub struct LinkReader {
     kind: ReadKind,
-    /// TCP: bytes read ahead, `buf[start..end]` not yet taken; one read fetches as much as has
-    /// arrived (up to the buffer), so small frames cost no read each and a header no read of its own.
-    buf: Box<[u8]>,
-    start: usize,
-    end: usize,
     mac: Option<Mac>,
 }
 
@@ -222,10 +273,12 @@ pub fn tcp(io: BoxIo) -> (LinkReader, LinkWriter) {
     let (r, w) = smol::io::split(io);
     (
         LinkReader {
-            kind: ReadKind::Tcp(r),
-            buf: vec![0; 4 + MAX_WIRE_FRAME].into_boxed_slice(),
-            start: 0,
-            end: 0,
+            kind: ReadKind::Tcp(ReadAhead {
+                r,
+                buf: vec![0; MAX_WIRE_FRAME].into_boxed_slice(),
+                start: 0,
+                end: 0,
+            }),
             mac: None,
         },
         LinkWriter { kind: WriteKind::Tcp(w), buf: vec![0; 4 + SMALL_SEND + TAG_LEN], mac: None },
@@ -236,7 +289,7 @@ pub fn tcp(io: BoxIo) -> (LinkReader, LinkWriter) {
 pub fn websocket(ws: WebSocketStream<BoxIo>) -> (LinkReader, LinkWriter) {
     let (w, r) = ws.split();
     (
-        LinkReader { kind: ReadKind::Ws(r, None), buf: Box::new([]), start: 0, end: 0, mac: None },
+        LinkReader { kind: ReadKind::Ws(r, None), mac: None },
         LinkWriter {
             kind: WriteKind::Ws(w, bytes::BytesMut::new()),
             buf: vec![0; 4 + SMALL_SEND + TAG_LEN],
@@ -256,24 +309,21 @@ impl LinkReader {
     /// Not cancel-safe: run it in its own task rather than racing it against other futures.
     pub async fn next(&mut self) -> Result<Option<Frame<'_>>, LinkError> {
         match &mut self.kind {
-            ReadKind::Tcp(r) => {
-                if !fill(r, &mut self.buf, &mut self.start, &mut self.end, 4).await? {
+            ReadKind::Tcp(ra) => {
+                if !ra.fill(4).await? {
                     return Ok(None);
                 }
-                let head: [u8; 4] = self.buf[self.start..self.start + 4].try_into().expect("4 bytes");
-                let len = u32::from_be_bytes(head) as usize;
+                let len = u32::from_be_bytes(ra.take(4).try_into().expect("4 bytes")) as usize;
                 let limit = if self.mac.is_some() { MAX_WIRE_FRAME } else { MAX_FRAME };
                 if len > limit {
                     return Err(LinkError::Protocol(format!(
                         "length prefix {len} is over the {limit}-byte frame limit (is this a wisp agent port?)"
                     )));
                 }
-                if !fill(r, &mut self.buf, &mut self.start, &mut self.end, 4 + len).await? {
+                if !ra.fill(len).await? {
                     return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
                 }
-                let at = self.start + 4;
-                self.start = at + len;
-                let wire = &self.buf[at..at + len];
+                let wire = ra.take(len);
                 let frame = match &mut self.mac {
                     Some(mac) => mac.open(wire)?,
                     None => wire,
@@ -311,36 +361,6 @@ impl LinkReader {
             }
         }
     }
-}
-
-/// Read until `buf[start..end]` holds `need` bytes (`need` ≤ the buffer), moving what is held to the
-/// front when the rest would not fit. False on end of stream before that: cleanly when nothing
-/// was held, else an `UnexpectedEof` error.
-async fn fill(
-    r: &mut smol::io::ReadHalf<BoxIo>,
-    buf: &mut [u8],
-    start: &mut usize,
-    end: &mut usize,
-    need: usize,
-) -> Result<bool, LinkError> {
-    if *start == *end {
-        (*start, *end) = (0, 0);
-    }
-    while *end - *start < need {
-        if *start + need > buf.len() {
-            buf.copy_within(*start..*end, 0);
-            (*start, *end) = (0, *end - *start);
-        }
-        let n = r.read(&mut buf[*end..]).await?;
-        if n == 0 {
-            if *start == *end {
-                return Ok(false);
-            }
-            return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
-        }
-        *end += n;
-    }
-    Ok(true)
 }
 
 impl LinkWriter {

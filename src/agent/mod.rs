@@ -446,13 +446,7 @@ impl Agent {
                 let _ = broken.recv().await;
                 None
             };
-            let quiet = async {
-                watchdog.expired().await;
-                None
-            };
-            let frame = smol::future::or(async { Some(smol::future::or(next, failed).await) }, quiet).await;
-            watchdog.fed();
-            let frame = match frame {
+            let frame = match watchdog.guard(smol::future::or(next, failed)).await {
                 Some(None) => {
                     return Err(End::Retry("sending to the controller failed: the link is broken".into()))
                 }

@@ -177,10 +177,11 @@ pub fn spawn_shell<'a>(
         }
     })?;
     drop(cmd); // closes our copies of the write end so EOF comes when the step's processes finish
-               // A 1 MiB pipe (the most an unprivileged process may ask for by default) instead of 64 KiB: a
-               // fast step writes ahead while the agent sends, the agent reads full frames, and both sides
-               // sleep and wake far less often (measured: about 20% more throughput on 2 cores). Bounded
-               // kernel memory per running step; where the kernel refuses, the default stays.
+
+    // A 1 MiB pipe (the most an unprivileged process may ask for by default) instead of 64 KiB: a
+    // fast step writes ahead while the agent sends, the agent reads full frames, and both sides
+    // sleep and wake far less often (measured: about 20% more throughput on 2 cores). Bounded
+    // kernel memory per running step; where the kernel refuses, the default stays.
     if let Err(e) = nix::fcntl::fcntl(&r, nix::fcntl::FcntlArg::F_SETPIPE_SZ(STEP_PIPE_BYTES)) {
         log::debug!("output pipe stays at the default size: {e}");
     }

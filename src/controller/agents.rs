@@ -330,19 +330,11 @@ async fn read_loop(ctl: &Controller, conn: &Arc<Conn>, reader: &mut LinkReader) 
         if conn.closing.load(Ordering::SeqCst) {
             return "closed by the controller".into();
         }
-        let read = async {
-            smol::future::or(async { Some(reader.next().await) }, async {
-                watchdog.expired().await;
-                None
-            })
-            .await
-        };
-        let next = smol::future::or(async { Some(read.await) }, async {
+        let next = smol::future::or(async { Some(watchdog.guard(reader.next()).await) }, async {
             listener.await;
             None
         })
         .await;
-        watchdog.fed();
         let frame = match next {
             None => return "closed by the controller".into(),
             Some(None) => return format!("no frame for {}s (missed pings)", dead_after.as_secs()),
