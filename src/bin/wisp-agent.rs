@@ -1,5 +1,13 @@
 //! `wisp-agent`: the build agent. Parses arguments and the Jenkins-style environment, then runs.
 
+/// On musl, dlmalloc instead of musl's malloc: musl returns a page group to the kernel as soon as
+/// it is empty, so each build mapped and unmapped about seven regions (the step's read buffer,
+/// std's spawn arguments) and every unmap interrupted the other core to flush its TLB. With 100
+/// agents on 2 cores that was about a third of the agent's CPU per build (BENCHMARKS.md).
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOC: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
+
 use argh::FromArgs;
 use std::path::PathBuf;
 use wisp::agent::{self, Mode};
