@@ -303,6 +303,8 @@ pub struct Controller {
     state: Mutex<State>,
     /// Runs every task of the controller.
     pub ex: Arc<Executor<'static>>,
+    /// Deadlines of HTTP requests (header timeouts, `?wait`), on one timer.
+    pub deadlines: Arc<super::deadlines::Deadlines>,
     /// Bound addresses (HTTP, agent port), once listening.
     pub addrs: OnceLock<(SocketAddr, SocketAddr)>,
     /// How often each side pings the other.
@@ -354,6 +356,8 @@ impl Controller {
         for rec in store.nodes().map_err(|e| format!("store: {e}"))? {
             state.nodes.insert(rec.name.clone(), Node::new(rec));
         }
+        let deadlines = super::deadlines::Deadlines::new();
+        ex.spawn(deadlines.clone().run()).detach();
         let ctl = Arc::new(Self {
             data,
             key: key.into_bytes(),
@@ -361,6 +365,7 @@ impl Controller {
             store: Mutex::new(store),
             state: Mutex::new(state),
             ex,
+            deadlines,
             addrs: OnceLock::new(),
             ping_interval: timing.ping_interval,
             handshake_timeout: timing.handshake_timeout,

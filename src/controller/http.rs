@@ -128,13 +128,14 @@ pub async fn http_loop(ctl: Arc<Controller>, listener: TcpListener, tls: Option<
             .spawn(async move {
                 let Some(io) = accept_tls(stream, tls.as_deref(), peer, "http").await else { return };
                 let fingerprint: Option<Arc<str>> = tls.map(|t| t.fingerprint.as_str().into());
+                let timer = super::deadlines::HyperTimer(ctl2.deadlines.clone());
                 let service = hyper::service::service_fn(move |req| {
                     let ctl = ctl2.clone();
                     let fp = fingerprint.clone();
                     async move { Ok::<_, std::convert::Infallible>(route(ctl, req, peer, fp.as_deref()).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(smol_hyper::rt::SmolTimer::new())
+                    .timer(timer)
                     .header_read_timeout(Duration::from_secs(30))
                     .serve_connection(FuturesIo::new(io), service)
                     .with_upgrades();
@@ -547,7 +548,7 @@ async fn build_info(ctl: &Controller, id: &str, wait: Option<&str>) -> Result<Re
 /// The build's record with its steps, once it is final or `wait` has passed.
 async fn build_record(ctl: &Controller, id: u64, wait: Duration) -> Result<serde_json::Value, ApiError> {
     let deadline = Instant::now() + wait;
-    let mut timer = smol::Timer::at(deadline);
+    let mut timer = ctl.deadlines.sleep_until(deadline);
     let b = loop {
         let listener = ctl.live(id).map(|l| l.changed.listen());
         let b = ctl.build(id)?;

@@ -4,6 +4,7 @@ pub mod agents;
 pub mod cli;
 pub mod client;
 pub mod core;
+pub mod deadlines;
 pub mod http;
 pub mod identity;
 pub mod labels;
