@@ -143,7 +143,8 @@ start_controller() {
     fi
     CTL=$WORK/ctl
     mkdir -p "$CTL"
-    "$WISP" serve --data "$CTL" --http-port 0 --agent-port 0 --bind 127.0.0.1 --no-tls \
+    # CTL_SETSID=1: in a session of its own (setsid execs in place, so $! stays the controller's).
+    ${CTL_SETSID:+setsid} "$WISP" serve --data "$CTL" --http-port 0 --agent-port 0 --bind 127.0.0.1 --no-tls \
         2>"$WORK/controller.log" &
     CTL_PID=$!
     HARNESS_PIDS+=("$CTL_PID")
