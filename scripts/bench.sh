@@ -470,7 +470,7 @@ section=$WORK/section.md
     echo "| agent RSS flat while streaming (peak − idle < 1 MiB, TCP) | +$g MiB | $(mark "$g < 1") |"
     echo "| dispatch p50 ≤ 2 ms at $agents_50 agents | $l50p50 ms | $(mark "$l50p50 <= 2") |"
     echo "| dispatch p99 ≤ 20 ms at $agents_50 agents | $l50p99 ms | $(mark "$l50p99 <= 20") |"
-    echo "| ≥ 1,000 trivial builds/s with $agents_many agents | $bsv_med (controller in its own session, as a service); $bps_med (in the agents' session); the steps alone: $sp_med | $(mark "$bsv_med >= 1000") |"
+    echo "| ≥ 1,000 trivial builds/s with $agents_many agents | $bsv_med (controller in its own session, as a service); $bps_med (in the agents' session); the steps alone: $(printf %.1f "$sp_med") | $(mark "$bsv_med >= 1000") |"
     echo "| $nmax agents with controller RSS ≤ 1 GiB | $(kib_mib "${sc_rss[$nmax]}") | $(mark "${sc_rss[$nmax]} <= 1048576") |"
     if [ -n "$bb_worker_kb" ]; then
         r=$(ratio "$bb_worker_kb" "${idle_rss[tcp]}"); echo "| agent idle RSS ≥ 25× smaller than buildbot-worker's | ${r}× | $(mark "$r >= 25") |"
