@@ -346,14 +346,21 @@ spawn_once() {
     t1=$(now_ns)
     awk -v a="$t0" -v b="$t1" -v n="$tput_builds" 'BEGIN { printf "%.1f", n / ((b - a) / 1e9) }'
 }
-bps=() spawn=() bps_q=()
-for ((r = 0; r < runs; r++)); do
-    spawn+=("$(spawn_once)")
-    lat_out pool100 "$tput_builds" "$agents_many"
-    bps+=("$BPS")
-    bps_q+=("$(awk -v w="$BPS" -v r="${spawn[-1]}" 'BEGIN { printf "%.3f", w / r }')")
-done
-read -r bps_med bps_min bps_max < <(printf '%s\n' "${bps[@]}" | stats)
+# bps_runs: `runs` builds/s runs on pool100, each right after a run of the steps alone; appends
+# to spawn, and sets BR: "median min max" of the builds/s, then of the ratios to the steps alone.
+spawn=()
+bps_runs() {
+    local r b=() q=()
+    for ((r = 0; r < runs; r++)); do
+        spawn+=("$(spawn_once)")
+        lat_out pool100 "$tput_builds" "$agents_many"
+        b+=("$BPS")
+        q+=("$(awk -v w="$BPS" -v r="${spawn[-1]}" 'BEGIN { printf "%.3f", w / r }')")
+    done
+    BR="$(printf '%s\n' "${b[@]}" | stats) $(printf '%s\n' "${q[@]}" | stats)"
+}
+bps_runs
+read -r bps_med bps_min bps_max bq_med bq_min bq_max <<<"$BR"
 say "$agents_many agents: $bps_med builds/s"
 harness_cleanup
 HARNESS_PIDS=()
@@ -372,17 +379,9 @@ for ((i = 0; i < agents_many; i++)); do
 done
 wait_count "$agents_many"
 lat_out pool100 "$tput_builds" "$agents_many" # warm-up, not counted
-bps_svc=() bsv_q=()
-for ((r = 0; r < runs; r++)); do
-    spawn+=("$(spawn_once)")
-    lat_out pool100 "$tput_builds" "$agents_many"
-    bps_svc+=("$BPS")
-    bsv_q+=("$(awk -v w="$BPS" -v r="${spawn[-1]}" 'BEGIN { printf "%.3f", w / r }')")
-done
+bps_runs
+read -r bsv_med bsv_min bsv_max sq_med sq_min sq_max <<<"$BR"
 read -r sp_med sp_min sp_max < <(printf '%s\n' "${spawn[@]}" | stats)
-read -r bq_med bq_min bq_max < <(printf '%s\n' "${bps_q[@]}" | stats)
-read -r sq_med sq_min sq_max < <(printf '%s\n' "${bsv_q[@]}" | stats)
-read -r bsv_med bsv_min bsv_max < <(printf '%s\n' "${bps_svc[@]}" | stats)
 say "$agents_many agents, controller in its own session: $bsv_med builds/s"
 harness_cleanup
 HARNESS_PIDS=()
