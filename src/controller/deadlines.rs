@@ -80,14 +80,9 @@ impl Deadlines {
         self.sleep_until(Instant::now() + d)
     }
 
-    /// Deadlines waiting (for tests).
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
         self.inner().waiting.len()
-    }
-
-    /// No deadline waiting.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -131,12 +126,11 @@ impl Future for Sleep {
                 k
             }
         };
-        match inner.waiting.get_mut(&key) {
-            Some(w) => w.clone_from(cx.waker()),
-            None => {
-                inner.waiting.insert(key, cx.waker().clone());
-            }
-        }
+        inner
+            .waiting
+            .entry(key)
+            .and_modify(|w| w.clone_from(cx.waker()))
+            .or_insert_with(|| cx.waker().clone());
         let rearm = inner.armed.is_none_or(|t| this.deadline < t);
         if rearm {
             // Until the task has re-armed, later deadlines need not wake it again.
@@ -183,69 +177,56 @@ impl hyper::rt::Timer for HyperTimer {
 mod tests {
     use super::*;
 
-    #[test]
-    fn deadlines_fire_in_order_on_time_and_are_forgotten_when_dropped() {
+    /// Run `test` with deadlines whose task runs beside it.
+    fn with_deadlines<F: Future<Output = ()>>(test: impl FnOnce(Arc<Deadlines>) -> F) {
         let d = Deadlines::new();
         let ex = smol::LocalExecutor::new();
         ex.spawn(d.clone().run()).detach();
-        smol::block_on(ex.run(async {
+        smol::block_on(ex.run(test(d)));
+    }
+
+    #[test]
+    fn deadlines_fire_in_order_on_time_and_are_forgotten_when_dropped() {
+        with_deadlines(|d| async move {
             let t0 = Instant::now();
-            // A later deadline first, then an earlier one: the task must re-arm for it.
-            let late = ex.spawn({
-                let d = d.clone();
-                async move {
-                    d.sleep(Duration::from_millis(300)).await;
-                    t0.elapsed()
-                }
-            });
-            smol::Timer::after(Duration::from_millis(20)).await;
-            let early = ex.spawn({
-                let d = d.clone();
-                async move {
-                    d.sleep(Duration::from_millis(100)).await;
-                    t0.elapsed()
-                }
-            });
+            // A later deadline registered first, then an earlier one: the task must re-arm for it.
+            let mut late = d.sleep(Duration::from_secs(1));
+            assert!(smol::future::poll_once(&mut late).await.is_none());
+            // Let the task arm its timer for the later one (it was woken first, so it runs first).
+            smol::future::yield_now().await;
+            let mut early = d.sleep(Duration::from_millis(100));
+            assert!(smol::future::poll_once(&mut early).await.is_none());
             // One that is dropped before its time leaves nothing behind.
-            let dropped = smol::future::or(
-                async {
-                    d.sleep(Duration::from_secs(60)).await;
-                    true
-                },
-                async {
-                    smol::Timer::after(Duration::from_millis(10)).await;
-                    false
-                },
-            )
-            .await;
-            assert!(!dropped);
-            let early = early.await;
-            assert!(early >= Duration::from_millis(100), "fired early: {early:?}");
-            assert!(
-                early < Duration::from_millis(300),
-                "the earlier deadline waited for the later one: {early:?}"
-            );
-            let late = late.await;
-            assert!(late >= Duration::from_millis(300), "fired early: {late:?}");
-            assert!(d.is_empty(), "{} deadlines left behind", d.len());
-        }));
+            let mut dropped = d.sleep(Duration::from_secs(60));
+            assert!(smol::future::poll_once(&mut dropped).await.is_none());
+            assert_eq!(d.waiting(), 3);
+            drop(dropped);
+            assert_eq!(d.waiting(), 2);
+
+            early.await;
+            let e = t0.elapsed();
+            assert!(e >= Duration::from_millis(100), "fired early: {e:?}");
+            assert!(e < Duration::from_secs(1), "the earlier deadline waited for the later one: {e:?}");
+            late.await;
+            let l = t0.elapsed();
+            assert!(l >= Duration::from_secs(1), "fired early: {l:?}");
+            assert_eq!(d.waiting(), 0, "deadlines left behind");
+        });
     }
 
     #[test]
     fn a_reset_sleep_waits_for_its_new_deadline() {
-        let d = Deadlines::new();
-        let ex = smol::LocalExecutor::new();
-        ex.spawn(d.clone().run()).detach();
-        smol::block_on(ex.run(async {
+        with_deadlines(|d| async move {
             let t0 = Instant::now();
             let mut s = d.sleep(Duration::from_secs(60));
             // Registered, then moved much earlier.
             assert!(smol::future::poll_once(&mut s).await.is_none());
+            smol::future::yield_now().await; // the task arms its timer for 60 s
             s.reset(t0 + Duration::from_millis(50));
             s.await;
             let e = t0.elapsed();
             assert!(e >= Duration::from_millis(50) && e < Duration::from_secs(10), "{e:?}");
-            assert!(d.is_empty());
-        }));
+            assert_eq!(d.waiting(), 0);
+        });
     }
 }
