@@ -40,7 +40,7 @@ if [ "$smoke" = 1 ]; then
     stream_mib=16 runs=2 lat_builds=20 tput_builds=40 agents_many=10 agents_50=5 scale_ns=(50)
     scale_lat_builds=10 idle_cpu_s=2
 else
-    stream_mib=1024 runs=${WISP_BENCH_RUNS:-3} lat_builds=200 tput_builds=1000 agents_many=100 agents_50=50
+    stream_mib=1024 runs=${WISP_BENCH_RUNS:-3} lat_builds=200 tput_builds=3000 agents_many=100 agents_50=50
     scale_ns=(1000 5000 10000) scale_lat_builds=100 idle_cpu_s=10
 fi
 BB_STREAM_MIB=${WISP_BB_STREAM_MIB:-64}
