@@ -2,12 +2,12 @@
 //! reader and writer loops that store output, grant credit and keep the link alive.
 
 use super::core::{Conn, Controller, Out, StepEnd, STEP_CREDIT};
+use super::deadlines::Coarse;
 use crate::auth::{self, ServerHandshake, ServerStep};
 use crate::link::{LinkError, LinkReader, LinkWriter, Watchdog};
 use crate::proto::{self, Frame, RejectCode, StepStart};
 use event_listener::Event;
 use smol::channel::{bounded, Receiver};
-use smol::stream::StreamExt;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,6 +20,13 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const STALE_CHECK: Duration = Duration::from_secs(3);
 /// A link is declared dead after this many ping intervals without a frame from the agent.
 pub const DEAD_AFTER_PINGS: u32 = 3;
+
+/// The grid that every link's ping and silence deadlines are rounded up to (see
+/// [`super::deadlines::Coarse`]): a sixteenth of the ping interval, from 10 ms to 1 s.
+fn keepalive_grid(ping: Duration) -> Duration {
+    (ping / 16).clamp(Duration::from_millis(10), Duration::from_secs(1))
+}
+
 /// Frames waiting to be written to one agent.
 const OUT_QUEUE: usize = 64;
 /// Output credit is granted back in batches of this many bytes (a quarter of the window).
@@ -228,7 +235,9 @@ pub async fn serve(ctl: Arc<Controller>, mut reader: LinkReader, mut writer: Lin
         close: Event::new(),
     });
     let told = ctl.reconcile(&name, &held);
-    let writer_task = ctl.ex.spawn(write_loop(writer, rx, ctl.ping_interval));
+    let pings =
+        ctl.deadlines.coarse_until(Instant::now() + ctl.ping_interval, keepalive_grid(ctl.ping_interval));
+    let writer_task = ctl.ex.spawn(write_loop(writer, rx, ctl.ping_interval, pings));
     for (build, step, offset) in told.resume {
         let _ = conn.tx.send(Out::Resume { build, step, offset }).await;
     }
@@ -251,15 +260,20 @@ pub async fn serve(ctl: Arc<Controller>, mut reader: LinkReader, mut writer: Lin
     writer.close().await;
 }
 
-async fn write_loop(mut writer: LinkWriter, rx: Receiver<Out>, ping: Duration) -> LinkWriter {
+/// Write frames from `rx` to the agent until it closes, and a ping every `ping` (on `pings`, a
+/// deadline on the controller's shared timer: no reactor timer per link), whatever else is sent.
+async fn write_loop(
+    mut writer: LinkWriter,
+    rx: Receiver<Out>,
+    ping: Duration,
+    mut pings: Coarse,
+) -> LinkWriter {
     let mut env = vec![0u8; proto::MAX_FRAME].into_boxed_slice();
     let mut ping_id = 0u64;
-    // One timer for the link's life (see `Watchdog` for why not one per message): a ping goes
-    // out every interval, whatever else is sent.
-    let mut pings = smol::Timer::interval(ping);
     loop {
         let next = smol::future::or(async { rx.recv().await.ok() }, async {
-            pings.next().await;
+            (&mut pings).await;
+            pings.set_at(Instant::now() + ping);
             ping_id += 1;
             Some(Out::Ping(ping_id))
         })
@@ -324,7 +338,8 @@ async fn read_loop(ctl: &Controller, conn: &Arc<Conn>, reader: &mut LinkReader) 
     // credit window, so the agent never stalls waiting for it; the Ack of the step's exit settles
     // whatever is still owed.
     let mut owed: Option<((u64, u32), u32, u64)> = None;
-    let mut watchdog = Watchdog::new(dead_after);
+    let silence = ctl.deadlines.coarse_until(Instant::now() + dead_after, keepalive_grid(ctl.ping_interval));
+    let mut watchdog = Watchdog::with_alarm(dead_after, silence);
     loop {
         let listener = conn.close.listen();
         if conn.closing.load(Ordering::SeqCst) {

@@ -28,11 +28,18 @@ struct Inner {
 }
 
 /// The deadlines and the task that fires them.
-#[derive(Default)]
 pub struct Deadlines {
     inner: Mutex<Inner>,
     /// Wakes the task to re-arm for an earlier deadline.
     rearm: Event,
+    /// Where the grid of [`Coarse`] deadlines starts.
+    epoch: Instant,
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        Self { inner: Mutex::default(), rearm: Event::new(), epoch: Instant::now() }
+    }
 }
 
 impl Deadlines {
@@ -78,6 +85,17 @@ impl Deadlines {
     /// A future that is ready after `d`.
     pub fn sleep(self: &Arc<Self>, d: Duration) -> Sleep {
         self.sleep_until(Instant::now() + d)
+    }
+
+    /// A future that is ready at `deadline` rounded up to a multiple of `grid`: see [`Coarse`].
+    pub fn coarse_until(self: &Arc<Self>, deadline: Instant, grid: Duration) -> Coarse {
+        Coarse { sleep: self.sleep_until(self.round_up(deadline, grid)), grid }
+    }
+
+    fn round_up(&self, t: Instant, grid: Duration) -> Instant {
+        let g = grid.as_nanos().max(1);
+        let ticks = t.saturating_duration_since(self.epoch).as_nanos().div_ceil(g);
+        self.epoch + Duration::from_nanos((ticks * g).min(u64::MAX as u128) as u64)
     }
 
     #[cfg(test)]
@@ -151,6 +169,36 @@ impl Drop for Sleep {
 }
 
 impl hyper::rt::Sleep for Sleep {}
+
+/// A [`Sleep`] on a grid, for deadlines that may come a little late: every agent link's next
+/// ping and its silence check. Rounded up to the same grid, those of thousands of links fall due
+/// together, and the timer task wakes once per grid step instead of once per link.
+pub struct Coarse {
+    sleep: Sleep,
+    grid: Duration,
+}
+
+impl Coarse {
+    /// Move the deadline to `at`, rounded up to the grid.
+    pub fn set_at(&mut self, at: Instant) {
+        let t = self.sleep.deadlines.round_up(at, self.grid);
+        self.sleep.reset(t);
+    }
+}
+
+impl Future for Coarse {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        Pin::new(&mut self.sleep).poll(cx)
+    }
+}
+
+impl crate::link::Alarm for Coarse {
+    fn set_at(&mut self, at: Instant) {
+        Coarse::set_at(self, at);
+    }
+}
 
 /// hyper's timer (header read timeouts) on [`Deadlines`].
 #[derive(Clone)]
@@ -226,6 +274,36 @@ mod tests {
             s.await;
             let e = t0.elapsed();
             assert!(e >= Duration::from_millis(50) && e < Duration::from_secs(10), "{e:?}");
+            assert_eq!(d.waiting(), 0);
+        });
+    }
+
+    #[test]
+    fn coarse_deadlines_round_up_to_one_grid_point_and_fire_together() {
+        with_deadlines(|d| async move {
+            let grid = Duration::from_millis(100);
+            let base = d.round_up(Instant::now() + Duration::from_millis(150), grid);
+            assert_eq!(d.round_up(base, grid), base, "a grid point stays where it is");
+            assert_eq!(d.round_up(base + Duration::from_nanos(1), grid), base + grid);
+            // Three deadlines within one grid step all fall due at its end, never before.
+            let mut a = d.coarse_until(base + Duration::from_millis(10), grid);
+            let mut b = d.coarse_until(base + Duration::from_millis(50), grid);
+            let mut c = d.coarse_until(base + Duration::from_millis(90), grid);
+            for s in [&mut a, &mut b, &mut c] {
+                assert!(smol::future::poll_once(s).await.is_none());
+            }
+            assert_eq!(d.waiting(), 3);
+            (&mut a).await;
+            assert!(Instant::now() >= base + grid, "fired before its grid point");
+            // The same instant: the other two are due too, with no further wait.
+            assert!(smol::future::poll_once(&mut b).await.is_some());
+            assert!(smol::future::poll_once(&mut c).await.is_some());
+            // Moved: rounded up from the new deadline, and waited for.
+            let t = Instant::now();
+            a.set_at(t + Duration::from_millis(120));
+            (&mut a).await;
+            let e = t.elapsed();
+            assert!(e >= Duration::from_millis(120) && e < Duration::from_secs(10), "{e:?}");
             assert_eq!(d.waiting(), 0);
         });
     }
