@@ -1,13 +1,15 @@
 //! The controller's live state: nodes and their links, the queue, dispatch, and the task that
 //! runs each build step by step on its node.
 
+use super::labels::LabelExpr;
+use super::nodes::{Node, Nodes};
 use super::pipeline::{self, Pipeline};
 use super::store::{BuildRecord, BuildState, NodeRecord, Store};
 use crate::proto::ExitStatus;
 use event_listener::Event;
 use smol::channel::{bounded, Receiver, Sender};
 use smol::Executor;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -272,23 +274,9 @@ pub struct LiveBuild {
     pub steps_done: AtomicU32,
 }
 
-/// A node and, when online, its link.
-pub struct Node {
-    /// As stored.
-    pub rec: NodeRecord,
-    /// Labels plus the node's own name, for matching.
-    pub match_labels: Vec<String>,
-    /// The live link, if online.
-    pub conn: Option<Arc<Conn>>,
-    /// Executors in use.
-    pub busy: u32,
-    /// Since when the node has had no link (the controller's start, for a node never seen).
-    pub offline_since: Option<Instant>,
-}
-
 #[derive(Default)]
 struct State {
-    nodes: BTreeMap<String, Node>,
+    nodes: Nodes,
     queue: VecDeque<u64>,
     builds: HashMap<u64, Arc<LiveBuild>>,
 }
@@ -354,7 +342,7 @@ impl Controller {
         })?;
         let mut state = State::default();
         for rec in store.nodes().map_err(|e| format!("store: {e}"))? {
-            state.nodes.insert(rec.name.clone(), Node::new(rec));
+            state.nodes.insert(Node::new(rec));
         }
         let deadlines = super::deadlines::Deadlines::new();
         ex.spawn(deadlines.clone().run()).detach();
@@ -445,9 +433,7 @@ impl Controller {
         {
             let mut st = self.state();
             st.builds.insert(build.id, build.clone());
-            if let Some(n) = st.nodes.get_mut(&node) {
-                n.busy += 1;
-            }
+            st.nodes.update(&node, |n| n.busy += 1);
         }
         let ctl = self.clone();
         self.ex.spawn(async move { ctl.run_build(build, node, from, running).await }).detach();
@@ -521,7 +507,7 @@ impl Controller {
             rec.labels.join(" "),
             rec.executors
         );
-        st.nodes.insert(rec.name.clone(), Node::new(rec));
+        st.nodes.insert(Node::new(rec));
         Ok(())
     }
 
@@ -560,13 +546,18 @@ impl Controller {
     pub fn attach(self: &Arc<Self>, conn: &Arc<Conn>, old: Option<&Arc<Conn>>) -> bool {
         {
             let mut st = self.state();
-            let Some(node) = st.nodes.get_mut(&conn.node) else { return false };
-            let current = node.conn.as_ref().map(|c| c.id);
-            if current != old.map(|c| c.id) {
+            let attached = st.nodes.update(&conn.node, |node| {
+                let current = node.conn.as_ref().map(|c| c.id);
+                if current != old.map(|c| c.id) {
+                    return false;
+                }
+                node.conn = Some(conn.clone());
+                node.offline_since = None;
+                true
+            });
+            if attached != Some(true) {
                 return false;
             }
-            node.conn = Some(conn.clone());
-            node.offline_since = None;
         }
         log::info!("node {}: online (link {} from {})", conn.node, conn.id, conn.peer);
         self.wake_builds();
@@ -596,7 +587,8 @@ impl Controller {
             self.steps().iter().filter(|(_, s)| s.node == conn.node && s.started).map(|(k, _)| *k).collect();
         {
             let mut st = self.state();
-            if let Some(node) = st.nodes.get_mut(&conn.node) {
+            let agent_grace = self.agent_grace;
+            st.nodes.update(&conn.node, |node| {
                 if node.conn.as_ref().is_some_and(|c| c.id == conn.id) {
                     node.conn = None;
                     node.offline_since = Some(Instant::now());
@@ -605,11 +597,11 @@ impl Controller {
                         log::info!(
                             "build {b} step {s}: agent '{}' is away; waiting up to {}s for it to resume",
                             conn.node,
-                            self.agent_grace.as_secs()
+                            agent_grace.as_secs()
                         );
                     }
                 }
-            }
+            });
         }
         self.wake_builds();
     }
@@ -721,23 +713,27 @@ impl Controller {
         {
             let mut st = self.state();
             let st = &mut *st;
+            // Expressions that found no free node in this pass: executors only fill up during
+            // it, so the builds after that wait for them need no look.
+            let mut full: Vec<&LabelExpr> = Vec::new();
             let mut i = 0;
             while i < st.queue.len() {
-                let id = st.queue[i];
-                let build = st.builds[&id].clone();
-                let pick = st
-                    .nodes
-                    .values_mut()
-                    .filter(|n| n.conn.is_some() && n.busy < n.rec.executors)
-                    .filter(|n| build.pipeline.label_expr.matches(&n.match_labels))
-                    .min_by_key(|n| n.busy);
-                match pick {
+                let build = &st.builds[&st.queue[i]];
+                let expr = &build.pipeline.label_expr;
+                if full.contains(&expr) {
+                    i += 1;
+                    continue;
+                }
+                match st.nodes.pick(expr) {
                     Some(node) => {
-                        node.busy += 1;
+                        st.nodes.update(&node, |n| n.busy += 1);
                         st.queue.remove(i);
-                        started.push((build, node.rec.name.clone()));
+                        started.push((build.clone(), node));
                     }
-                    None => i += 1,
+                    None => {
+                        full.push(expr);
+                        i += 1;
+                    }
                 }
             }
         }
@@ -824,9 +820,7 @@ impl Controller {
         {
             let mut st = self.state();
             st.builds.remove(&id);
-            if let Some(n) = st.nodes.get_mut(&node) {
-                n.busy = n.busy.saturating_sub(1);
-            }
+            st.nodes.update(&node, |n| n.busy = n.busy.saturating_sub(1));
         }
         build.changed.notify(usize::MAX);
         self.dispatch();
@@ -963,14 +957,6 @@ fn code_of(st: ExitStatus) -> Option<i32> {
     match st {
         ExitStatus::Code(c) => Some(c),
         _ => None,
-    }
-}
-
-impl Node {
-    fn new(rec: NodeRecord) -> Self {
-        let mut match_labels = rec.labels.clone();
-        match_labels.push(rec.name.clone());
-        Self { rec, match_labels, conn: None, busy: 0, offline_since: Some(Instant::now()) }
     }
 }
 

@@ -69,9 +69,32 @@ impl LabelExpr {
     pub fn is_any(&self) -> bool {
         self.root.is_none()
     }
+
+    /// Labels of which every matching node has at least one, so that only nodes with one of them
+    /// need testing; None when there are none such (the empty expression, `!a`, `a || !b`).
+    pub fn required_labels(&self) -> Option<Vec<&str>> {
+        self.root.as_ref()?.required_labels()
+    }
 }
 
 impl Node {
+    fn required_labels(&self) -> Option<Vec<&str>> {
+        match self {
+            Node::Atom(a) => Some(vec![a.as_str()]),
+            Node::Not(_) => None,
+            // A match matches every operand: the operand with the fewest such labels will do.
+            Node::All(ns) => ns.iter().filter_map(Node::required_labels).min_by_key(Vec::len),
+            // A match matches some operand: it has a label of that one's.
+            Node::Any(ns) => {
+                let mut all = Vec::new();
+                for n in ns {
+                    all.extend(n.required_labels()?);
+                }
+                Some(all)
+            }
+        }
+    }
+
     fn matches(&self, labels: &[String]) -> bool {
         match self {
             Node::Atom(a) => labels.iter().any(|l| l == a),

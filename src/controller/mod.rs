@@ -8,6 +8,7 @@ pub mod deadlines;
 pub mod http;
 pub mod identity;
 pub mod labels;
+pub mod nodes;
 pub mod pipeline;
 pub mod store;
 
