@@ -71,41 +71,22 @@ impl Mac {
     }
 }
 
-/// What a [`Watchdog`] sleeps on: a timer that can be moved.
-pub trait Alarm: std::future::Future + Unpin {
-    /// Fire at `at` instead.
-    fn set_at(&mut self, at: Instant);
-}
-
-impl Alarm for smol::Timer {
-    fn set_at(&mut self, at: Instant) {
-        smol::Timer::set_at(self, at);
-    }
-}
-
 /// Notices a link that went quiet: [`Watchdog::expired`] completes once no frame was
 /// [fed](Watchdog::fed) for the whole period.
 ///
 /// One timer serves the link's life and is re-armed only when it fires. A fresh timer per frame
 /// (racing each read against `Timer::after`) costs a reactor wake-up per frame, because async-io
 /// wakes its poller whenever a timer is added: a context switch per frame while streaming.
-pub struct Watchdog<A = smol::Timer> {
-    timer: A,
+pub struct Watchdog {
+    timer: smol::Timer,
     last: Instant,
     period: Duration,
 }
 
 impl Watchdog {
-    /// A watchdog on its own timer that expires `period` after the last frame (counting from now).
+    /// A watchdog that expires `period` after the last frame (counting from now).
     pub fn new(period: Duration) -> Self {
-        Self::with_alarm(period, smol::Timer::after(period))
-    }
-}
-
-impl<A: Alarm> Watchdog<A> {
-    /// A watchdog on `alarm`, which must be set to fire `period` from now (or earlier).
-    pub fn with_alarm(period: Duration, alarm: A) -> Self {
-        Self { timer: alarm, last: Instant::now(), period }
+        Self { timer: smol::Timer::after(period), last: Instant::now(), period }
     }
 
     /// A frame arrived.

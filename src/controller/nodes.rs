@@ -3,8 +3,8 @@
 //! Dispatch used to test every node against a build's label expression: with 10,000 agents
 //! connected, half of the controller's time per build went into that scan, and a queue of builds
 //! that no free node matches cost a scan per queued build on every dispatch. Here the nodes that
-//! are online with a free executor sit in ordered sets, one per label (a node's name counts as a
-//! label), least busy first; an expression is tested only on the nodes of the labels it needs.
+//! are online with a free executor sit in ordered sets, one per label, least busy first; an
+//! expression is tested only on the nodes of the labels it needs (or the node it names).
 
 use super::core::Conn;
 use super::labels::LabelExpr;
@@ -50,7 +50,9 @@ impl Node {
 #[derive(Default)]
 pub struct Nodes {
     all: BTreeMap<String, Node>,
-    /// Free nodes (online, an executor free) per label and node name, least busy first.
+    /// Free nodes (online, an executor free) per label, least busy first. Not per node name: an
+    /// expression that names a node finds it by name in `all` (a set per node would cost about
+    /// 800 bytes each: 8 MB with 10,000 agents).
     free: HashMap<String, FreeSet>,
     /// Every free node, least busy first: for expressions that need no particular label.
     free_any: FreeSet,
@@ -113,8 +115,17 @@ impl Nodes {
     pub fn pick(&self, expr: &LabelExpr) -> Option<String> {
         let first_match =
             |set: &FreeSet| set.iter().find(|(_, name)| expr.matches(&self.all[name].match_labels)).cloned();
+        let by_name = |l: &str| {
+            let n = self.all.get(l)?;
+            (n.free() && expr.matches(&n.match_labels)).then(|| n.key())
+        };
         let best = match expr.required_labels() {
-            Some(labels) => labels.iter().filter_map(|l| self.free.get(*l)).filter_map(first_match).min(),
+            Some(labels) => labels
+                .iter()
+                .filter_map(|l| self.free.get(*l))
+                .filter_map(first_match)
+                .chain(labels.iter().filter_map(|l| by_name(l)))
+                .min(),
             None => first_match(&self.free_any),
         };
         best.map(|(_, name)| name)
@@ -124,14 +135,14 @@ impl Nodes {
 type FreeSet = BTreeSet<(u32, String)>;
 
 fn index(free: &mut HashMap<String, FreeSet>, free_any: &mut FreeSet, node: &Node, key: (u32, String)) {
-    for l in &node.match_labels {
+    for l in &node.rec.labels {
         free.entry(l.clone()).or_default().insert(key.clone());
     }
     free_any.insert(key);
 }
 
 fn unindex(free: &mut HashMap<String, FreeSet>, free_any: &mut FreeSet, node: &Node, key: &(u32, String)) {
-    for l in &node.match_labels {
+    for l in &node.rec.labels {
         if let Some(set) = free.get_mut(l) {
             set.remove(key);
             if set.is_empty() {
@@ -159,6 +170,8 @@ mod tests {
             tx,
             last_pong: AtomicU64::new(0),
             pong: Event::new(),
+            last_frame: AtomicU64::new(0),
+            silent: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             close: Event::new(),
         })
@@ -202,7 +215,8 @@ mod tests {
         #[test]
         fn the_index_picks_what_a_scan_of_every_node_picks(ops in proptest::collection::vec(op(), 1..60)) {
             let exprs: Vec<LabelExpr> = [
-                "", "a", "b && c", "a || b", "!a", "a && !b", "n3", "(a || c) && !n1", "a || !b", "zzz",
+                "", "a", "b && c", "a || b", "!a", "a && !b", "n3", "(a || c) && !n1", "a || !b", "zzz", "n2 || c",
+                "n4 && b",
             ]
             .iter()
             .map(|e| labels::parse(e).unwrap())
