@@ -213,10 +213,20 @@ pub struct Conn {
     pub last_pong: AtomicU64,
     /// Fires on every Pong.
     pub pong: Event,
+    /// When the last frame came from the agent, in ms on [`millis`]'s clock.
+    pub last_frame: AtomicU64,
+    /// Set when the link is closed for its silence.
+    pub silent: AtomicBool,
     /// Set when the link is to be closed.
     pub closing: AtomicBool,
     /// Fires when `closing` is set.
     pub close: Event,
+}
+
+/// Milliseconds since the controller's first call: a clock that fits an atomic.
+pub fn millis() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 impl Conn {

@@ -171,7 +171,7 @@ impl Drop for Sleep {
 impl hyper::rt::Sleep for Sleep {}
 
 /// A [`Sleep`] on a grid, for deadlines that may come a little late: every agent link's next
-/// ping and its silence check. Rounded up to the same grid, those of thousands of links fall due
+/// ping or silence check. Rounded up to the same grid, those of thousands of links fall due
 /// together, and the timer task wakes once per grid step instead of once per link.
 pub struct Coarse {
     sleep: Sleep,
@@ -191,12 +191,6 @@ impl Future for Coarse {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         Pin::new(&mut self.sleep).poll(cx)
-    }
-}
-
-impl crate::link::Alarm for Coarse {
-    fn set_at(&mut self, at: Instant) {
-        Coarse::set_at(self, at);
     }
 }
 
