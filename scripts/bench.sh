@@ -38,10 +38,12 @@ done
 
 if [ "$smoke" = 1 ]; then
     stream_mib=16 runs=2 lat_builds=20 tput_builds=40 agents_many=10 agents_50=5 scale_ns=(50)
-    scale_lat_builds=10 idle_cpu_s=2
+    scale_lat_builds=10 idle_cpu_s=2 ping_wait_s=0
 else
     stream_mib=1024 runs=${WISP_BENCH_RUNS:-3} lat_builds=200 tput_builds=3000 agents_many=100 agents_50=50
-    scale_ns=(1000 5000 10000) scale_lat_builds=100 idle_cpu_s=10
+    # Idle CPU is measured over one whole ping interval (the controller's default, 15 s), once the
+    # first link's first ping is due: every link then pings and is pinged once within it.
+    scale_ns=(1000 5000 10000) scale_lat_builds=100 idle_cpu_s=15 ping_wait_s=16
 fi
 BB_STREAM_MIB=${WISP_BB_STREAM_MIB:-64}
 BB_LAT_BUILDS=${WISP_BB_LAT_BUILDS:-20}
@@ -158,11 +160,13 @@ fi
 
 # ---- tools and binaries ----
 apt_ensure socat nginx openssl python3 || die "apt-get failed"
-say "building release binaries and the load generator"
+say "building release binaries, the load generator and the static agent"
 cargo build --release --bins --example loadgen >&2
+# The agent measured is the one wisp ships: the static musl binary, built now so it is never a
+# stale one left from an earlier build (and never the glibc build, which is twice its idle RSS).
+scripts/build-static.sh x86_64-unknown-linux-musl >&2 || die "could not build the static agent"
 WISP=$TARGET_DIR/release/wisp
-AGENT=$TARGET_DIR/release/wisp-agent
-[ -x "$STATIC_DIR/x86_64-unknown-linux-musl/wisp-agent" ] && AGENT=$STATIC_DIR/x86_64-unknown-linux-musl/wisp-agent
+AGENT=$STATIC_DIR/x86_64-unknown-linux-musl/wisp-agent
 LOADGEN=$TARGET_DIR/release/examples/loadgen
 
 tck=$(getconf CLK_TCK)
@@ -407,6 +411,9 @@ for n in "${scale_ns[@]}"; do
     grep -q '^connected' "$WORK/loadgen.out" || die "loadgen N=$n did not connect in 300 s"
     sc_conn[$n]=$(awk -v a="$t0" -v b="$(now_ns)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
     sleep 2
+    # Until the first ping is due: before that, the agents only sit there.
+    wait_s=$(awk -v a="$t0" -v b="$(now_ns)" -v w="$ping_wait_s" 'BEGIN { d = w - (b - a) / 1e9; printf "%.1f", (d > 0 ? d : 0) }')
+    sleep "$wait_s"
     c0=$(cpu_ticks "$CTL_PID")
     sleep "$idle_cpu_s"
     c1=$(cpu_ticks "$CTL_PID")
@@ -544,6 +551,7 @@ section=$WORK/section.md
         echo "| $n | ${sc_conn[$n]} s | $(kib_mib "${sc_rss[$n]}") | ${sc_cpu[$n]}% of a core over ${idle_cpu_s} s | $a / $b |"
     done
     echo
+    echo "- Idle CPU is the controller's over one whole ping interval (the default, 15 s; ${idle_cpu_s} s here), from the moment the first link's first ping is due: each link is pinged once and pings once within it."
     echo '- Latency is measured by the load generator as a client sees it: one `POST /api/builds?wait=60` per build (submit, held until the build is final, answered with the result), on kept-alive HTTP connections; the step is `sh -c true` started by the agent, which alone costs about 1 ms of CPU on this machine (dash is dynamically linked).'
     echo '- Throughput rows other than the live-reader one end when `wisp run --wait` has the result, which the controller gives once the last byte is in the stored log; the step output goes through the agent'"'"'s disk spool and is stored in `DATA/builds/ID/1.log` (checked: every byte). The raw pipe writes into a file the same way.'
     echo '- Buildbot (Debian `buildbot`, `buildbot-worker` 3.7.0; the master with the `buildbot-www` 3.7.0 wheel for its REST API) is driven by `scripts/bb-drive.py` the way its web UI forces a build: a JSON-RPC `force` call to a ForceScheduler (`POST /api/v2/forceschedulers/NAME`) per build, one at a time, and the build'"'"'s `builds/*/finished` event (matched by build request) on the master'"'"'s `/sse` stream, no polling; latency runs from just before the POST to that event'"'"'s arrival. The master RSS includes its web server.'
