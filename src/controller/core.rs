@@ -223,7 +223,7 @@ pub struct Conn {
     pub close: Event,
 }
 
-/// Milliseconds since the controller's first call: a clock that fits an atomic.
+/// Milliseconds since this was first called: a clock that fits in an atomic.
 pub fn millis() -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
@@ -301,7 +301,8 @@ pub struct Controller {
     state: Mutex<State>,
     /// Runs every task of the controller.
     pub ex: Arc<Executor<'static>>,
-    /// Deadlines of HTTP requests (header timeouts, `?wait`), on one timer.
+    /// Deadlines of HTTP requests (header timeouts, `?wait`) and of agent links' keepalive, on
+    /// one timer.
     pub deadlines: Arc<super::deadlines::Deadlines>,
     /// Bound addresses (HTTP, agent port), once listening.
     pub addrs: OnceLock<(SocketAddr, SocketAddr)>,

@@ -1,4 +1,4 @@
-//! Deadlines of requests, all served by one timer.
+//! Deadlines of requests and of agent links, all served by one timer.
 //!
 //! Every HTTP request has a deadline (hyper's header timeout) and so has every `?wait`. With a
 //! reactor timer each, every request registered a timer, and async-io wakes the thread that
@@ -6,8 +6,9 @@
 //! tenth of the controller's CPU per trivial build. Here the deadlines sit in one ordered map
 //! and a single task sleeps until the earliest. Deadlines mostly come in later than the ones
 //! already waiting (now + the same timeout), so adding one costs a map insert and nothing else;
-//! only a deadline earlier than the armed one wakes the task, to re-arm. Precision is the
-//! reactor's: a deadline fires on time, not on a coarse tick.
+//! only a deadline earlier than the armed one wakes the task, to re-arm. A [`Sleep`] fires on
+//! time; a [`Coarse`] one (each agent link's next ping or silence check) on a grid, so that
+//! those of thousands of links fire together.
 
 use event_listener::Event;
 use std::collections::BTreeMap;
