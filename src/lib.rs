@@ -9,6 +9,7 @@ pub mod auth;
 pub mod link;
 pub mod logger;
 pub mod proto;
+pub mod text;
 pub mod tls;
 
 #[cfg(feature = "controller")]

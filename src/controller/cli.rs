@@ -499,8 +499,9 @@ fn demo(d: Demo) -> i32 {
             executors: 2,
             websocket: true,
             work_dir: String::new(),
+            origin: "static".into(),
         };
-        ctl.add_node(rec).unwrap_or_else(|e| die(e.message));
+        smol::block_on(ctl.add_node(rec)).unwrap_or_else(|e| die(e.message));
     }
     let agent_cfg = crate::agent::Config {
         url: url.clone(),

@@ -1,11 +1,10 @@
-//! The controller's listeners: HTTP (JSON API, log streams, the agent descriptor and the
-//! `/wsagents/` WebSocket endpoint) and the TCP inbound agent port.
+//! The HTTP routes: the agent-facing ones (the `/wsagents/` WebSocket endpoint, port discovery,
+//! the agent descriptor) and the JSON API with its log streams. Paths and queries are
+//! percent-decoded before they are matched.
 
-use super::agents;
 use super::core::{ApiError, Controller};
-use super::identity::ServerTls;
 use super::labels;
-use super::store::NodeRecord;
+use super::store::{NodeRecord, StepState};
 use crate::link::{self, BoxIo};
 use async_tungstenite::tungstenite::handshake::derive_accept_key;
 use async_tungstenite::tungstenite::protocol::Role;
@@ -16,10 +15,9 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
-use smol::net::{TcpListener, TcpStream};
 use smol::stream::StreamExt;
 use smol_hyper::rt::FuturesIo;
-use std::io::Read;
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -27,8 +25,6 @@ use std::time::{Duration, Instant};
 
 /// Largest request body accepted (a pipeline, a node).
 pub const MAX_BODY: usize = 1024 * 1024;
-/// Chunk size for log streams.
-const LOG_CHUNK: usize = 64 * 1024;
 
 /// A response body.
 pub type Body = BoxBody<Bytes, std::io::Error>;
@@ -49,129 +45,18 @@ fn error(e: ApiError) -> Response<Body> {
     json_response(status, json!({ "error": e.message }))
 }
 
-/// How long a client may take to finish the TLS handshake.
-pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections (both ports together) that may be in the TLS handshake at once; more are closed
-/// as soon as they are accepted.
-pub const MAX_HANDSHAKING: usize = 4096;
-
-static HANDSHAKING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// Counts a connection as handshaking while it lives.
-struct Handshaking;
-
-impl Handshaking {
-    fn enter() -> Option<Self> {
-        if HANDSHAKING.fetch_add(1, Ordering::SeqCst) >= MAX_HANDSHAKING {
-            HANDSHAKING.fetch_sub(1, Ordering::SeqCst);
-            return None;
-        }
-        Some(Self)
-    }
-}
-
-impl Drop for Handshaking {
-    fn drop(&mut self) {
-        HANDSHAKING.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// Wrap an accepted connection in TLS if the controller speaks TLS; None if the handshake fails
-/// or takes longer than `TLS_HANDSHAKE_TIMEOUT` (logged).
-async fn accept_tls(
-    stream: TcpStream,
-    tls: Option<&ServerTls>,
-    peer: SocketAddr,
-    port: &str,
-) -> Option<BoxIo> {
-    let _ = stream.set_nodelay(true);
-    let Some(tls) = tls else { return Some(Box::pin(stream)) };
-    let Some(_counted) = Handshaking::enter() else {
-        log::warn!("{port} {peer}: {MAX_HANDSHAKING} connections already in the TLS handshake, closing");
-        return None;
-    };
-    let handshake = async { Some(tls.acceptor.accept(stream).await) };
-    let timeout = async {
-        smol::Timer::after(TLS_HANDSHAKE_TIMEOUT).await;
-        None
-    };
-    match smol::future::or(handshake, timeout).await {
-        Some(Ok(s)) => Some(Box::pin(s)),
-        Some(Err(e)) => {
-            log::warn!("{port} {peer}: TLS handshake failed: {e}");
-            None
-        }
-        None => {
-            log::warn!(
-                "{port} {peer}: no TLS handshake within {}s, closing",
-                TLS_HANDSHAKE_TIMEOUT.as_secs()
-            );
-            None
-        }
-    }
-}
-
-/// Accept HTTP(S) connections forever.
-pub async fn http_loop(ctl: Arc<Controller>, listener: TcpListener, tls: Option<Arc<ServerTls>>) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                log::warn!("http accept: {e}");
-                smol::Timer::after(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let ctl2 = ctl.clone();
-        let tls = tls.clone();
-        ctl.ex
-            .spawn(async move {
-                let Some(io) = accept_tls(stream, tls.as_deref(), peer, "http").await else { return };
-                let fingerprint: Option<Arc<str>> = tls.map(|t| t.fingerprint.as_str().into());
-                let timer = super::deadlines::HyperTimer(ctl2.deadlines.clone());
-                let service = hyper::service::service_fn(move |req| {
-                    let ctl = ctl2.clone();
-                    let fp = fingerprint.clone();
-                    async move { Ok::<_, std::convert::Infallible>(route(ctl, req, peer, fp.as_deref()).await) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(timer)
-                    .header_read_timeout(Duration::from_secs(30))
-                    .serve_connection(FuturesIo::new(io), service)
-                    .with_upgrades();
-                if let Err(e) = conn.await {
-                    log::debug!("http connection from {peer}: {e}");
-                }
-            })
-            .detach();
-    }
-}
-
-/// Accept TCP (or TLS) agent links forever.
-pub async fn agent_loop(ctl: Arc<Controller>, listener: TcpListener, tls: Option<Arc<ServerTls>>) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                log::warn!("agent port accept: {e}");
-                smol::Timer::after(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let ctl2 = ctl.clone();
-        let tls = tls.clone();
-        ctl.ex
-            .spawn(async move {
-                let Some(io) = accept_tls(stream, tls.as_deref(), peer, "agent port").await else { return };
-                let (r, w) = link::tcp(io);
-                agents::serve(ctl2, r, w, peer.to_string()).await;
-            })
-            .detach();
-    }
-}
-
+/// The token of an `Authorization: Bearer TOKEN` header (the scheme in any case, as RFC 9110
+/// says schemes are).
 fn bearer(req: &Request<Incoming>) -> Option<&str> {
-    req.headers().get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")
+    let v = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// A path segment or query value with `%XX` decoded; None if it decodes to bytes that are not
+/// UTF-8.
+fn decode(s: &str) -> Option<Cow<'_, str>> {
+    percent_encoding::percent_decode_str(s).decode_utf8().ok()
 }
 
 /// The URL agents should use, from `Host` (the address the caller reached us by) and the scheme
@@ -199,14 +84,18 @@ fn pin_for<'a>(req: &Request<Incoming>, fp: Option<&'a str>) -> Option<&'a str> 
     fp.filter(|_| !req.headers().contains_key("X-Forwarded-Proto"))
 }
 
-async fn route(
+/// Answer one HTTP request.
+pub async fn route(
     ctl: Arc<Controller>,
     req: Request<Incoming>,
     peer: SocketAddr,
     fp: Option<&str>,
 ) -> Response<Body> {
     let path = req.uri().path().to_string();
-    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let Some(decoded) = path.trim_matches('/').split('/').map(decode).collect::<Option<Vec<_>>>() else {
+        return error(ApiError::new(400, "the request path is not valid UTF-8 once percent-decoded"));
+    };
+    let segs: Vec<&str> = decoded.iter().map(|s| s.as_ref()).collect();
     match (req.method(), segs.as_slice()) {
         (&Method::GET, ["wsagents"]) => return ws_upgrade(ctl, req, peer),
         (&Method::GET, ["tcpSlaveAgentListener"]) => {
@@ -248,37 +137,59 @@ async fn route(
         }
         (Method::GET, ["api", "nodes"]) => Ok(list_nodes(&ctl)),
         (Method::POST, ["api", "token", "rotate"]) => {
-            ctl.rotate_token().map(|t| json_response(StatusCode::OK, json!({ "token": t })))
+            ctl.rotate_token().await.map(|t| json_response(StatusCode::OK, json!({ "token": t })))
         }
         (Method::POST, ["api", "nodes"]) => add_node(&ctl, req, fp).await,
-        (Method::GET, ["api", "nodes", name]) => node_info(&ctl, &req, name, fp),
-        (Method::DELETE, ["api", "nodes", name]) => {
-            ctl.remove_node(name).map(|_| json_response(StatusCode::OK, json!({ "removed": name })))
+        (Method::GET, ["api", "nodes", name]) => {
+            check_name(name).and_then(|_| node_info(&ctl, &req, name, fp))
         }
+        (Method::DELETE, ["api", "nodes", name]) => match check_name(name) {
+            Ok(()) => {
+                ctl.remove_node(name).await.map(|_| json_response(StatusCode::OK, json!({ "removed": name })))
+            }
+            Err(e) => Err(e),
+        },
         (Method::POST, ["api", "builds"]) => submit(&ctl, req).await,
-        (Method::GET, ["api", "builds"]) => list_builds(&ctl),
+        (Method::GET, ["api", "builds"]) => list_builds(&ctl).await,
         (Method::GET, ["api", "builds", id]) => {
             let wait = query_param(&req, "wait");
             build_info(&ctl, id, wait.as_deref()).await
         }
-        (Method::POST, ["api", "builds", id, "cancel"]) => parse_id(id)
-            .and_then(|id| ctl.cancel(id))
-            .map(|_| json_response(StatusCode::OK, json!({ "cancelled": true }))),
+        (Method::POST, ["api", "builds", id, "cancel"]) => match parse_id(id) {
+            Ok(id) => {
+                ctl.cancel(id).await.map(|_| json_response(StatusCode::OK, json!({ "cancelled": true })))
+            }
+            Err(e) => Err(e),
+        },
         (Method::GET, ["api", "builds", id, "log"]) => {
             let follow = req
                 .uri()
                 .query()
                 .is_some_and(|q| q.split('&').any(|p| p == "follow=1" || p == "follow=true"));
-            parse_id(id).and_then(|id| log_stream(&ctl, id, follow))
+            match parse_id(id) {
+                Ok(id) => log_stream(&ctl, id, follow).await,
+                Err(e) => Err(e),
+            }
         }
-        (Method::GET, ["api", "builds", id, "steps", step, "log"]) => step_log(&ctl, id, step),
+        (Method::GET, ["api", "builds", id, "steps", step, "log"]) => step_log(&ctl, id, step).await,
         _ => Err(ApiError::new(404, format!("no such endpoint: {} {path}", req.method()))),
     };
     result.unwrap_or_else(error)
 }
 
+/// A build number: digits (a leading `#` allowed). A number too large to be a build is a build
+/// that does not exist (404), not a bad request.
 fn parse_id(s: &str) -> Result<u64, ApiError> {
-    s.trim_start_matches('#').parse().map_err(|_| ApiError::new(400, format!("bad build number {s:?}")))
+    let digits = s.trim_start_matches('#');
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ApiError::new(400, format!("bad build number {s:?}")));
+    }
+    digits.parse().map_err(|_| ApiError::new(404, format!("no build #{digits}")))
+}
+
+/// A node name as it may appear in a path: the same rules as when the node is added.
+fn check_name(name: &str) -> Result<(), ApiError> {
+    labels::validate_label(name).map_err(|e| ApiError::new(404, format!("no node named {name:?} ({e})")))
 }
 
 async fn body_text(req: Request<Incoming>) -> Result<String, ApiError> {
@@ -327,7 +238,7 @@ fn ws_upgrade(ctl: Arc<Controller>, req: Request<Incoming>, peer: SocketAddr) ->
             )
             .await;
             let (r, w) = link::websocket(ws);
-            agents::serve(ctl2, r, w, peer.to_string()).await;
+            super::session::serve(ctl2, r, w, peer.to_string()).await;
         })
         .detach();
     let mut r = Response::new(Full::new(Bytes::new()).map_err(|never| match never {}).boxed());
@@ -462,7 +373,7 @@ fn yes() -> bool {
 }
 
 async fn add_node(
-    ctl: &Controller,
+    ctl: &Arc<Controller>,
     req: Request<Incoming>,
     fp: Option<&str>,
 ) -> Result<Response<Body>, ApiError> {
@@ -481,8 +392,9 @@ async fn add_node(
         executors: n.executors,
         websocket: n.websocket,
         work_dir: n.work_dir,
+        origin: super::cloud::STATIC.into(),
     };
-    ctl.add_node(rec.clone())?;
+    ctl.add_node(rec.clone()).await?;
     let mut v = node_json(&rec, false, 0);
     v["secret"] = json!(ctl.secret(&rec.name));
     v["command"] = json!(agent_command(ctl, &url, &rec, pin));
@@ -495,7 +407,7 @@ async fn add_node(
 async fn submit(ctl: &Arc<Controller>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let wait = query_param(&req, "wait").map(|w| parse_wait(&w)).transpose()?;
     let yaml = body_text(req).await?;
-    let id = ctl.submit(&yaml)?;
+    let id = ctl.submit(yaml).await?;
     match wait {
         None => Ok(json_response(StatusCode::CREATED, json!({ "id": id }))),
         Some(wait) => Ok(json_response(StatusCode::CREATED, build_record(ctl, id, wait).await?)),
@@ -506,21 +418,24 @@ fn build_json(ctl: &Controller, b: &super::store::BuildRecord) -> serde_json::Va
     let mut v = serde_json::to_value(b).unwrap_or_default();
     if let Some(live) = ctl.live(b.id) {
         v["cancelling"] = json!(live.cancelled.load(Ordering::SeqCst));
+        if let Some(why) = ctl.waiting(b.id) {
+            v["waiting"] = json!(why);
+        }
     }
     v
 }
 
-fn list_builds(ctl: &Controller) -> Result<Response<Body>, ApiError> {
-    let builds = ctl.store().builds(100)?;
+async fn list_builds(ctl: &Controller) -> Result<Response<Body>, ApiError> {
+    let builds = ctl.builds(100).await?;
     let list: Vec<_> = builds.iter().map(|b| build_json(ctl, b)).collect();
     Ok(json_response(StatusCode::OK, json!({ "builds": list })))
 }
 
-/// The value of query parameter `name`, if given.
+/// The value of query parameter `name`, percent-decoded, if given.
 fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
     req.uri().query()?.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        (k == name).then(|| v.to_string())
+        (decode(k).as_deref() == Some(name)).then(|| decode(v).map(|v| v.into_owned())).flatten()
     })
 }
 
@@ -551,7 +466,7 @@ async fn build_record(ctl: &Controller, id: u64, wait: Duration) -> Result<serde
     let mut timer = ctl.deadlines.sleep_until(deadline);
     let b = loop {
         let listener = ctl.live(id).map(|l| l.changed.listen());
-        let b = ctl.build(id)?;
+        let b = ctl.build(id).await?;
         let Some(listener) = listener.filter(|_| !b.state.is_final()) else { break b };
         if Instant::now() >= deadline {
             break b;
@@ -561,7 +476,7 @@ async fn build_record(ctl: &Controller, id: u64, wait: Duration) -> Result<serde
         })
         .await;
     };
-    let steps = ctl.store().steps(id)?;
+    let steps = ctl.build_steps(id).await?;
     let mut v = build_json(ctl, &b);
     v["steps"] = serde_json::to_value(steps).unwrap_or_default();
     Ok(v)
@@ -574,32 +489,28 @@ fn stream_response(rx: smol::channel::Receiver<Bytes>, content_type: &str) -> Re
     r
 }
 
-fn step_log(ctl: &Controller, id: &str, step: &str) -> Result<Response<Body>, ApiError> {
+async fn step_log(ctl: &Arc<Controller>, id: &str, step: &str) -> Result<Response<Body>, ApiError> {
     let id = parse_id(id)?;
     let step: u32 = step.parse().map_err(|_| ApiError::new(400, format!("bad step number {step:?}")))?;
-    ctl.build(id)?;
-    let path = ctl.data.join("builds").join(id.to_string()).join(format!("{step}.log"));
-    let file = match std::fs::File::open(&path) {
-        Ok(f) => Some(f),
-        // A step that started but wrote nothing has no file: its log is empty.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let started = ctl.store().steps(id)?.iter().any(|s| s.index == step && s.state != "pending");
-            if !started {
-                return Err(ApiError::new(404, format!("build #{id} has no log for step {step} (yet)")));
-            }
-            None
+    ctl.build(id).await?;
+    let reader =
+        ctl.logs.reader(id, step).await.map_err(|e| {
+            ApiError::new(500, format!("cannot read the log of build #{id} step {step}: {e}"))
+        })?;
+    // A step that started but wrote nothing has no file: its log is empty.
+    if reader.is_none() {
+        let started =
+            ctl.build_steps(id).await?.iter().any(|s| s.index == step && s.state != StepState::Pending);
+        if !started {
+            return Err(ApiError::new(404, format!("build #{id} has no log for step {step} (yet)")));
         }
-        Err(e) => {
-            return Err(ApiError::new(500, format!("cannot read the log of build #{id} step {step}: {e}")))
-        }
-    };
+    }
     let (tx, rx) = smol::channel::bounded(4);
     ctl.ex
         .spawn(async move {
-            let Some(mut file) = file else { return };
-            let mut buf = vec![0u8; LOG_CHUNK];
-            while let Ok(n) = file.read(&mut buf) {
-                if n == 0 || tx.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
+            let Some(mut reader) = reader else { return };
+            while let Ok(chunk) = reader.next().await {
+                if chunk.is_empty() || tx.send(chunk).await.is_err() {
                     break;
                 }
             }
@@ -610,8 +521,8 @@ fn step_log(ctl: &Controller, id: &str, step: &str) -> Result<Response<Body>, Ap
 
 /// The build's log as people read it: each step's output between `==> step N` markers; with
 /// `follow`, it stays open until the build ends.
-fn log_stream(ctl: &Arc<Controller>, id: u64, follow: bool) -> Result<Response<Body>, ApiError> {
-    ctl.build(id)?;
+async fn log_stream(ctl: &Arc<Controller>, id: u64, follow: bool) -> Result<Response<Body>, ApiError> {
+    ctl.build(id).await?;
     let (tx, rx) = smol::channel::bounded(4);
     let ctl = ctl.clone();
     ctl.ex
@@ -629,50 +540,61 @@ async fn send(tx: &Tx, b: impl Into<Bytes>) -> Result<(), ()> {
     tx.send(b.into()).await.map_err(|_| ())
 }
 
+/// Bounds a missed notification while following; one timer per step, not one per wake-up.
+const FOLLOW_TICK: Duration = Duration::from_secs(1);
+
 async fn follow_log(ctl: &Controller, id: u64, follow: bool, tx: &Tx) -> Result<(), ()> {
-    let dir = ctl.data.join("builds").join(id.to_string());
-    let steps = ctl.store().steps(id).map_err(|_| ())?;
-    let mut buf = vec![0u8; LOG_CHUNK];
+    let steps = ctl.build_steps(id).await.map_err(|_| ())?;
+    // What the reader was last told about why the build waits or stalls.
+    let mut told: Option<String> = None;
     for s in &steps {
         // Wait for the step to start (or for the build to end without it).
         loop {
             let live = ctl.live(id);
             let listener = live.as_ref().map(|b| b.changed.listen());
-            let state =
-                ctl.store().steps(id).map_err(|_| ())?.get(s.index as usize - 1).map(|s| s.state.clone());
-            match state.as_deref() {
-                Some("pending") if follow && listener.is_some() => listener.unwrap().await,
-                Some("pending" | "skipped") | None => return finish(ctl, id, follow, tx).await,
+            let state = ctl.build_steps(id).await.map_err(|_| ())?.get(s.index as usize - 1).map(|s| s.state);
+            match state {
+                Some(StepState::Pending) if follow && listener.is_some() => {
+                    tell_waiting(ctl, id, &mut told, tx).await?;
+                    smol::future::or(listener.unwrap(), async {
+                        smol::Timer::after(FOLLOW_TICK).await;
+                    })
+                    .await;
+                }
+                Some(StepState::Pending | StepState::Skipped) | None => {
+                    return finish(ctl, id, follow, tx).await
+                }
                 Some(_) => break,
             }
         }
         send(tx, format!("==> step {}: {}\n", s.index, s.name)).await?;
-        let path = dir.join(format!("{}.log", s.index));
-        let mut file = None;
+        let mut reader = None;
         let mut last = b'\n';
-        // Bounds a missed notification; one timer for the step, not one per wake-up.
-        let mut tick = smol::Timer::interval(Duration::from_secs(1));
+        let mut tick = smol::Timer::interval(FOLLOW_TICK);
         loop {
             let live = ctl.live(id);
             let listener = live.as_ref().map(|b| smol::future::or(b.changed.listen(), b.output.listen()));
             let done = live.as_ref().is_none_or(|b| b.steps_done.load(Ordering::SeqCst) >= s.index);
             // The file appears with the step's first byte (looked for after `done` is read, so a
             // step that ended with output is never taken for an empty one).
-            if file.is_none() {
-                file = std::fs::File::open(&path).ok();
+            if reader.is_none() {
+                reader = ctl.logs.reader(id, s.index).await.ok().flatten();
             }
-            if let Some(f) = file.as_mut() {
+            if let Some(r) = reader.as_mut() {
                 loop {
-                    let n = f.read(&mut buf).unwrap_or(0);
-                    if n == 0 {
+                    let chunk = r.next().await.unwrap_or_default();
+                    if chunk.is_empty() {
                         break;
                     }
-                    last = buf[n - 1];
-                    send(tx, Bytes::copy_from_slice(&buf[..n])).await?;
+                    last = chunk[chunk.len() - 1];
+                    send(tx, chunk).await?;
                 }
             }
             if done || !follow {
                 break;
+            }
+            if last == b'\n' {
+                tell_waiting(ctl, id, &mut told, tx).await?;
             }
             // A notification is the normal wake-up; the timer only bounds a missed one.
             if let Some(l) = listener {
@@ -685,14 +607,26 @@ async fn follow_log(ctl: &Controller, id: u64, follow: bool, tx: &Tx) -> Result<
         if last != b'\n' {
             send(tx, "\n").await?;
         }
-        let rec = ctl.store().steps(id).map_err(|_| ())?;
+        let rec = ctl.build_steps(id).await.map_err(|_| ())?;
         if let Some(r) = rec.get(s.index as usize - 1) {
-            if r.state != "running" {
-                send(tx, format!("==> step {}: {} ({})\n", s.index, r.state, r.exit)).await?;
+            if r.state != StepState::Running {
+                send(tx, format!("==> step {}: {} ({})\n", s.index, r.state.as_str(), r.exit)).await?;
             }
         }
     }
     finish(ctl, id, follow, tx).await
+}
+
+/// Tell a follower why the build waits or stalls, when that changed since it was last told.
+async fn tell_waiting(ctl: &Controller, id: u64, told: &mut Option<String>, tx: &Tx) -> Result<(), ()> {
+    let now = ctl.waiting(id);
+    if now != *told {
+        if let Some(why) = &now {
+            send(tx, format!("==> build #{id} waiting: {why}\n")).await?;
+        }
+        *told = now;
+    }
+    Ok(())
 }
 
 async fn finish(ctl: &Controller, id: u64, follow: bool, tx: &Tx) -> Result<(), ()> {
@@ -703,7 +637,7 @@ async fn finish(ctl: &Controller, id: u64, follow: bool, tx: &Tx) -> Result<(), 
     loop {
         let live = ctl.live(id);
         let listener = live.as_ref().map(|b| b.changed.listen());
-        let b = ctl.build(id).map_err(|_| ())?;
+        let b = ctl.build(id).await.map_err(|_| ())?;
         if b.state.is_final() {
             let msg = if b.message.is_empty() { String::new() } else { format!(": {}", b.message) };
             return send(tx, format!("==> build #{id} {}{msg}\n", b.state.as_str().to_uppercase())).await;
@@ -711,7 +645,7 @@ async fn finish(ctl: &Controller, id: u64, follow: bool, tx: &Tx) -> Result<(), 
         match listener {
             Some(l) => {
                 smol::future::or(l, async {
-                    smol::Timer::after(Duration::from_secs(1)).await;
+                    smol::Timer::after(FOLLOW_TICK).await;
                 })
                 .await
             }

@@ -1,15 +1,23 @@
 //! The controller: nodes, queue, dispatch, builds and their logs, the HTTP API and the CLI.
 
-pub mod agents;
+pub mod api;
 pub mod cli;
 pub mod client;
+pub mod cloud;
 pub mod core;
 pub mod deadlines;
 pub mod http;
 pub mod identity;
 pub mod labels;
+pub mod logs;
 pub mod nodes;
+pub mod noisy;
 pub mod pipeline;
+pub mod queue;
+pub mod runner;
+pub mod server;
+pub mod session;
+pub mod steps;
 pub mod store;
 
 pub use self::core::Controller;
@@ -57,8 +65,8 @@ impl Default for ServeConfig {
             http_port: 8080,
             agent_port: 50000,
             ping_interval: Duration::from_secs(15),
-            handshake_timeout: agents::HANDSHAKE_TIMEOUT,
-            agent_grace: core::AGENT_GRACE,
+            handshake_timeout: session::HANDSHAKE_TIMEOUT,
+            agent_grace: runner::AGENT_GRACE,
             threads: 1,
             tls_cert: None,
             tls_key: None,
@@ -146,8 +154,8 @@ pub fn start(cfg: ServeConfig) -> Result<Arc<Controller>, String> {
              use this only behind a proxy that terminates TLS"
         ),
     }
-    ex.spawn(http::http_loop(ctl.clone(), http, tls.clone())).detach();
-    ex.spawn(http::agent_loop(ctl.clone(), agent, tls)).detach();
+    ex.spawn(server::http_loop(ctl.clone(), http, tls.clone())).detach();
+    ex.spawn(server::agent_loop(ctl.clone(), agent, tls)).detach();
     Ok(ctl)
 }
 

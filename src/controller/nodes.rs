@@ -6,8 +6,8 @@
 //! are online with a free executor sit in ordered sets, one per label, least busy first; an
 //! expression is tested only on the nodes of the labels it needs (or the node it names).
 
-use super::core::Conn;
 use super::labels::LabelExpr;
+use super::session::Session;
 use super::store::NodeRecord;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -20,7 +20,7 @@ pub struct Node {
     /// Labels plus the node's own name, for matching.
     pub match_labels: Vec<String>,
     /// The live link, if online.
-    pub conn: Option<Arc<Conn>>,
+    pub conn: Option<Arc<Session>>,
     /// Executors in use.
     pub busy: u32,
     /// Since when the node has had no link (the controller's start, for a node never seen).
@@ -157,24 +157,11 @@ fn unindex(free: &mut HashMap<String, FreeSet>, free_any: &mut FreeSet, node: &N
 mod tests {
     use super::*;
     use crate::controller::labels;
-    use event_listener::Event;
     use proptest::prelude::*;
-    use std::sync::atomic::{AtomicBool, AtomicU64};
 
-    fn conn(node: &str) -> Arc<Conn> {
+    fn conn(node: &str) -> Arc<Session> {
         let (tx, _rx) = smol::channel::bounded(1);
-        Arc::new(Conn {
-            id: 1,
-            node: node.into(),
-            peer: "test".into(),
-            tx,
-            last_pong: AtomicU64::new(0),
-            pong: Event::new(),
-            last_frame: AtomicU64::new(0),
-            silent: AtomicBool::new(false),
-            closing: AtomicBool::new(false),
-            close: Event::new(),
-        })
+        Arc::new(Session::new(1, node, "test", tx))
     }
 
     #[derive(Debug, Clone)]
@@ -238,6 +225,7 @@ mod tests {
                             executors,
                             websocket: false,
                             work_dir: String::new(),
+                            origin: "static".into(),
                         }));
                     }
                     Op::Remove(i) => {

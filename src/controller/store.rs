@@ -18,52 +18,11 @@ pub struct NodeRecord {
     pub websocket: bool,
     /// Work dir to pass to the agent ("" for the agent's default).
     pub work_dir: String,
+    /// Where the node came from: `static` (added by a user) or the name of the cloud that made it.
+    pub origin: String,
 }
 
-/// Where a build is in its life.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum BuildState {
-    /// Waiting for a matching free executor.
-    Queued,
-    /// Running on a node.
-    Running,
-    /// Every step exited 0.
-    Success,
-    /// A step failed (or the build could not run).
-    Failure,
-    /// Cancelled by a user.
-    Aborted,
-}
-
-impl BuildState {
-    /// The stored spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Queued => "queued",
-            Self::Running => "running",
-            Self::Success => "success",
-            Self::Failure => "failure",
-            Self::Aborted => "aborted",
-        }
-    }
-
-    /// The state named `s` (as stored; anything unknown reads as a failure).
-    pub fn parse(s: &str) -> Self {
-        match s {
-            "queued" => Self::Queued,
-            "running" => Self::Running,
-            "success" => Self::Success,
-            "aborted" => Self::Aborted,
-            _ => Self::Failure,
-        }
-    }
-
-    /// True once the build can no longer change.
-    pub fn is_final(self) -> bool {
-        matches!(self, Self::Success | Self::Failure | Self::Aborted)
-    }
-}
+pub use super::api::types::{BuildState, StepState};
 
 /// A build as stored.
 #[derive(Debug, Clone, Serialize)]
@@ -96,8 +55,8 @@ pub struct StepRecord {
     pub index: u32,
     /// Display name.
     pub name: String,
-    /// pending, running, success, failure, aborted, skipped.
-    pub state: String,
+    /// Where it is.
+    pub state: StepState,
     /// "exit code 3", "killed by signal 9", "timed out"...
     pub exit: String,
     /// Exit code when it exited normally.
@@ -108,8 +67,8 @@ pub struct StepRecord {
 
 /// How a step ended, as stored.
 pub struct StepEnd<'a> {
-    /// success, failure, aborted (or running).
-    pub state: &'a str,
+    /// Success, failure or aborted.
+    pub state: StepState,
     /// "exit code 3", "killed by signal 9"...
     pub exit: &'a str,
     /// Exit code when it exited normally.
@@ -117,6 +76,9 @@ pub struct StepEnd<'a> {
     /// Output bytes stored.
     pub bytes: u64,
 }
+
+/// The schema this code writes (kept in the `meta` table under `schema`).
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Store errors carry the SQLite message.
 pub type Result<T> = std::result::Result<T, rusqlite::Error>;
@@ -159,14 +121,41 @@ impl Store {
                 bytes INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (build, idx));
              CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
         )?;
+        let version: Option<u32> = db
+            .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| r.get::<_, String>(0))
+            .optional()?
+            .and_then(|v| v.parse().ok());
+        match version {
+            // A store made before the schema was versioned (version 1): nodes had no origin.
+            None | Some(1) => {
+                let has_origin = db
+                    .prepare("SELECT 1 FROM pragma_table_info('nodes') WHERE name = 'origin'")?
+                    .exists([])?;
+                if !has_origin {
+                    db.execute_batch("ALTER TABLE nodes ADD COLUMN origin TEXT NOT NULL DEFAULT 'static'")?;
+                }
+                db.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?1)",
+                    [SCHEMA_VERSION.to_string()],
+                )?;
+            }
+            Some(SCHEMA_VERSION) => {}
+            Some(v) => {
+                return Err(rusqlite::Error::InvalidParameterName(format!(
+                    "the store has schema version {v}, newer than this wisp knows ({SCHEMA_VERSION}): \
+                     run a newer wisp on this data dir"
+                )))
+            }
+        }
         Ok(Self { db })
     }
 
     /// Add a node; fails if the name is taken.
     pub fn add_node(&self, n: &NodeRecord) -> Result<()> {
         self.db.execute(
-            "INSERT INTO nodes (name, labels, executors, websocket, work_dir, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![n.name, n.labels.join(" "), n.executors, n.websocket, n.work_dir, now()],
+            "INSERT INTO nodes (name, labels, executors, websocket, work_dir, created, origin)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![n.name, n.labels.join(" "), n.executors, n.websocket, n.work_dir, now(), n.origin],
         )?;
         Ok(())
     }
@@ -178,9 +167,9 @@ impl Store {
 
     /// Every node, by name.
     pub fn nodes(&self) -> Result<Vec<NodeRecord>> {
-        let mut q = self
-            .db
-            .prepare("SELECT name, labels, executors, websocket, work_dir FROM nodes ORDER BY name")?;
+        let mut q = self.db.prepare(
+            "SELECT name, labels, executors, websocket, work_dir, origin FROM nodes ORDER BY name",
+        )?;
         let rows = q.query_map([], |r| {
             let labels: String = r.get(1)?;
             Ok(NodeRecord {
@@ -189,6 +178,7 @@ impl Store {
                 executors: r.get(2)?,
                 websocket: r.get(3)?,
                 work_dir: r.get(4)?,
+                origin: r.get(5)?,
             })
         })?;
         rows.collect()
@@ -256,7 +246,7 @@ impl Store {
         tx.prepare_cached(
             "UPDATE steps SET state = ?3, exit = ?4, code = ?5, bytes = ?6 WHERE build = ?1 AND idx = ?2",
         )?
-        .execute(params![build, idx, end.state, end.exit, end.code, end.bytes])?;
+        .execute(params![build, idx, end.state.as_str(), end.exit, end.code, end.bytes])?;
         if let Some((state, message)) = finish {
             Self::finish_in(&tx, build, state, message)?;
         }
@@ -313,16 +303,66 @@ impl Store {
             "SELECT idx, name, state, exit, code, bytes FROM steps WHERE build = ?1 ORDER BY idx",
         )?;
         let rows = q.query_map([build], |r| {
+            let state: String = r.get(2)?;
             Ok(StepRecord {
                 index: r.get(0)?,
                 name: r.get(1)?,
-                state: r.get(2)?,
+                state: StepState::parse(&state),
                 exit: r.get(3)?,
                 code: r.get(4)?,
                 bytes: r.get(5)?,
             })
         })?;
         rows.collect()
+    }
+}
+
+/// True if `e` says the disk (or the file system's quota) is full.
+pub fn is_disk_full(e: &rusqlite::Error) -> bool {
+    matches!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::DiskFull))
+        || matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.extended_code == rusqlite::ffi::SQLITE_IOERR_WRITE)
+}
+
+type Job = Box<dyn FnOnce(&mut Store) + Send>;
+
+/// Queries and writes waiting for the store thread.
+const STORE_QUEUE: usize = 1024;
+
+/// The store on a thread of its own: every query and write runs there, so a slow or full disk
+/// stalls only what waits for the store, never pings, dispatch or other links on the executor.
+#[derive(Clone)]
+pub struct StoreThread {
+    tx: smol::channel::Sender<Job>,
+}
+
+impl StoreThread {
+    /// Move `store` to a new thread.
+    pub fn spawn(mut store: Store) -> std::io::Result<Self> {
+        let (tx, rx) = smol::channel::bounded::<Job>(STORE_QUEUE);
+        std::thread::Builder::new().name("wisp-store".into()).spawn(move || {
+            while let Ok(job) = rx.recv_blocking() {
+                job(&mut store);
+            }
+        })?;
+        Ok(Self { tx })
+    }
+
+    /// Run `f` on the store thread and wait for its answer.
+    pub async fn call<T: Send + 'static>(&self, f: impl FnOnce(&mut Store) -> T + Send + 'static) -> T {
+        let (tx, rx) = smol::channel::bounded(1);
+        let job: Job = Box::new(move |s| {
+            let _ = tx.try_send(f(s));
+        });
+        if self.tx.send(job).await.is_err() {
+            panic!("the store thread is gone");
+        }
+        rx.recv().await.expect("the store thread answers every call")
+    }
+
+    /// Stop the thread once the calls already queued have run; the store (and its lock on the
+    /// data dir) is released then.
+    pub fn close(&self) {
+        self.tx.close();
     }
 }
 
@@ -342,13 +382,14 @@ mod tests {
                 executors: 2,
                 websocket: true,
                 work_dir: String::new(),
+                origin: "static".into(),
             };
             s.add_node(&n).unwrap();
             assert!(s.add_node(&n).is_err(), "duplicate names are refused");
             let id = s.insert_build("hello", "name: hello", &["a".into(), "b".into()]).unwrap();
             s.start_step(id, 1, Some("n1")).unwrap();
             assert_eq!(s.build(id).unwrap().unwrap().state, BuildState::Running);
-            let end = StepEnd { state: "success", exit: "exit code 0", code: Some(0), bytes: 12 };
+            let end = StepEnd { state: StepState::Success, exit: "exit code 0", code: Some(0), bytes: 12 };
             s.end_step(id, 1, &end, Some((BuildState::Success, ""))).unwrap();
         }
         let s = Store::open(&dir).unwrap();
@@ -358,7 +399,7 @@ mod tests {
         let b = s.builds(10).unwrap();
         assert_eq!((b.len(), b[0].state, b[0].node.as_deref()), (1, BuildState::Success, Some("n1")));
         let steps = s.steps(b[0].id).unwrap();
-        assert_eq!((steps[0].bytes, steps[1].state.as_str()), (12, "skipped"));
+        assert_eq!((steps[0].bytes, steps[1].state), (12, StepState::Skipped));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

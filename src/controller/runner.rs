@@ -1,0 +1,281 @@
+//! Runs one build step by step on its node: starts each step through the node's session (whichever
+//! link it has), waits for the step's end through its [`StepHandle`], survives the agent's absence
+//! for up to the grace, carries a cancel to the agent, and writes each step's end to the store.
+
+use super::pipeline::{self, Pipeline};
+use super::session::Out;
+use super::steps::{StepEvent, StepHandle};
+use super::store::{self, BuildState, StepState};
+use super::Controller;
+use crate::proto::{ExitStatus, Frame};
+use event_listener::Event;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a cancelled step's Exit may take before the build is ended without it.
+pub const CANCEL_WAIT: Duration = Duration::from_secs(15);
+/// Default time a running build waits for its disconnected agent before failing with "agent lost".
+pub const AGENT_GRACE: Duration = Duration::from_secs(300);
+
+/// A queued or running build.
+pub struct LiveBuild {
+    /// Build number.
+    pub id: u64,
+    /// The parsed pipeline.
+    pub pipeline: Pipeline,
+    /// Set by `wisp cancel`.
+    pub cancelled: AtomicBool,
+    /// Fires on step changes, cancels, node changes, stalls and the end of the build (wakes the
+    /// runner, waiters and followers).
+    pub changed: Event,
+    /// Fires on each piece of output stored (wakes log followers only: a waiter for the result has
+    /// no business waking per output frame).
+    pub output: Event,
+    /// Steps finished so far.
+    pub steps_done: AtomicU32,
+    /// Why a running build makes no progress (its log or the store cannot be written).
+    stalled: Mutex<Option<String>>,
+}
+
+impl LiveBuild {
+    /// A build about to be queued or picked up.
+    pub fn new(id: u64, pipeline: Pipeline) -> Self {
+        Self {
+            id,
+            pipeline,
+            cancelled: AtomicBool::new(false),
+            changed: Event::new(),
+            output: Event::new(),
+            steps_done: AtomicU32::new(0),
+            stalled: Mutex::new(None),
+        }
+    }
+
+    /// Why the running build makes no progress, if it is stalled.
+    pub fn stalled(&self) -> Option<String> {
+        self.stalled.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Note (or clear) a stall; followers and waiters are woken when it changes.
+    pub fn set_stalled(&self, why: Option<String>) {
+        let mut s = self.stalled.lock().unwrap_or_else(|e| e.into_inner());
+        if *s != why {
+            *s = why;
+            drop(s);
+            self.changed.notify(usize::MAX);
+        }
+    }
+}
+
+/// How a step ended, as the runner learns it.
+#[derive(Debug)]
+pub enum StepEnd {
+    /// The agent reported an exit.
+    Exit(ExitStatus, String),
+    /// The step could not run or its agent was lost.
+    Lost(String),
+}
+
+/// The state, exit description and code a step's end is stored with.
+pub fn step_result(end: &StepEnd) -> (StepState, String, Option<i32>) {
+    let code_of = |st: ExitStatus| match st {
+        ExitStatus::Code(c) => Some(c),
+        _ => None,
+    };
+    match end {
+        StepEnd::Exit(ExitStatus::Code(0), _) => (StepState::Success, "exit code 0".to_string(), Some(0)),
+        StepEnd::Exit(ExitStatus::Cancelled, _) => (StepState::Aborted, "cancelled".to_string(), None),
+        StepEnd::Exit(st, m) if m.is_empty() => (StepState::Failure, st.to_string(), code_of(*st)),
+        StepEnd::Exit(st, m) => (StepState::Failure, format!("{st}: {m}"), code_of(*st)),
+        StepEnd::Lost(m) => (StepState::Failure, m.clone(), None),
+    }
+}
+
+/// Run a build's steps from `from` on `node`. `running` is given when step `from` is already
+/// running on the agent (picked up after a controller restart): it is not started again.
+pub async fn run_build(
+    ctl: Arc<Controller>,
+    build: Arc<LiveBuild>,
+    node: String,
+    from: u32,
+    mut running: Option<StepHandle>,
+) {
+    let id = build.id;
+    // The build is marked running together with its first step (one store write).
+    let mut start_on = (from == 1).then(|| node.clone());
+    if from == 1 {
+        log::info!("build {id}: running on node {node}");
+    }
+    let workspace = pipeline::workspace_name(&build.pipeline.name);
+    let mut state = BuildState::Success;
+    let mut message = String::new();
+    // Whether the build's end went into the store with its last step.
+    let mut ended = false;
+    let last = build.pipeline.steps.len() as u32;
+    for (i, spec) in build.pipeline.steps.iter().enumerate().skip(from as usize - 1) {
+        let step = i as u32 + 1;
+        if build.cancelled.load(Ordering::SeqCst) {
+            state = BuildState::Aborted;
+            message = "cancelled".into();
+            break;
+        }
+        let (end, bytes) =
+            run_step(&ctl, &build, &node, step, &workspace, spec, running.take(), start_on.take()).await;
+        let (step_state, exit, code) = step_result(&end);
+        log::info!("build {id} step {step}: {exit} (node {node})");
+        match step_state {
+            StepState::Success => {}
+            StepState::Aborted => {
+                state = BuildState::Aborted;
+                message = format!("cancelled during step {step}");
+            }
+            _ => {
+                state = BuildState::Failure;
+                message = format!("step {step} ({}) failed: {exit}", spec.name);
+            }
+        }
+        if state == BuildState::Failure && build.cancelled.load(Ordering::SeqCst) {
+            state = BuildState::Aborted;
+        }
+        // The build's last step and the build's end are one store write.
+        ended = state != BuildState::Success || step == last;
+        let finish = ended.then(|| (state, message.clone()));
+        ctl.store_must(&build, move |s| {
+            let stored = store::StepEnd { state: step_state, exit: &exit, code, bytes };
+            s.end_step(id, step, &stored, finish.as_ref().map(|(st, m)| (*st, m.as_str())))
+        })
+        .await;
+        build.steps_done.store(step, Ordering::SeqCst);
+        build.changed.notify(usize::MAX);
+        if ended {
+            break;
+        }
+    }
+    log::info!("build {id}: finished {} {message}", state.as_str());
+    // Cancelled before a step ran (or no step left after a restart): the end is written alone.
+    if !ended {
+        ctl.store_must(&build, move |s| s.finish_build(id, state, &message)).await;
+    }
+    ctl.build_done(&build, &node);
+}
+
+/// Run one step on `node` and wait for its end. The step survives its agent's absence for
+/// up to the grace; a cancel reaches the agent on whatever link it has. Returns the end and the
+/// output bytes stored.
+#[allow(clippy::too_many_arguments)]
+async fn run_step(
+    ctl: &Arc<Controller>,
+    build: &Arc<LiveBuild>,
+    node: &str,
+    step: u32,
+    workspace: &str,
+    spec: &pipeline::Step,
+    running: Option<StepHandle>,
+    start_on: Option<String>,
+) -> (StepEnd, u64) {
+    let id = build.id;
+    let handle = match running {
+        Some(h) => h,
+        None => {
+            let path = ctl.logs.step_path(id, step);
+            let log = match smol::unblock(move || super::logs::StepLog::create(path)).await {
+                Ok(l) => l,
+                Err(e) => {
+                    let m =
+                        format!("cannot reset the step log {}: {e}", ctl.logs.step_path(id, step).display());
+                    return (StepEnd::Lost(m), 0);
+                }
+            };
+            let h = ctl.steps.open(build, step, node, log, false);
+            ctl.store_must(build, move |s| s.start_step(id, step, start_on.as_deref())).await;
+            build.changed.notify(usize::MAX);
+            h
+        }
+    };
+    let end = wait_step(ctl, build, node, step, workspace, spec, &handle).await;
+    build.set_stalled(None);
+    ctl.steps.close(id, step);
+    (end, handle.slot.stored())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn wait_step(
+    ctl: &Arc<Controller>,
+    build: &Arc<LiveBuild>,
+    node: &str,
+    step: u32,
+    workspace: &str,
+    spec: &pipeline::Step,
+    handle: &StepHandle,
+) -> StepEnd {
+    let id = build.id;
+    let grace = ctl.timing.agent_grace;
+    let mut cancel_sent_on = 0u64; // the link a Cancel went out on
+    let mut cancel_deadline: Option<Instant> = None;
+    loop {
+        let listener = build.changed.listen();
+        let session = ctl.session_of(node);
+        if !handle.slot.started() {
+            if build.cancelled.load(Ordering::SeqCst) {
+                return StepEnd::Exit(ExitStatus::Cancelled, "cancelled before it started".into());
+            }
+            if let Some(s) = &session {
+                let start =
+                    Out::Start { build: id, step, workspace: workspace.to_string(), spec: spec.clone() };
+                // Marked started first: the agent may answer before the send returns.
+                handle.slot.set_started(true);
+                if s.tx.send(start).await.is_err() {
+                    handle.slot.set_started(false);
+                }
+                continue;
+            }
+        }
+        if build.cancelled.load(Ordering::SeqCst) {
+            cancel_deadline.get_or_insert_with(|| Instant::now() + CANCEL_WAIT);
+            if let Some(s) = session.as_ref().filter(|s| s.id != cancel_sent_on) {
+                if s.tx.send(Out::Frame(Frame::Cancel { build: id, step })).await.is_ok() {
+                    cancel_sent_on = s.id;
+                }
+            }
+        }
+        let grace_end = match ctl.offline_since(node) {
+            None => return StepEnd::Lost(format!("node '{node}' was removed")),
+            Some(since) => since.map(|t| t + grace),
+        };
+        let wake_at = [grace_end, cancel_deadline].into_iter().flatten().min();
+        let waited = smol::future::or(async { Some(handle.events.recv().await) }, async {
+            match wake_at {
+                Some(t) => {
+                    smol::future::or(listener, async {
+                        smol::Timer::at(t).await;
+                    })
+                    .await;
+                }
+                None => listener.await,
+            }
+            None
+        })
+        .await;
+        match waited {
+            Some(Ok(StepEvent::Exit(status, m))) => return StepEnd::Exit(status, m),
+            Some(Ok(StepEvent::Lost(m))) => return StepEnd::Lost(m),
+            Some(Ok(StepEvent::Stalled(why))) => build.set_stalled(Some(why)),
+            Some(Ok(StepEvent::Flowing)) => build.set_stalled(None),
+            Some(Err(_)) => return StepEnd::Lost("the step's event stream closed".into()),
+            None => {}
+        }
+        let now = Instant::now();
+        if grace_end.is_some_and(|t| now >= t) {
+            let m = format!(
+                "agent lost: no contact with node '{node}' for {}s (the agent grace)",
+                grace.as_secs()
+            );
+            log::warn!("build {id} step {step}: {m}");
+            return StepEnd::Lost(m);
+        }
+        if cancel_deadline.is_some_and(|t| now >= t) {
+            return StepEnd::Lost(format!("agent '{node}' did not confirm the cancel in time"));
+        }
+    }
+}
