@@ -140,13 +140,15 @@ fn failed_handshakes_are_logged_without_secrets_and_rate_limited_per_address() {
         log.lines().filter(|l| l.contains("rejected (WrongSecret)") && l.contains("'r1'")).count();
     assert_eq!(rejections, 10, "one log line per rejection, naming the node: {log}");
     assert!(!log.contains(&secret) && !log.contains(&wrong), "a secret reached the log");
-    // The 11th try from the same address is refused before the handshake, even with the right secret.
-    let mut a = run_agent(&secret, "right");
-    let code = a.wait_exit(Duration::from_secs(20));
-    assert_ne!(code, 0);
-    assert!(a.log_text().contains("too many failed handshakes"), "{}", a.log_text());
-    assert!(ctl.log_text().contains("refused: 10 failed handshakes from 127.0.0.1"));
-    assert!(ctl.node_line("r1").unwrap().contains("\toffline\t"));
+    // Failures only slow down failures: the right secret from the same address gets in at once
+    // (behind a proxy every agent shares one address), and the next wrong one waits for its answer.
+    let _right = run_agent(&secret, "right");
+    ctl.wait_online("r1");
+    let started = Instant::now();
+    let mut a = run_agent(&wrong, "wrong-again");
+    assert_eq!(a.wait_exit(Duration::from_secs(20)), 4, "{}", a.log_text());
+    assert!(started.elapsed() >= Duration::from_secs(2), "the 11th failure was answered at once");
+    assert!(ctl.log_text().contains("answers slowed"), "{}", ctl.log_text());
 }
 
 #[test]

@@ -39,7 +39,7 @@ fn ensure_self_signed(dir: &Path) -> Result<(), String> {
     if cert.exists() && key.exists() {
         return Ok(());
     }
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    super::logs::create_private_dir(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
     if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
         let h = h.trim();

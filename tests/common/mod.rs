@@ -125,10 +125,19 @@ impl Controller {
         Self::launched(args, Some((free_port(), free_port())), false)
     }
 
+    /// A controller (no TLS) whose data dir is `data` (a directory the test prepared).
+    pub fn start_in(data: TempDir, args: &[&str]) -> Self {
+        Self::launched_in(data, args, None, false)
+    }
+
     fn launched(args: &[&str], ports: Option<(u16, u16)>, tls: bool) -> Self {
+        Self::launched_in(TempDir::new("ctl"), args, ports, tls)
+    }
+
+    fn launched_in(data: TempDir, args: &[&str], ports: Option<(u16, u16)>, tls: bool) -> Self {
         let mut c = Self {
             proc: None,
-            data: TempDir::new("ctl"),
+            data,
             http: String::new(),
             agent_addr: String::new(),
             extra_args: args.iter().map(|s| s.to_string()).collect(),
