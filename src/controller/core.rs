@@ -706,6 +706,41 @@ mod tests {
     }
 
     #[test]
+    fn a_store_write_that_fails_for_a_full_disk_is_retried_and_the_build_shows_why() {
+        use std::sync::atomic::AtomicU32;
+        let dir = std::env::temp_dir().join(format!("wisp-must-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let ex = Arc::new(Executor::new());
+        let ctl = Controller::open(dir.clone(), ex.clone(), timing()).unwrap();
+        let p = pipeline::parse("name: p\nsteps: [{sh: 'true'}]\n").unwrap();
+        let build = Arc::new(LiveBuild::new(1, p));
+        let tries = Arc::new(AtomicU32::new(0));
+        let t = tries.clone();
+        let b = build.clone();
+        smol::block_on(ex.run(async {
+            let write = ctl.store_must(&build, move |_| {
+                if t.fetch_add(1, Ordering::SeqCst) < 2 {
+                    let full = rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL);
+                    return Err(rusqlite::Error::SqliteFailure(full, None));
+                }
+                Ok(())
+            });
+            let watch = async {
+                while b.stalled().is_none() {
+                    smol::Timer::after(Duration::from_millis(5)).await;
+                }
+                b.stalled().unwrap()
+            };
+            let (why, ()) = smol::future::zip(watch, write).await;
+            assert!(why.starts_with("disk full on the controller: cannot write the store"), "{why}");
+        }));
+        assert_eq!(tries.load(Ordering::SeqCst), 3, "retried until it landed");
+        assert_eq!(build.stalled(), None, "the stall is cleared once the write lands");
+        ctl.shutdown();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn dispatch_asks_a_cloud_and_its_node_gets_the_cloud_as_origin() {
         let dir = std::env::temp_dir().join(format!("wisp-cloud-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);

@@ -75,17 +75,76 @@ impl Default for ServeConfig {
     }
 }
 
+/// A controller serving in the background, stopped by [`Server::stop`].
+pub struct Server {
+    /// The controller.
+    pub ctl: Arc<Controller>,
+    loops: Vec<smol::Task<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// Closed to end the executor threads.
+    run: smol::channel::Sender<()>,
+}
+
+impl Server {
+    /// Stop: both ports stop listening, every agent link is closed, the executor threads end and
+    /// the store is closed (its lock on the data dir released) before this returns.
+    pub fn stop(self) {
+        self.ctl.shutdown();
+        smol::block_on(async {
+            for t in self.loops {
+                t.await;
+            }
+        });
+        self.run.close();
+        for t in self.threads {
+            let _ = t.join();
+        }
+        self.ctl.store.close_and_wait();
+        log::info!("wisp controller: stopped");
+    }
+
+    /// Keep serving for the life of the process.
+    pub fn detach(self) -> Arc<Controller> {
+        for t in self.loops {
+            t.detach();
+        }
+        std::mem::forget(self.run);
+        self.ctl
+    }
+}
+
+/// Serve until `shutdown` completes, then stop cleanly (see [`Server::stop`]).
+pub fn serve(cfg: ServeConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), String> {
+    let server = launch(cfg)?;
+    smol::block_on(shutdown);
+    server.stop();
+    Ok(())
+}
+
+/// Start a controller in the background for the life of the process (see [`launch`]).
+pub fn start(cfg: ServeConfig) -> Result<Arc<Controller>, String> {
+    launch(cfg).map(Server::detach)
+}
+
 /// Start a controller in the background: open its data dir, bind both ports, write
 /// `DATA/listening` (`http ADDR` and `agent ADDR` lines), and serve on executor threads.
-pub fn start(cfg: ServeConfig) -> Result<Arc<Controller>, String> {
+pub fn launch(cfg: ServeConfig) -> Result<Server, String> {
     raise_fd_limit();
     let ex = Arc::new(Executor::new());
-    for i in 0..cfg.threads {
+    let (run, until) = smol::channel::bounded::<()>(1);
+    let mut threads = Vec::new();
+    for i in 0..cfg.threads.max(1) {
         let ex = ex.clone();
-        std::thread::Builder::new()
+        let until = until.clone();
+        let t = std::thread::Builder::new()
             .name(format!("wisp-{i}"))
-            .spawn(move || smol::block_on(ex.run(std::future::pending::<()>())))
+            .spawn(move || {
+                smol::block_on(ex.run(async {
+                    let _ = until.recv().await;
+                }))
+            })
             .map_err(|e| format!("cannot start threads: {e}"))?;
+        threads.push(t);
     }
     let timing = core::Timing {
         ping_interval: cfg.ping_interval,
@@ -154,9 +213,11 @@ pub fn start(cfg: ServeConfig) -> Result<Arc<Controller>, String> {
              use this only behind a proxy that terminates TLS"
         ),
     }
-    ex.spawn(server::http_loop(ctl.clone(), http, tls.clone())).detach();
-    ex.spawn(server::agent_loop(ctl.clone(), agent, tls)).detach();
-    Ok(ctl)
+    let loops = vec![
+        ex.spawn(server::http_loop(ctl.clone(), http, tls.clone())),
+        ex.spawn(server::agent_loop(ctl.clone(), agent, tls)),
+    ];
+    Ok(Server { ctl, loops, threads, run })
 }
 
 /// Raise the soft limit on open files to the hard limit: every agent link and every client is a

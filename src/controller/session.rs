@@ -577,3 +577,27 @@ pub fn reconcile(
     }
     Reconciled { resume, abandon }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rejection_longer_than_the_limit_is_cut_between_characters() {
+        smol::block_on(async {
+            let (a, b) = smol::net::unix::UnixStream::pair().unwrap();
+            let (_, mut writer) = crate::link::tcp(Box::pin(a));
+            let (mut reader, _) = crate::link::tcp(Box::pin(b));
+            // One byte, then two-byte characters: the limit falls inside one of them.
+            let message = format!("x{}", "é".repeat(proto::MAX_MESSAGE));
+            reject(&mut writer, RejectCode::ProtocolError, &message).await;
+            match reader.next().await.unwrap() {
+                Some(Frame::Reject { message: got, .. }) => {
+                    assert_eq!(got.len(), proto::MAX_MESSAGE - 1);
+                    assert!(message.starts_with(got));
+                }
+                other => panic!("{other:?}"),
+            }
+        });
+    }
+}

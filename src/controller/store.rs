@@ -4,6 +4,7 @@
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 /// A node as stored.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -333,36 +334,50 @@ const STORE_QUEUE: usize = 1024;
 #[derive(Clone)]
 pub struct StoreThread {
     tx: smol::channel::Sender<Job>,
+    thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 impl StoreThread {
     /// Move `store` to a new thread.
     pub fn spawn(mut store: Store) -> std::io::Result<Self> {
         let (tx, rx) = smol::channel::bounded::<Job>(STORE_QUEUE);
-        std::thread::Builder::new().name("wisp-store".into()).spawn(move || {
+        let thread = std::thread::Builder::new().name("wisp-store".into()).spawn(move || {
             while let Ok(job) = rx.recv_blocking() {
                 job(&mut store);
             }
         })?;
-        Ok(Self { tx })
+        Ok(Self { tx, thread: Arc::new(Mutex::new(Some(thread))) })
     }
 
-    /// Run `f` on the store thread and wait for its answer.
+    /// Run `f` on the store thread and wait for its answer. Once the store is closed (the
+    /// controller stopped) the call never completes: a task of a stopped controller just stops.
     pub async fn call<T: Send + 'static>(&self, f: impl FnOnce(&mut Store) -> T + Send + 'static) -> T {
         let (tx, rx) = smol::channel::bounded(1);
         let job: Job = Box::new(move |s| {
             let _ = tx.try_send(f(s));
         });
         if self.tx.send(job).await.is_err() {
-            panic!("the store thread is gone");
+            return std::future::pending().await;
         }
-        rx.recv().await.expect("the store thread answers every call")
+        match rx.recv().await {
+            Ok(v) => v,
+            Err(_) => std::future::pending().await,
+        }
     }
 
     /// Stop the thread once the calls already queued have run; the store (and its lock on the
     /// data dir) is released then.
     pub fn close(&self) {
         self.tx.close();
+    }
+
+    /// [`StoreThread::close`] and wait until the store is released.
+    pub fn close_and_wait(&self) {
+        self.tx.close();
+        let t = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = t {
+            let _ = t.join();
+        }
     }
 }
 
