@@ -1,6 +1,7 @@
 //! The controller: nodes, queue, dispatch, builds and their logs, the HTTP API and the CLI.
 
 pub mod agents;
+pub mod api;
 pub mod core;
 pub mod deadlines;
 pub mod http;

@@ -20,50 +20,7 @@ pub struct NodeRecord {
     pub work_dir: String,
 }
 
-/// Where a build is in its life.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum BuildState {
-    /// Waiting for a matching free executor.
-    Queued,
-    /// Running on a node.
-    Running,
-    /// Every step exited 0.
-    Success,
-    /// A step failed (or the build could not run).
-    Failure,
-    /// Cancelled by a user.
-    Aborted,
-}
-
-impl BuildState {
-    /// The stored spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Queued => "queued",
-            Self::Running => "running",
-            Self::Success => "success",
-            Self::Failure => "failure",
-            Self::Aborted => "aborted",
-        }
-    }
-
-    /// The state named `s` (as stored; anything unknown reads as a failure).
-    pub fn parse(s: &str) -> Self {
-        match s {
-            "queued" => Self::Queued,
-            "running" => Self::Running,
-            "success" => Self::Success,
-            "aborted" => Self::Aborted,
-            _ => Self::Failure,
-        }
-    }
-
-    /// True once the build can no longer change.
-    pub fn is_final(self) -> bool {
-        matches!(self, Self::Success | Self::Failure | Self::Aborted)
-    }
-}
+pub use crate::controller::api::types::BuildState;
 
 /// A build as stored.
 #[derive(Debug, Clone, Serialize)]
