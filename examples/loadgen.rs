@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use smol::net::TcpStream;
 use smol::Timer;
 use wisp::auth::{self, ClientHandshake, ClientStep};
-use wisp::controller::client::Client;
+use wisp::cli::client::Client;
 use wisp::link::{self, BoxIo};
 use wisp::proto::Frame;
 

@@ -1,7 +1,9 @@
 //! wisp: a tiny static build agent and the controller it serves.
 //!
 //! `proto` and `auth` are the protocol both sides share; `link` carries frames over WebSocket or
-//! TCP; `tls` holds the certificate checks and identity fingerprints; `agent` is the agent; `controller` (feature `controller`) is the controller and its CLI.
+//! TCP; `tls` holds the certificate checks and identity fingerprints; `agent` is the agent. With
+//! the `controller` feature, `controller` is the controller and `cli` the `wisp` command line
+//! and its HTTP client.
 #![warn(missing_docs)]
 
 pub mod agent;
@@ -12,5 +14,7 @@ pub mod proto;
 pub mod text;
 pub mod tls;
 
+#[cfg(feature = "controller")]
+pub mod cli;
 #[cfg(feature = "controller")]
 pub mod controller;

@@ -1,5 +1,5 @@
-//! `wisp`: the controller (`wisp serve`) and its client commands.
+//! `wisp`: the controller (`wisp serve`) and its client commands; all of it lives in `wisp::cli`.
 
 fn main() {
-    wisp::controller::cli::main();
+    wisp::cli::main();
 }

@@ -2,6 +2,7 @@
 //! the agent descriptor) and the JSON API with its log streams. Paths and queries are
 //! percent-decoded before they are matched.
 
+use super::api::types as api;
 use super::core::{ApiError, Controller};
 use super::labels;
 use super::store::{NodeRecord, StepState};
@@ -14,7 +15,6 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited, StreamBody};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use serde_json::json;
 use smol::stream::StreamExt;
 use smol_hyper::rt::FuturesIo;
 use std::borrow::Cow;
@@ -36,13 +36,15 @@ fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Respo
     r
 }
 
-fn json_response(status: StatusCode, v: serde_json::Value) -> Response<Body> {
+fn json_response(status: StatusCode, v: impl serde::Serialize) -> Response<Body> {
+    let v = serde_json::to_string(&v)
+        .unwrap_or_else(|e| format!("{{\"error\":\"cannot encode the answer: {e}\"}}"));
     full(status, "application/json", format!("{v}\n"))
 }
 
 fn error(e: ApiError) -> Response<Body> {
     let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    json_response(status, json!({ "error": e.message }))
+    json_response(status, api::ErrorBody { error: e.message })
 }
 
 /// The token of an `Authorization: Bearer TOKEN` header (the scheme in any case, as RFC 9110
@@ -137,16 +139,17 @@ pub async fn route(
         }
         (Method::GET, ["api", "nodes"]) => Ok(list_nodes(&ctl)),
         (Method::POST, ["api", "token", "rotate"]) => {
-            ctl.rotate_token().await.map(|t| json_response(StatusCode::OK, json!({ "token": t })))
+            ctl.rotate_token().await.map(|t| json_response(StatusCode::OK, api::TokenRotated { token: t }))
         }
         (Method::POST, ["api", "nodes"]) => add_node(&ctl, req, fp).await,
         (Method::GET, ["api", "nodes", name]) => {
             check_name(name).and_then(|_| node_info(&ctl, &req, name, fp))
         }
         (Method::DELETE, ["api", "nodes", name]) => match check_name(name) {
-            Ok(()) => {
-                ctl.remove_node(name).await.map(|_| json_response(StatusCode::OK, json!({ "removed": name })))
-            }
+            Ok(()) => ctl
+                .remove_node(name)
+                .await
+                .map(|_| json_response(StatusCode::OK, api::NodeRemoved { removed: name.to_string() })),
             Err(e) => Err(e),
         },
         (Method::POST, ["api", "builds"]) => submit(&ctl, req).await,
@@ -156,9 +159,10 @@ pub async fn route(
             build_info(&ctl, id, wait.as_deref()).await
         }
         (Method::POST, ["api", "builds", id, "cancel"]) => match parse_id(id) {
-            Ok(id) => {
-                ctl.cancel(id).await.map(|_| json_response(StatusCode::OK, json!({ "cancelled": true })))
-            }
+            Ok(id) => ctl
+                .cancel(id)
+                .await
+                .map(|_| json_response(StatusCode::OK, api::Cancelled { cancelled: true })),
             Err(e) => Err(e),
         },
         (Method::GET, ["api", "builds", id, "log"]) => {
@@ -302,16 +306,22 @@ fn jnlp_xml(
     Ok(body)
 }
 
-fn node_json(rec: &NodeRecord, online: bool, busy: u32) -> serde_json::Value {
-    json!({
-        "name": rec.name, "labels": rec.labels, "executors": rec.executors, "online": online,
-        "busy": busy, "websocket": rec.websocket, "work_dir": rec.work_dir,
-    })
+fn node_entry(rec: &NodeRecord, online: bool, busy: u32) -> api::NodeEntry {
+    api::NodeEntry {
+        name: rec.name.clone(),
+        labels: rec.labels.clone(),
+        executors: rec.executors,
+        online,
+        busy,
+        websocket: rec.websocket,
+        work_dir: rec.work_dir.clone(),
+        origin: rec.origin.clone(),
+    }
 }
 
 fn list_nodes(ctl: &Controller) -> Response<Body> {
-    let nodes: Vec<_> = ctl.nodes().iter().map(|(r, on, busy)| node_json(r, *on, *busy)).collect();
-    json_response(StatusCode::OK, json!({ "nodes": nodes }))
+    let nodes = ctl.nodes().iter().map(|(r, on, busy)| node_entry(r, *on, *busy)).collect();
+    json_response(StatusCode::OK, api::NodeList { nodes })
 }
 
 /// The agent command line for a node, as `wisp node add` prints it.
@@ -345,31 +355,12 @@ fn node_info(
         .into_iter()
         .find(|(r, _, _)| r.name == *name)
         .ok_or_else(|| ApiError::new(404, format!("no node named '{name}'")))?;
-    let mut v = node_json(&rec, online, busy);
-    v["secret"] = json!(ctl.secret(name));
-    v["command"] = json!(agent_command(ctl, &public_url(ctl, req, fp), &rec, pin_for(req, fp)));
-    Ok(json_response(StatusCode::OK, v))
-}
-
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewNode {
-    name: String,
-    #[serde(default)]
-    labels: String,
-    #[serde(default = "one")]
-    executors: u32,
-    #[serde(default = "yes")]
-    websocket: bool,
-    #[serde(default)]
-    work_dir: String,
-}
-
-fn one() -> u32 {
-    1
-}
-fn yes() -> bool {
-    true
+    let info = api::NodeInfo {
+        node: node_entry(&rec, online, busy),
+        secret: ctl.secret(name),
+        command: agent_command(ctl, &public_url(ctl, req, fp), &rec, pin_for(req, fp)),
+    };
+    Ok(json_response(StatusCode::OK, info))
 }
 
 async fn add_node(
@@ -379,7 +370,7 @@ async fn add_node(
 ) -> Result<Response<Body>, ApiError> {
     let url = public_url(ctl, &req, fp);
     let pin = pin_for(&req, fp);
-    let n: NewNode = serde_json::from_str(&body_text(req).await?)
+    let n: api::NewNode = serde_json::from_str(&body_text(req).await?)
         .map_err(|e| ApiError::new(400, format!("bad node: {e}")))?;
     labels::validate_label(&n.name).map_err(|e| ApiError::new(400, format!("bad node name: {e}")))?;
     let labels = labels::split_labels(&n.labels).map_err(|e| ApiError::new(400, e.to_string()))?;
@@ -395,10 +386,12 @@ async fn add_node(
         origin: super::cloud::STATIC.into(),
     };
     ctl.add_node(rec.clone()).await?;
-    let mut v = node_json(&rec, false, 0);
-    v["secret"] = json!(ctl.secret(&rec.name));
-    v["command"] = json!(agent_command(ctl, &url, &rec, pin));
-    Ok(json_response(StatusCode::CREATED, v))
+    let info = api::NodeCreated {
+        node: node_entry(&rec, false, 0),
+        secret: ctl.secret(&rec.name),
+        command: agent_command(ctl, &url, &rec, pin),
+    };
+    Ok(json_response(StatusCode::CREATED, info))
 }
 
 /// Queue a pipeline: `{"id": N}`. With `?wait=SECS` the answer is held until the build is final
@@ -409,26 +402,31 @@ async fn submit(ctl: &Arc<Controller>, req: Request<Incoming>) -> Result<Respons
     let yaml = body_text(req).await?;
     let id = ctl.submit(yaml).await?;
     match wait {
-        None => Ok(json_response(StatusCode::CREATED, json!({ "id": id }))),
+        None => Ok(json_response(StatusCode::CREATED, api::Submitted { id })),
         Some(wait) => Ok(json_response(StatusCode::CREATED, build_record(ctl, id, wait).await?)),
     }
 }
 
-fn build_json(ctl: &Controller, b: &super::store::BuildRecord) -> serde_json::Value {
-    let mut v = serde_json::to_value(b).unwrap_or_default();
-    if let Some(live) = ctl.live(b.id) {
-        v["cancelling"] = json!(live.cancelled.load(Ordering::SeqCst));
-        if let Some(why) = ctl.waiting(b.id) {
-            v["waiting"] = json!(why);
-        }
+fn build_json(ctl: &Controller, b: super::store::BuildRecord) -> api::BuildRecord {
+    let live = ctl.live(b.id);
+    api::BuildRecord {
+        cancelling: live.as_ref().map(|l| l.cancelled.load(Ordering::SeqCst)),
+        waiting: live.and_then(|_| ctl.waiting(b.id)),
+        id: b.id,
+        name: b.name,
+        state: b.state,
+        node: b.node,
+        message: b.message,
+        created: b.created,
+        started: b.started,
+        finished: b.finished,
     }
-    v
 }
 
 async fn list_builds(ctl: &Controller) -> Result<Response<Body>, ApiError> {
     let builds = ctl.builds(100).await?;
-    let list: Vec<_> = builds.iter().map(|b| build_json(ctl, b)).collect();
-    Ok(json_response(StatusCode::OK, json!({ "builds": list })))
+    let builds = builds.into_iter().map(|b| build_json(ctl, b)).collect();
+    Ok(json_response(StatusCode::OK, api::BuildList { builds }))
 }
 
 /// The value of query parameter `name`, percent-decoded, if given.
@@ -461,7 +459,7 @@ async fn build_info(ctl: &Controller, id: &str, wait: Option<&str>) -> Result<Re
 }
 
 /// The build's record with its steps, once it is final or `wait` has passed.
-async fn build_record(ctl: &Controller, id: u64, wait: Duration) -> Result<serde_json::Value, ApiError> {
+async fn build_record(ctl: &Controller, id: u64, wait: Duration) -> Result<api::BuildInfo, ApiError> {
     let deadline = Instant::now() + wait;
     let mut timer = ctl.deadlines.sleep_until(deadline);
     let b = loop {
@@ -477,9 +475,18 @@ async fn build_record(ctl: &Controller, id: u64, wait: Duration) -> Result<serde
         .await;
     };
     let steps = ctl.build_steps(id).await?;
-    let mut v = build_json(ctl, &b);
-    v["steps"] = serde_json::to_value(steps).unwrap_or_default();
-    Ok(v)
+    let steps = steps
+        .into_iter()
+        .map(|s| api::StepRecord {
+            index: s.index,
+            name: s.name,
+            state: s.state,
+            exit: s.exit,
+            code: s.code,
+            bytes: s.bytes,
+        })
+        .collect();
+    Ok(api::BuildInfo { build: build_json(ctl, b), steps })
 }
 
 fn stream_response(rx: smol::channel::Receiver<Bytes>, content_type: &str) -> Response<Body> {

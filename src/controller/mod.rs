@@ -1,8 +1,6 @@
 //! The controller: nodes, queue, dispatch, builds and their logs, the HTTP API and the CLI.
 
 pub mod api;
-pub mod cli;
-pub mod client;
 pub mod cloud;
 pub mod core;
 pub mod deadlines;

@@ -23,7 +23,7 @@ pub struct NodeRecord {
     pub origin: String,
 }
 
-pub use super::api::types::{BuildState, StepState};
+pub use super::api::types::{BuildState, StepRecord, StepState};
 
 /// A build as stored.
 #[derive(Debug, Clone, Serialize)]
@@ -47,23 +47,6 @@ pub struct BuildRecord {
     /// The pipeline as submitted.
     #[serde(skip)]
     pub yaml: String,
-}
-
-/// A step as stored.
-#[derive(Debug, Clone, Serialize)]
-pub struct StepRecord {
-    /// Index from 1.
-    pub index: u32,
-    /// Display name.
-    pub name: String,
-    /// Where it is.
-    pub state: StepState,
-    /// "exit code 3", "killed by signal 9", "timed out"...
-    pub exit: String,
-    /// Exit code when it exited normally.
-    pub code: Option<i32>,
-    /// Output bytes stored.
-    pub bytes: u64,
 }
 
 /// How a step ended, as stored.

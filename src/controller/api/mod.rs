@@ -1,2 +1,6 @@
-//! The HTTP API's request and response types, shared by the routes and the CLI.
+//! The HTTP API's contract: the JSON bodies the routes answer with and the CLI reads, as serde
+//! types, so the two sides are written against the same definitions and cannot drift apart.
+
 pub mod types;
+
+pub use types::*;

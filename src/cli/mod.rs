@@ -1,9 +1,11 @@
 //! The `wisp` command line: `serve`, the client commands, and `demo`.
 
-use super::client::Client;
-use super::store::BuildState;
-use super::{start, ServeConfig};
+pub mod client;
+
+use crate::controller::store::BuildState;
+use crate::controller::{start, ServeConfig};
 use argh::FromArgs;
+use client::Client;
 use hyper::Method;
 use serde_json::json;
 use std::io::Write;
@@ -493,7 +495,7 @@ fn demo(d: Demo) -> i32 {
         .and_then(|f| crate::tls::parse_fingerprint(&f).ok());
     let name = "local";
     if ctl.node(name).is_none() {
-        let rec = super::store::NodeRecord {
+        let rec = crate::controller::store::NodeRecord {
             name: name.into(),
             labels: vec!["local".into(), std::env::consts::OS.into(), std::env::consts::ARCH.into()],
             executors: 2,
