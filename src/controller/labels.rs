@@ -426,6 +426,45 @@ pub fn validate_label(l: &str) -> Result<(), LabelError> {
     Ok(())
 }
 
+/// Characters Jenkins refuses in a node name (`Jenkins.checkGoodName`).
+const JENKINS_UNSAFE: &str = "?*/\\%!@#$^&|<>[]:;";
+
+/// Check a node name: the rules of Jenkins' `checkGoodName` (not blank, not `.` or `..`, no control
+/// characters, none of `?*/\%!@#$^&|<>[]:;`), narrowed so that a name is always one URL path
+/// segment and one file name as it stands, one word on the printed agent command line, and one
+/// unquoted atom of a label expression: ASCII letters, digits and `_ . + -`, not starting with
+/// `-` (it would read as an option), at most 64 bytes (the protocol's limit on names).
+pub fn check_node_name(name: &str) -> Result<(), String> {
+    const ALLOWED: &str = "use only letters, digits and _ . + -";
+    if name.trim().is_empty() {
+        return Err("the node name is empty; give one such as \"builder1\"".into());
+    }
+    if name == "." || name == ".." {
+        return Err(format!("{name:?} cannot be a node name"));
+    }
+    if let Some((i, c)) =
+        name.char_indices().find(|&(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '+' | '-')))
+    {
+        let why = if c.is_control() {
+            "control characters are not allowed".to_string()
+        } else if c.is_whitespace() {
+            "spaces are not allowed".to_string()
+        } else if JENKINS_UNSAFE.contains(c) {
+            format!("{c:?} is not allowed (as in Jenkins, none of {JENKINS_UNSAFE})")
+        } else {
+            format!("{c:?} is not allowed")
+        };
+        return Err(format!("node name {name:?} has {c:?} at column {}: {why}; {ALLOWED}", column(name, i)));
+    }
+    if name.starts_with('-') {
+        return Err(format!("node name {name:?} starts with '-', which would read as an option; {ALLOWED}"));
+    }
+    if name.len() > MAX_LABEL_LEN {
+        return Err(format!("node name {name:?} is {} bytes long; the limit is {MAX_LABEL_LEN}", name.len()));
+    }
+    Ok(())
+}
+
 /// Split a node's label list on whitespace and commas, check each label, and drop repeats
 /// (keeping the first of each, in order).
 pub fn split_labels(s: &str) -> Result<Vec<String>, LabelError> {
@@ -681,6 +720,50 @@ mod tests {
         );
         for bad in ["a&&b", "!a", "(a)", "a|b", "é", "a\"b", "a,b"] {
             assert!(validate_label(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn node_names_take_letters_digits_and_four_marks() {
+        for ok in ["builder1", "a", "A-z_0.9+x", "x86_64.linux", "...", "a..b", &"n".repeat(64)] {
+            assert_eq!(check_node_name(ok), Ok(()), "{ok}");
+        }
+    }
+
+    #[test]
+    fn node_names_refuse_what_jenkins_refuses() {
+        for c in "?*/\\%!@#$^&|<>[]:;".chars() {
+            let e = check_node_name(&format!("a{c}b")).unwrap_err();
+            assert!(e.contains(&format!("has {c:?} at column 2")) && e.contains("as in Jenkins"), "{e}");
+        }
+        assert_eq!(check_node_name(""), Err("the node name is empty; give one such as \"builder1\"".into()));
+        assert!(check_node_name("   ").unwrap_err().contains("is empty"));
+        assert_eq!(check_node_name("."), Err("\".\" cannot be a node name".into()));
+        assert_eq!(check_node_name(".."), Err("\"..\" cannot be a node name".into()));
+        assert!(check_node_name("a\tb").unwrap_err().contains("control characters are not allowed"));
+    }
+
+    #[test]
+    fn node_names_refuse_what_would_break_a_url_a_file_name_or_a_command_line() {
+        assert_eq!(
+            check_node_name("a/b"),
+            Err("node name \"a/b\" has '/' at column 2: '/' is not allowed (as in Jenkins, none of \
+                 ?*/\\%!@#$^&|<>[]:;); use only letters, digits and _ . + -"
+                .into())
+        );
+        for bad in ["a b", "é", "a'b", "a\"b", "a(b)", "a,b", "a=b", "a~b", "a`b", "a{b}"] {
+            assert!(check_node_name(bad).is_err(), "{bad}");
+        }
+        assert!(check_node_name("-x").unwrap_err().contains("would read as an option"));
+        let e = check_node_name(&"n".repeat(65)).unwrap_err();
+        assert!(e.ends_with("is 65 bytes long; the limit is 64"), "{e}");
+    }
+
+    #[test]
+    fn every_node_name_is_a_label_expression_atom() {
+        for name in ["builder1", "A-z_0.9+x", "..."] {
+            assert!(check_node_name(name).is_ok());
+            assert!(parse(name).unwrap().matches(&[name.to_string()]), "{name}");
         }
     }
 
