@@ -223,3 +223,27 @@ fn a_slowloris_larger_than_the_http_budget_leaves_the_agent_port_free_and_the_lo
     assert!(refusals <= 3, "{refusals} lines for about 100 refusals: not throttled");
     drop(idle);
 }
+
+#[test]
+fn a_node_name_that_cannot_be_a_path_segment_is_refused_on_every_path() {
+    let ctl = Controller::start();
+    let token = ctl.token();
+    for bad in ["a/b", "..", "a b", "x%2Fy", "-rf", "semi;colon", "ünï"] {
+        let body = format!("{{\"name\": {bad:?}}}");
+        let (status, answer) = http_request(&ctl.http, "POST", "/api/nodes", Some(&token), body.as_bytes());
+        let answer = String::from_utf8_lossy(&answer);
+        assert_eq!(status, 400, "{bad}: {answer}");
+        assert!(answer.contains("bad node name"), "{bad}: {answer}");
+        let out = ctl.wisp(&["node", "add", bad]);
+        assert!(!out.status.success(), "the CLI took {bad:?}");
+    }
+    // A name within the rules can be fetched, described and removed, through the CLI and the API.
+    let _ = ctl.add_node("b1.x_y-2", "l", &[]);
+    let (status, _) = ctl.get("/api/nodes/b1.x_y-2");
+    assert_eq!(status, 200);
+    let (status, answer) = ctl.get("/api/nodes/a%2Fb");
+    assert_eq!(status, 404, "{}", String::from_utf8_lossy(&answer));
+    let out = ctl.wisp(&["node", "rm", "b1.x_y-2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(ctl.node_line("b1.x_y-2").is_none());
+}

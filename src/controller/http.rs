@@ -143,9 +143,9 @@ pub async fn route(
         }
         (Method::POST, ["api", "nodes"]) => add_node(&ctl, req, fp).await,
         (Method::GET, ["api", "nodes", name]) => {
-            check_name(name).and_then(|_| node_info(&ctl, &req, name, fp))
+            known_node(&ctl, name).and_then(|_| node_info(&ctl, &req, name, fp))
         }
-        (Method::DELETE, ["api", "nodes", name]) => match check_name(name) {
+        (Method::DELETE, ["api", "nodes", name]) => match known_node(&ctl, name) {
             Ok(()) => ctl
                 .remove_node(name)
                 .await
@@ -191,9 +191,19 @@ fn parse_id(s: &str) -> Result<u64, ApiError> {
     digits.parse().map_err(|_| ApiError::new(404, format!("no build #{digits}")))
 }
 
-/// A node name as it may appear in a path: the same rules as when the node is added.
+/// A node named in a path: found by its exact name (so a node stored before the name rules
+/// existed can still be described and removed); for a name no node has, the answer says what
+/// is wrong with it when it breaks the rules.
 fn check_name(name: &str) -> Result<(), ApiError> {
-    labels::validate_label(name).map_err(|e| ApiError::new(404, format!("no node named {name:?} ({e})")))
+    labels::check_node_name(name).map_err(|e| ApiError::new(404, format!("no node named {name:?}: {e}")))
+}
+
+fn known_node(ctl: &Controller, name: &str) -> Result<(), ApiError> {
+    if ctl.node(name).is_some() {
+        return Ok(());
+    }
+    check_name(name)?;
+    Err(ApiError::new(404, format!("no node named '{name}'")))
 }
 
 async fn body_text(req: Request<Incoming>) -> Result<String, ApiError> {
@@ -372,7 +382,8 @@ async fn add_node(
     let pin = pin_for(&req, fp);
     let n: api::NewNode = serde_json::from_str(&body_text(req).await?)
         .map_err(|e| ApiError::new(400, format!("bad node: {e}")))?;
-    labels::validate_label(&n.name).map_err(|e| ApiError::new(400, format!("bad node name: {e}")))?;
+    labels::check_node_name(&n.name)
+        .map_err(|e| ApiError::new(400, format!("bad node name {:?}: {e}", n.name)))?;
     let labels = labels::split_labels(&n.labels).map_err(|e| ApiError::new(400, e.to_string()))?;
     if !(1..=1024).contains(&n.executors) {
         return Err(ApiError::new(400, "executors must be between 1 and 1024"));
