@@ -247,3 +247,24 @@ fn a_node_name_that_cannot_be_a_path_segment_is_refused_on_every_path() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(ctl.node_line("b1.x_y-2").is_none());
 }
+
+#[test]
+fn a_mebibyte_of_nesting_is_refused_and_the_controller_keeps_answering() {
+    let ctl = Controller::start();
+    let token = ctl.token();
+    let http = ctl.http.clone();
+    let attack = std::thread::spawn(move || {
+        let mut body = b"name: deep\nsteps: ".to_vec();
+        body.resize(1024 * 1024 - 64, b'[');
+        http_request(&http, "POST", "/api/builds", Some(&token), &body)
+    });
+    // The API answers meanwhile (the parse runs off the executor, and is linear now anyway).
+    for _ in 0..20 {
+        let (status, _) = ctl.get("/api/nodes");
+        assert_eq!(status, 200);
+    }
+    let (status, answer) = attack.join().unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("nests deeper than 32 levels"), "{answer}");
+}

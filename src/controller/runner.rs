@@ -279,3 +279,153 @@ async fn wait_step(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::core::Timing;
+    use crate::controller::session::Session;
+    use crate::controller::store::NodeRecord;
+    use smol::channel::Receiver;
+    use smol::Executor;
+
+    fn timing(grace: Duration) -> Timing {
+        Timing {
+            ping_interval: Duration::from_secs(15),
+            handshake_timeout: Duration::from_secs(10),
+            agent_grace: grace,
+        }
+    }
+
+    /// A controller on a temp dir with one node "n" whose link is a channel the test reads:
+    /// the test plays the agent's part by hand.
+    fn setup(tag: &str, grace: Duration) -> (Arc<Controller>, Arc<Executor<'static>>, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("wisp-runner-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let ex = Arc::new(Executor::new());
+        let ctl = Controller::open(dir.clone(), ex.clone(), timing(grace)).unwrap();
+        (ctl, ex, dir)
+    }
+
+    async fn add_node(ctl: &Arc<Controller>) -> (Arc<Session>, Receiver<Out>) {
+        let rec = NodeRecord {
+            name: "n".into(),
+            labels: vec!["l".into()],
+            executors: 1,
+            websocket: true,
+            work_dir: String::new(),
+            origin: "static".into(),
+        };
+        ctl.add_node(rec).await.unwrap();
+        let (tx, rx) = smol::channel::bounded(64);
+        let s = Arc::new(Session::new(ctl.session_id(), "n", "test", tx));
+        assert!(ctl.attach(&s, None));
+        (s, rx)
+    }
+
+    async fn next_start(rx: &Receiver<Out>) -> (u64, u32) {
+        loop {
+            match rx.recv().await.unwrap() {
+                Out::Start { build, step, .. } => return (build, step),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Deliver output and an exit as the session's reader would.
+    async fn agent_runs(ctl: &Arc<Controller>, build: u64, step: u32, out: &[u8], code: i32) {
+        let slot = ctl.steps.on_node(build, step, "n").expect("the step is registered");
+        if slot.output(0, out).unwrap() {
+            crate::controller::steps::flush(ctl.clone(), slot.clone()).await;
+        }
+        // A replay of what is stored changes nothing.
+        assert!(!slot.output(0, out).unwrap());
+        slot.exit(ExitStatus::Code(code), "", out.len() as u64).unwrap();
+    }
+
+    #[test]
+    fn runs_each_step_through_the_session_and_stops_at_the_first_failure() {
+        let (ctl, ex, dir) = setup("steps", AGENT_GRACE);
+        smol::block_on(ex.run(async {
+            let (_s, rx) = add_node(&ctl).await;
+            let yaml = "name: r\nagent: {label: l}\nsteps:\n  - sh: a\n  - sh: b\n  - sh: c\n";
+            let id = ctl.submit(yaml.into()).await.unwrap();
+            assert_eq!(next_start(&rx).await, (id, 1));
+            agent_runs(&ctl, id, 1, b"one\n", 0).await;
+            assert_eq!(next_start(&rx).await, (id, 2));
+            agent_runs(&ctl, id, 2, b"two\n", 3).await;
+            let b = loop {
+                let b = ctl.build(id).await.unwrap();
+                if b.state.is_final() {
+                    break b;
+                }
+                smol::Timer::after(Duration::from_millis(5)).await;
+            };
+            assert_eq!(b.state, BuildState::Failure);
+            assert_eq!(b.message, "step 2 (b) failed: exit code 3");
+            let steps = ctl.build_steps(id).await.unwrap();
+            let states: Vec<_> = steps.iter().map(|s| s.state).collect();
+            assert_eq!(states, vec![StepState::Success, StepState::Failure, StepState::Skipped]);
+            assert_eq!((steps[0].bytes, steps[1].code), (4, Some(3)));
+            assert_eq!(std::fs::read(ctl.logs.step_path(id, 2)).unwrap(), b"two\n");
+            // The executor is free again.
+            assert_eq!(ctl.node_status("n").unwrap().2, 0);
+        }));
+        ctl.shutdown();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_step_whose_agent_stays_away_past_the_grace_fails_as_lost() {
+        let (ctl, ex, dir) = setup("grace", Duration::from_millis(200));
+        smol::block_on(ex.run(async {
+            let (s, rx) = add_node(&ctl).await;
+            let id = ctl.submit("name: g\nagent: {label: l}\nsteps:\n  - sh: a\n".into()).await.unwrap();
+            assert_eq!(next_start(&rx).await, (id, 1));
+            ctl.detach(&s, "test cut");
+            let b = loop {
+                let b = ctl.build(id).await.unwrap();
+                if b.state.is_final() {
+                    break b;
+                }
+                smol::Timer::after(Duration::from_millis(10)).await;
+            };
+            assert_eq!(b.state, BuildState::Failure);
+            assert!(b.message.contains("agent lost: no contact with node 'n'"), "{}", b.message);
+        }));
+        ctl.shutdown();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_cancel_reaches_the_agent_and_its_exit_aborts_the_build() {
+        let (ctl, ex, dir) = setup("cancel", AGENT_GRACE);
+        smol::block_on(ex.run(async {
+            let (_s, rx) = add_node(&ctl).await;
+            let id = ctl
+                .submit("name: c\nagent: {label: l}\nsteps:\n  - sh: a\n  - sh: b\n".into())
+                .await
+                .unwrap();
+            assert_eq!(next_start(&rx).await, (id, 1));
+            ctl.cancel(id).await.unwrap();
+            loop {
+                if let Out::Frame(Frame::Cancel { build, step }) = rx.recv().await.unwrap() {
+                    assert_eq!((build, step), (id, 1));
+                    break;
+                }
+            }
+            let slot = ctl.steps.on_node(id, 1, "n").unwrap();
+            slot.exit(ExitStatus::Cancelled, "", 0).unwrap();
+            let b = loop {
+                let b = ctl.build(id).await.unwrap();
+                if b.state.is_final() {
+                    break b;
+                }
+                smol::Timer::after(Duration::from_millis(5)).await;
+            };
+            assert_eq!((b.state, b.message.as_str()), (BuildState::Aborted, "cancelled during step 1"));
+        }));
+        ctl.shutdown();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
