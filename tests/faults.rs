@@ -331,6 +331,9 @@ fn build_survives_a_ninety_second_partition_longer_than_the_ping_timeout() {
     assert_log_exact(&ctl, id, &work.path().join("workspace/p90/out.txt"));
     let log = ctl.log_text();
     assert!(log.contains("build 1 step 1: resumed on node p90"), "{log}");
+    // Offline from the agent's last frame, not from when the controller noticed (45 s later).
+    let away = resumes(&log).first().map(|r| r.0).unwrap_or(0.0);
+    assert!(away >= 90.0, "the resume says {away:.1}s offline after a 90 s partition:\n{log}");
     assert_eq!(dir_bytes(&spool), 0, "the spool is emptied once the controller has everything");
     report(
         "90 s partition, websocket",
