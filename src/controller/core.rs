@@ -431,9 +431,9 @@ impl Controller {
 
     /// Send `out` on the node's current link, if it has one (a frame for a step whose agent is
     /// away is not needed: the reconnect settles credit and acks).
-    pub async fn send_to(&self, node: &str, out: Out) {
+    pub async fn send_to(&self, node: &str, frame: crate::proto::Frame<'static>) {
         if let Some(s) = self.session_of(node) {
-            let _ = s.tx.send(out).await;
+            let _ = s.tx.send(Out::Frame(frame)).await;
         }
     }
 

@@ -1,6 +1,7 @@
 //! The controller: nodes, queue, dispatch, builds and their logs, the HTTP API and the CLI.
 
 pub mod api;
+pub mod build;
 pub mod cloud;
 pub mod core;
 pub mod deadlines;

@@ -2,71 +2,21 @@
 //! link it has), waits for the step's end through its [`StepHandle`], survives the agent's absence
 //! for up to the grace, carries a cancel to the agent, and writes each step's end to the store.
 
-use super::pipeline::{self, Pipeline};
+pub use super::build::LiveBuild;
+use super::pipeline;
 use super::session::Out;
 use super::steps::{StepEvent, StepHandle};
 use super::store::{self, BuildState, StepState};
 use super::Controller;
 use crate::proto::{ExitStatus, Frame};
-use event_listener::Event;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long a cancelled step's Exit may take before the build is ended without it.
 pub const CANCEL_WAIT: Duration = Duration::from_secs(15);
 /// Default time a running build waits for its disconnected agent before failing with "agent lost".
 pub const AGENT_GRACE: Duration = Duration::from_secs(300);
-
-/// A queued or running build.
-pub struct LiveBuild {
-    /// Build number.
-    pub id: u64,
-    /// The parsed pipeline.
-    pub pipeline: Pipeline,
-    /// Set by `wisp cancel`.
-    pub cancelled: AtomicBool,
-    /// Fires on step changes, cancels, node changes, stalls and the end of the build (wakes the
-    /// runner, waiters and followers).
-    pub changed: Event,
-    /// Fires on each piece of output stored (wakes log followers only: a waiter for the result has
-    /// no business waking per output frame).
-    pub output: Event,
-    /// Steps finished so far.
-    pub steps_done: AtomicU32,
-    /// Why a running build makes no progress (its log or the store cannot be written).
-    stalled: Mutex<Option<String>>,
-}
-
-impl LiveBuild {
-    /// A build about to be queued or picked up.
-    pub fn new(id: u64, pipeline: Pipeline) -> Self {
-        Self {
-            id,
-            pipeline,
-            cancelled: AtomicBool::new(false),
-            changed: Event::new(),
-            output: Event::new(),
-            steps_done: AtomicU32::new(0),
-            stalled: Mutex::new(None),
-        }
-    }
-
-    /// Why the running build makes no progress, if it is stalled.
-    pub fn stalled(&self) -> Option<String> {
-        self.stalled.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// Note (or clear) a stall; followers and waiters are woken when it changes.
-    pub fn set_stalled(&self, why: Option<String>) {
-        let mut s = self.stalled.lock().unwrap_or_else(|e| e.into_inner());
-        if *s != why {
-            *s = why;
-            drop(s);
-            self.changed.notify(usize::MAX);
-        }
-    }
-}
 
 /// How a step ended, as the runner learns it.
 #[derive(Debug)]

@@ -7,9 +7,8 @@
 //! link stays up while the step is stalled. The runner holds a [`StepHandle`]: a bounded stream of
 //! the step's events.
 
+use super::build::LiveBuild;
 use super::logs::{self, StepLog};
-use super::runner::LiveBuild;
-use super::session::Out;
 use super::Controller;
 use crate::proto::{ExitStatus, Frame};
 use smol::channel::{bounded, Receiver, Sender};
@@ -174,14 +173,11 @@ pub async fn flush(ctl: Arc<Controller>, slot: Arc<Slot>) {
             Err((exit, owed, stored)) => {
                 if let Some((status, message, at)) = exit {
                     slot.tell(StepEvent::Exit(status, message));
-                    ctl.send_to(
-                        &slot.node,
-                        Out::Frame(Frame::Ack { build: slot.build, step: slot.step, offset: at }),
-                    )
-                    .await;
+                    ctl.send_to(&slot.node, Frame::Ack { build: slot.build, step: slot.step, offset: at })
+                        .await;
                 } else if owed > 0 {
                     let credit = Frame::Credit { build: slot.build, step: slot.step, bytes: owed, stored };
-                    ctl.send_to(&slot.node, Out::Frame(credit)).await;
+                    ctl.send_to(&slot.node, credit).await;
                 }
                 return;
             }
@@ -228,7 +224,7 @@ pub async fn flush(ctl: Arc<Controller>, slot: Arc<Slot>) {
                 }
                 if let Some((bytes, stored)) = grant {
                     let credit = Frame::Credit { build: slot.build, step: slot.step, bytes, stored };
-                    ctl.send_to(&slot.node, Out::Frame(credit)).await;
+                    ctl.send_to(&slot.node, credit).await;
                 }
             }
             Next::Failed { first, error } => {

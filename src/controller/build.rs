@@ -1,0 +1,57 @@
+//! A build the controller holds in memory while it is queued or running: its pipeline, its
+//! cancel flag, the events that wake its runner, waiters and log followers, and why it stalls.
+
+use super::pipeline::Pipeline;
+use event_listener::Event;
+use std::sync::atomic::{AtomicBool, AtomicU32};
+use std::sync::Mutex;
+
+/// A queued or running build.
+pub struct LiveBuild {
+    /// Build number.
+    pub id: u64,
+    /// The parsed pipeline.
+    pub pipeline: Pipeline,
+    /// Set by `wisp cancel`.
+    pub cancelled: AtomicBool,
+    /// Fires on step changes, cancels, node changes, stalls and the end of the build (wakes the
+    /// runner, waiters and followers).
+    pub changed: Event,
+    /// Fires on each piece of output stored (wakes log followers only: a waiter for the result has
+    /// no business waking per output frame).
+    pub output: Event,
+    /// Steps finished so far.
+    pub steps_done: AtomicU32,
+    /// Why a running build makes no progress (its log or the store cannot be written).
+    stalled: Mutex<Option<String>>,
+}
+
+impl LiveBuild {
+    /// A build about to be queued or picked up.
+    pub fn new(id: u64, pipeline: Pipeline) -> Self {
+        Self {
+            id,
+            pipeline,
+            cancelled: AtomicBool::new(false),
+            changed: Event::new(),
+            output: Event::new(),
+            steps_done: AtomicU32::new(0),
+            stalled: Mutex::new(None),
+        }
+    }
+
+    /// Why the running build makes no progress, if it is stalled.
+    pub fn stalled(&self) -> Option<String> {
+        self.stalled.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Note (or clear) a stall; followers and waiters are woken when it changes.
+    pub fn set_stalled(&self, why: Option<String>) {
+        let mut s = self.stalled.lock().unwrap_or_else(|e| e.into_inner());
+        if *s != why {
+            *s = why;
+            drop(s);
+            self.changed.notify(usize::MAX);
+        }
+    }
+}
