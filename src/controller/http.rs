@@ -269,7 +269,13 @@ async fn route(
                 .uri()
                 .query()
                 .is_some_and(|q| q.split('&').any(|p| p == "follow=1" || p == "follow=true"));
-            parse_id(id).and_then(|id| log_stream(&ctl, id, follow))
+            // `?offset=N`: skip the first N bytes of the stream (a follower resuming after a restart).
+            let offset = match query_param(&req, "offset").map(|o| o.parse::<u64>()) {
+                None => Ok(0),
+                Some(Ok(n)) => Ok(n),
+                Some(Err(_)) => Err(ApiError::new(400, "bad offset: give a byte count, e.g. ?offset=1024")),
+            };
+            offset.and_then(|offset| parse_id(id).and_then(|id| log_stream(&ctl, id, follow, offset)))
         }
         (Method::GET, ["api", "builds", id, "steps", step, "log"]) => step_log(&ctl, id, step),
         _ => Err(ApiError::new(404, format!("no such endpoint: {} {path}", req.method()))),
@@ -610,9 +616,10 @@ fn step_log(ctl: &Controller, id: &str, step: &str) -> Result<Response<Body>, Ap
 
 /// The build's log as people read it: each step's output between `==> step N` markers; with
 /// `follow`, it stays open until the build ends.
-fn log_stream(ctl: &Arc<Controller>, id: u64, follow: bool) -> Result<Response<Body>, ApiError> {
+fn log_stream(ctl: &Arc<Controller>, id: u64, follow: bool, offset: u64) -> Result<Response<Body>, ApiError> {
     ctl.build(id)?;
     let (tx, rx) = smol::channel::bounded(4);
+    let tx = Tx { tx, skip: offset.into() };
     let ctl = ctl.clone();
     ctl.ex
         .clone()
@@ -623,10 +630,24 @@ fn log_stream(ctl: &Arc<Controller>, id: u64, follow: bool) -> Result<Response<B
     Ok(stream_response(rx, "text/plain; charset=utf-8"))
 }
 
-type Tx = smol::channel::Sender<Bytes>;
+/// The log stream's sender, which drops the first `skip` bytes it is given (`?offset=`).
+struct Tx {
+    tx: smol::channel::Sender<Bytes>,
+    skip: std::sync::atomic::AtomicU64,
+}
 
 async fn send(tx: &Tx, b: impl Into<Bytes>) -> Result<(), ()> {
-    tx.send(b.into()).await.map_err(|_| ())
+    let mut b: Bytes = b.into();
+    let skip = tx.skip.load(Ordering::Relaxed);
+    if skip > 0 {
+        let n = skip.min(b.len() as u64);
+        tx.skip.store(skip - n, Ordering::Relaxed);
+        b = b.slice(n as usize..);
+        if b.is_empty() {
+            return Ok(());
+        }
+    }
+    tx.tx.send(b).await.map_err(|_| ())
 }
 
 async fn follow_log(ctl: &Controller, id: u64, follow: bool, tx: &Tx) -> Result<(), ()> {
