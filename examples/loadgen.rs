@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use smol::net::TcpStream;
 use smol::Timer;
 use wisp::auth::{self, ClientHandshake, ClientStep};
-use wisp::cli::client::Client;
+use wisp::cli::client::{Client, Remote};
+use wisp::controller::api::{BuildInfo, NewNode, NodeCreated};
 use wisp::link::{self, BoxIo};
 use wisp::proto::Frame;
 
@@ -29,7 +30,12 @@ fn need(args: &[String], name: &str) -> String {
 }
 
 fn client(args: &[String]) -> Client {
-    Client::new(Some(need(args, "--url")), None, Some(need(args, "--data").into())).unwrap_or_else(|e| {
+    let remote = Remote {
+        url: Some(need(args, "--url")),
+        data: Some(need(args, "--data").into()),
+        ..Remote::default()
+    };
+    Client::new(&remote).unwrap_or_else(|e| {
         eprintln!("loadgen: {e}");
         std::process::exit(2)
     })
@@ -115,16 +121,22 @@ async fn idle(args: Vec<String>) -> i32 {
     ex.run(async {
         for i in 0..n {
             let name = format!("{prefix}{i}");
-            let body =
-                serde_json::json!({ "name": name, "labels": "idle", "executors": 1, "websocket": false });
-            let v = match c.json(hyper::Method::POST, "/api/nodes", body.to_string()).await {
+            let node = NewNode {
+                name: name.clone(),
+                labels: "idle".into(),
+                executors: 1,
+                websocket: false,
+                work_dir: String::new(),
+            };
+            let body = serde_json::to_string(&node).expect("a node serialises");
+            let v: NodeCreated = match c.call(hyper::Method::POST, "/api/nodes", body).await {
                 Ok(v) => v,
                 Err(e) => {
                     eprintln!("loadgen: adding {name}: {e}");
                     return 1;
                 }
             };
-            let secret = v["secret"].as_str().unwrap_or_default().to_string();
+            let secret = v.secret;
             let failed = failed.clone();
             ex.spawn({
                 let addr = addr.clone();
@@ -167,13 +179,15 @@ async fn idle(args: Vec<String>) -> i32 {
 async fn one_build(c: &Client, yaml: &str) -> Result<(f64, bool), String> {
     let t0 = Instant::now();
     // Submit and wait in one call: the controller answers once the build is final (`?wait=`).
-    let b = c.json(hyper::Method::POST, "/api/builds?wait=60", yaml.to_string()).await?;
-    let id = b["id"].as_u64().ok_or("no build id")?;
-    match b["state"].as_str() {
-        Some("queued" | "running") => Err(format!("build {id} not done after 60 s")),
-        Some(s) => Ok((t0.elapsed().as_secs_f64() * 1000.0, s == "success")),
-        None => Err(format!("build {id}: no state in {b}")),
+    let b: BuildInfo = c
+        .call(hyper::Method::POST, "/api/builds?wait=60", yaml.to_string())
+        .await
+        .map_err(|e| e.to_string())?;
+    let (id, state) = (b.build.id, b.build.state);
+    if !state.is_final() {
+        return Err(format!("build {id} not done after 60 s"));
     }
+    Ok((t0.elapsed().as_secs_f64() * 1000.0, state == wisp::controller::api::BuildState::Success))
 }
 
 async fn dispatch(args: Vec<String>) -> i32 {

@@ -1,4 +1,5 @@
-//! A tiny stderr logger for both binaries: `2026-11-22T11:21:37Z INFO  message`.
+//! A tiny stderr logger for both binaries: `2026-11-22T11:21:37Z INFO  message` (and, for
+//! `wisp demo`, the same lines in two files).
 //!
 //! The level comes from `WISP_LOG` (error, warn, info, debug, trace); the default is info.
 
@@ -10,18 +11,70 @@ struct Stderr;
 
 static LOGGER: Stderr = Stderr;
 
-/// Install the logger; later calls are ignored.
-pub fn init() {
-    let level = match std::env::var("WISP_LOG").as_deref() {
+/// The level `WISP_LOG` asks for.
+fn level() -> LevelFilter {
+    match std::env::var("WISP_LOG").as_deref() {
         Ok("error") => LevelFilter::Error,
         Ok("warn") => LevelFilter::Warn,
         Ok("debug") => LevelFilter::Debug,
         Ok("trace") => LevelFilter::Trace,
         Ok("off") => LevelFilter::Off,
         _ => LevelFilter::Info,
-    };
+    }
+}
+
+/// Install the logger; later calls are ignored.
+pub fn init() {
     if log::set_logger(&LOGGER).is_ok() {
-        log::set_max_level(level);
+        log::set_max_level(level());
+    }
+}
+
+fn level_name(l: Level) -> &'static str {
+    match l {
+        Level::Error => "ERROR",
+        Level::Warn => "WARN ",
+        Level::Info => "INFO ",
+        Level::Debug => "DEBUG",
+        Level::Trace => "TRACE",
+    }
+}
+
+/// Log lines of the agent (`wisp::agent::*`) to one file and all others to another: `wisp demo`
+/// runs the controller and an agent in one process and keeps its terminal for the build's log.
+#[cfg(feature = "controller")]
+struct Files {
+    controller: std::sync::Mutex<std::fs::File>,
+    agent: std::sync::Mutex<std::fs::File>,
+}
+
+#[cfg(feature = "controller")]
+impl Log for Files {
+    fn enabled(&self, m: &Metadata<'_>) -> bool {
+        m.level() <= log::max_level()
+    }
+
+    fn log(&self, r: &Record<'_>) {
+        if !self.enabled(r.metadata()) {
+            return;
+        }
+        let (y, mo, d, h, mi, s) = utc_now();
+        let line =
+            format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z {} {}\n", level_name(r.level()), r.args());
+        let file = if r.target().starts_with("wisp::agent") { &self.agent } else { &self.controller };
+        let _ = file.lock().unwrap_or_else(|e| e.into_inner()).write_all(line.as_bytes());
+    }
+
+    fn flush(&self) {}
+}
+
+/// Install a logger that appends the agent's lines to `agent` and all others to `controller`
+/// instead of writing to stderr; later calls (of this or [`init`]) are ignored.
+#[cfg(feature = "controller")]
+pub fn init_files(controller: std::fs::File, agent: std::fs::File) {
+    let files = Files { controller: controller.into(), agent: agent.into() };
+    if log::set_logger(Box::leak(Box::new(files))).is_ok() {
+        log::set_max_level(level());
     }
 }
 
@@ -35,13 +88,7 @@ impl Log for Stderr {
             return;
         }
         let (y, mo, d, h, mi, s) = utc_now();
-        let level = match r.level() {
-            Level::Error => "ERROR",
-            Level::Warn => "WARN ",
-            Level::Info => "INFO ",
-            Level::Debug => "DEBUG",
-            Level::Trace => "TRACE",
-        };
+        let level = level_name(r.level());
         // One write per line so lines from threads do not interleave.
         let mut line = heapless::String::<512>::new();
         use std::fmt::Write as _;

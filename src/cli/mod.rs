@@ -1,29 +1,49 @@
-//! The `wisp` command line: `serve`, the client commands, and `demo`.
+//! The `wisp` command line: `serve`, the client commands, and `demo`. Answers are read through
+//! the types of `controller::api`, never by key, so the CLI and the routes cannot drift apart.
 
 pub mod client;
+mod demo;
 
-use crate::controller::store::BuildState;
-use crate::controller::{start, ServeConfig};
+use crate::controller::api::{
+    BuildInfo, BuildList, BuildState, Cancelled, NewNode, NodeCreated, NodeInfo, NodeList, NodeRemoved,
+    Submitted, TokenRotated,
+};
+use crate::controller::{labels, start, ServeConfig};
 use argh::FromArgs;
-use client::Client;
+use client::{Client, Error, Remote};
 use hyper::Method;
-use serde_json::json;
 use std::io::Write;
-use std::path::PathBuf;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// Exit code for a build that failed.
 pub const EXIT_FAILURE: i32 = 1;
 /// Exit code for a build that was cancelled.
 pub const EXIT_ABORTED: i32 = 2;
-/// Exit code for errors of the CLI itself (bad input, controller unreachable).
+/// Exit code for errors of the CLI itself (the controller unreachable or refusing, bad input).
 pub const EXIT_ERROR: i32 = 3;
+/// Exit code for a command line that does not parse (sysexits' `EX_USAGE`): kept apart from 1 and
+/// 2, which say how a build ended.
+pub const EXIT_USAGE: i32 = 64;
 
-/// wisp: a build controller with tiny static agents.
+/// How long a follower keeps trying to get back to a controller it lost (a restart, a proxy
+/// reload) before it gives up with exit code 3.
+pub const RECONNECT_FOR: Duration = Duration::from_secs(60);
+/// First wait before trying again; it doubles on each failure up to `RECONNECT_MAX_DELAY`.
+const RECONNECT_FIRST_DELAY: Duration = Duration::from_millis(500);
+/// Longest wait between two tries.
+const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(5);
+
+/// wisp: a build controller with tiny static agents. The client commands find the controller
+/// through --url, WISP_URL or the data dir (--data, default ./wisp-data). Exit codes: 0 success,
+/// 1 build failed, 2 build aborted, 3 the command failed (the message says why), 64 bad usage.
 #[derive(FromArgs)]
 struct Top {
+    /// print the version and exit
+    #[argh(switch)]
+    version: bool,
     #[argh(subcommand)]
-    cmd: Cmd,
+    cmd: Option<Cmd>,
 }
 
 #[derive(FromArgs)]
@@ -37,37 +57,53 @@ enum Cmd {
     Log(LogCmd),
     Cancel(Cancel),
     Token(TokenCmd),
-    Demo(Demo),
+    Demo(demo::Demo),
 }
 
-/// manage the API token
-#[derive(FromArgs)]
-#[argh(subcommand, name = "token")]
-struct TokenCmd {
-    #[argh(subcommand)]
-    cmd: TokenSub,
-}
+/// Declares a client command: its own fields (each ending in a comma), then the options every
+/// client command shares.
+macro_rules! client_command {
+    ($(#[$meta:meta])* struct $name:ident { $($fields:tt)* }) => {
+        #[derive(FromArgs)]
+        $(#[$meta])*
+        struct $name {
+            $($fields)*
+            /// controller URL (or WISP_URL; default: the one in --data, else http://127.0.0.1:8080)
+            #[argh(option)]
+            url: Option<String>,
+            /// API token (or WISP_TOKEN; default: the one in --data)
+            #[argh(option)]
+            token: Option<String>,
+            /// the controller's data dir, where its URL, token and identity are found (default
+            /// ./wisp-data)
+            #[argh(option)]
+            data: Option<PathBuf>,
+            /// pin the controller's public key, sha256:HEX as in its DATA/fingerprint (or
+            /// WISP_INSTANCE_IDENTITY); names and CAs are then not checked
+            #[argh(option)]
+            instance_identity: Option<String>,
+            /// extra CA certificate(s) in PEM to trust for an https:// controller (or WISP_CERT)
+            #[argh(option)]
+            cert: Option<PathBuf>,
+            /// do not check the controller's certificate at all (unsafe: the token goes to
+            /// whoever answers)
+            #[argh(switch)]
+            no_certificate_check: bool,
+        }
 
-#[derive(FromArgs)]
-#[argh(subcommand)]
-enum TokenSub {
-    Rotate(TokenRotate),
-}
-
-/// replace the API token with a new one (kept in the controller's data dir) and print it; the
-/// old token stops working at once
-#[derive(FromArgs)]
-#[argh(subcommand, name = "rotate")]
-struct TokenRotate {
-    /// controller URL
-    #[argh(option)]
-    url: Option<String>,
-    /// the current API token
-    #[argh(option)]
-    token: Option<String>,
-    /// controller data dir
-    #[argh(option)]
-    data: Option<PathBuf>,
+        impl $name {
+            fn remote(&self) -> Remote {
+                Remote {
+                    url: self.url.clone(),
+                    token: self.token.clone(),
+                    data: self.data.clone(),
+                    instance_identity: self.instance_identity.clone(),
+                    cert: self.cert.clone(),
+                    no_certificate_check: self.no_certificate_check,
+                }
+            }
+        }
+    };
 }
 
 /// run the controller
@@ -77,7 +113,7 @@ struct Serve {
     /// data directory (default ./wisp-data)
     #[argh(option, default = "PathBuf::from(\"wisp-data\")")]
     data: PathBuf,
-    /// HTTP port: API, web, and agents over WebSocket (default 8080; 0 picks a free port)
+    /// HTTP port: API, log streams, and agents over WebSocket (default 8080; 0 picks a free port)
     #[argh(option, default = "8080")]
     http_port: u16,
     /// TCP inbound agent port (default 50000; 0 picks a free port)
@@ -111,10 +147,9 @@ struct Serve {
     threads: Option<usize>,
 }
 
-/// Where the controller is (shared by client commands).
+/// add, remove or show the secret of a node
 #[derive(FromArgs)]
 #[argh(subcommand, name = "node")]
-/// manage nodes
 struct NodeCmd {
     #[argh(subcommand)]
     cmd: NodeSub,
@@ -128,175 +163,121 @@ enum NodeSub {
     Rm(NodeRm),
 }
 
-/// add a node and print the command that starts its agent
-#[derive(FromArgs)]
-#[argh(subcommand, name = "add")]
-struct NodeAdd {
-    /// node name
-    #[argh(positional)]
-    name: String,
-    /// labels, space separated, e.g. "linux x86_64"
-    #[argh(option, default = "String::new()")]
-    labels: String,
-    /// builds it runs at once (default 1)
-    #[argh(option, default = "1")]
-    executors: u32,
-    /// its agent connects over the TCP agent port instead of WebSocket
-    #[argh(switch)]
-    tcp: bool,
-    /// work dir for the agent
-    #[argh(option, default = "String::new()")]
-    work_dir: String,
-    /// controller URL (or WISP_URL; default from --data, else http://127.0.0.1:8080)
-    #[argh(option)]
-    url: Option<String>,
-    /// API token (or WISP_TOKEN; default read from --data)
-    #[argh(option)]
-    token: Option<String>,
-    /// controller data dir to find the URL and token in (default ./wisp-data)
-    #[argh(option)]
-    data: Option<PathBuf>,
+client_command! {
+    /// add a node and print its secret and the command that starts its agent
+    #[argh(subcommand, name = "add")]
+    struct NodeAdd {
+        /// node name: letters, digits and _ . + -, at most 64 bytes
+        #[argh(positional)]
+        name: String,
+        /// labels, separated by spaces or commas, e.g. "linux x86_64"
+        #[argh(option, default = "String::new()")]
+        labels: String,
+        /// builds it runs at once (default 1)
+        #[argh(option, default = "1")]
+        executors: u32,
+        /// its agent connects over the TCP agent port instead of WebSocket
+        #[argh(switch)]
+        tcp: bool,
+        /// work dir for its agent (default: the agent's own)
+        #[argh(option, default = "String::new()")]
+        work_dir: String,
+    }
 }
 
-/// print a node's secret
-#[derive(FromArgs)]
-#[argh(subcommand, name = "secret")]
-struct NodeSecret {
-    /// node name
-    #[argh(positional)]
-    name: String,
-    /// controller URL
-    #[argh(option)]
-    url: Option<String>,
-    /// API token
-    #[argh(option)]
-    token: Option<String>,
-    /// controller data dir
-    #[argh(option)]
-    data: Option<PathBuf>,
+client_command! {
+    /// print a node's secret
+    #[argh(subcommand, name = "secret")]
+    struct NodeSecret {
+        /// node name
+        #[argh(positional)]
+        name: String,
+    }
 }
 
-/// remove a node
-#[derive(FromArgs)]
-#[argh(subcommand, name = "rm")]
-struct NodeRm {
-    /// node name
-    #[argh(positional)]
-    name: String,
-    /// controller URL
-    #[argh(option)]
-    url: Option<String>,
-    /// API token
-    #[argh(option)]
-    token: Option<String>,
-    /// controller data dir
-    #[argh(option)]
-    data: Option<PathBuf>,
+client_command! {
+    /// remove a node (its agent is disconnected)
+    #[argh(subcommand, name = "rm")]
+    struct NodeRm {
+        /// node name
+        #[argh(positional)]
+        name: String,
+    }
 }
 
-/// list nodes: NAME, online/offline, executors, labels
-#[derive(FromArgs)]
-#[argh(subcommand, name = "nodes")]
-struct Nodes {
-    /// controller URL
-    #[argh(option)]
-    url: Option<String>,
-    /// API token
-    #[argh(option)]
-    token: Option<String>,
-    /// controller data dir
-    #[argh(option)]
-    data: Option<PathBuf>,
+client_command! {
+    /// list nodes: name, online or offline, executors, labels
+    #[argh(subcommand, name = "nodes")]
+    struct Nodes {}
 }
 
-/// submit a pipeline (YAML); with --follow or --wait, exit with its result
-#[derive(FromArgs)]
-#[argh(subcommand, name = "run")]
-struct Run {
-    /// pipeline file
-    #[argh(positional)]
-    file: PathBuf,
-    /// stream the log until the build ends; exit 0 on success, 1 on failure, 2 if aborted
-    #[argh(switch, short = 'f')]
-    follow: bool,
-    /// wait for the result without the log (one call, no polling); same exit codes as --follow
-    #[argh(switch, short = 'w')]
-    wait: bool,
-    /// controller URL
-    #[argh(option)]
-    url: Option<String>,
-    /// API token
-    #[argh(option)]
-    token: Option<String>,
-    /// controller data dir
-    #[argh(option)]
-    data: Option<PathBuf>,
+client_command! {
+    /// submit a pipeline (YAML) and print its build number; with --follow or --wait, exit with its
+    /// result
+    #[argh(subcommand, name = "run")]
+    struct Run {
+        /// pipeline file
+        #[argh(positional)]
+        file: PathBuf,
+        /// stream the log until the build ends (riding out controller restarts); exit 0 on
+        /// success, 1 on failure, 2 if aborted
+        #[argh(switch, short = 'f')]
+        follow: bool,
+        /// wait for the result without the log (one call, no polling); same exit codes as --follow
+        #[argh(switch, short = 'w')]
+        wait: bool,
+    }
 }
 
-/// list recent builds
-#[derive(FromArgs)]
-#[argh(subcommand, name = "builds")]
-struct Builds {
-    /// controller URL
-    #[argh(option)]
-    url: Option<String>,
-    /// API token
-    #[argh(option)]
-    token: Option<String>,
-    /// controller data dir
-    #[argh(option)]
-    data: Option<PathBuf>,
+client_command! {
+    /// list the newest builds: number, state, pipeline, node, message
+    #[argh(subcommand, name = "builds")]
+    struct Builds {}
 }
 
-/// print a build's log
-#[derive(FromArgs)]
-#[argh(subcommand, name = "log")]
-struct LogCmd {
-    /// build number
-    #[argh(positional)]
-    id: u64,
-    /// keep streaming until the build ends, then exit with its result
-    #[argh(switch, short = 'f')]
-    follow: bool,
-    /// controller URL
-    #[argh(option)]
-    url: Option<String>,
-    /// API token
-    #[argh(option)]
-    token: Option<String>,
-    /// controller data dir
-    #[argh(option)]
-    data: Option<PathBuf>,
+client_command! {
+    /// print a build's log; a build that has ended exits with its result, as with --follow
+    #[argh(subcommand, name = "log")]
+    struct LogCmd {
+        /// build number
+        #[argh(positional)]
+        id: u64,
+        /// keep streaming until the build ends (riding out controller restarts), then exit with
+        /// its result
+        #[argh(switch, short = 'f')]
+        follow: bool,
+    }
 }
 
-/// cancel a queued or running build
-#[derive(FromArgs)]
-#[argh(subcommand, name = "cancel")]
-struct Cancel {
-    /// build number
-    #[argh(positional)]
-    id: u64,
-    /// controller URL
-    #[argh(option)]
-    url: Option<String>,
-    /// API token
-    #[argh(option)]
-    token: Option<String>,
-    /// controller data dir
-    #[argh(option)]
-    data: Option<PathBuf>,
+client_command! {
+    /// cancel a queued or running build
+    #[argh(subcommand, name = "cancel")]
+    struct Cancel {
+        /// build number
+        #[argh(positional)]
+        id: u64,
+    }
 }
 
-/// start a controller, a local agent and a sample build, and print the build's log
+/// manage the API token
 #[derive(FromArgs)]
-#[argh(subcommand, name = "demo")]
-struct Demo {
-    /// data directory (default ./wisp-data)
-    #[argh(option, default = "PathBuf::from(\"wisp-data\")")]
-    data: PathBuf,
-    /// pipeline to run instead of the built-in sample
-    #[argh(option)]
-    pipeline: Option<PathBuf>,
+#[argh(subcommand, name = "token")]
+struct TokenCmd {
+    #[argh(subcommand)]
+    cmd: TokenSub,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum TokenSub {
+    Rotate(TokenRotate),
+}
+
+client_command! {
+    /// replace the API token with a new one (kept in the controller's data dir) and print it; the
+    /// old token stops working at once
+    #[argh(subcommand, name = "rotate")]
+    struct TokenRotate {}
 }
 
 fn die(msg: impl std::fmt::Display) -> ! {
@@ -304,157 +285,260 @@ fn die(msg: impl std::fmt::Display) -> ! {
     std::process::exit(EXIT_ERROR);
 }
 
+fn usage(msg: impl std::fmt::Display) -> ! {
+    eprintln!("wisp: {msg}\nRun wisp --help for more information.");
+    std::process::exit(EXIT_USAGE);
+}
+
+/// Parse the command line as argh does, but with our exit code for usage errors.
+fn parse_args() -> Top {
+    let args: Vec<String> = std::env::args().collect();
+    let strs: Vec<&str> = args.iter().skip(1).map(String::as_str).collect();
+    match Top::from_args(&["wisp"], &strs) {
+        Ok(top) => top,
+        Err(e) if e.status.is_ok() => {
+            println!("{}", e.output);
+            std::process::exit(0);
+        }
+        Err(e) => {
+            eprintln!("{}\nRun wisp --help for more information.", e.output);
+            std::process::exit(EXIT_USAGE);
+        }
+    }
+}
+
+/// Let a closed stdout end the command as it ends `ls` or `cat` (`wisp builds | head -1`): by
+/// SIGPIPE, quietly. Rust ignores SIGPIPE, which turns the closed pipe into a panic in `println!`.
+/// Not for `serve`, whose log lines should never be what stops it.
+fn die_on_closed_stdout() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: the default action has no handler to run; nothing else sets this signal's handler.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+}
+
 /// Entry point of the `wisp` binary.
 pub fn main() {
-    let top: Top = argh::from_env();
-    crate::logger::init();
-    let code = match top.cmd {
-        Cmd::Serve(s) => {
-            let cfg = ServeConfig {
-                data: s.data,
-                bind: s.bind,
-                http_port: s.http_port,
-                agent_port: s.agent_port,
-                ping_interval: Duration::from_secs(s.ping_interval.max(1)),
-                handshake_timeout: Duration::from_secs(s.handshake_timeout.max(1)),
-                agent_grace: Duration::from_secs(s.agent_grace),
-                tls_cert: s.tls_cert,
-                tls_key: s.tls_key,
-                no_tls: s.no_tls,
-                threads: s.threads.unwrap_or(ServeConfig::default().threads).clamp(1, 64),
-            };
-            if let Err(e) = start(cfg) {
-                die(e);
-            }
-            loop {
-                std::thread::park();
-            }
+    let top = parse_args();
+    if top.version {
+        match option_env!("WISP_COMMIT") {
+            Some(commit) => println!("wisp {} ({commit})", env!("CARGO_PKG_VERSION")),
+            None => println!("wisp {}", env!("CARGO_PKG_VERSION")),
         }
-        Cmd::Node(n) => match n.cmd {
-            NodeSub::Add(a) => client_do(a.url, a.token, a.data, |c| async move {
-                let body = json!({
-                    "name": a.name, "labels": a.labels, "executors": a.executors,
-                    "websocket": !a.tcp, "work_dir": a.work_dir,
-                });
-                let v = c.json(Method::POST, "/api/nodes", body.to_string()).await?;
-                println!("node '{}' added (labels: {}; executors: {})", a.name, a.labels, a.executors);
-                println!("secret: {}", v["secret"].as_str().unwrap_or(""));
-                println!("start its agent with:");
-                println!("  {}", v["command"].as_str().unwrap_or(""));
-                Ok(0)
-            }),
-            NodeSub::Secret(s) => client_do(s.url, s.token, s.data, |c| async move {
-                let v = c.json(Method::GET, &format!("/api/nodes/{}", s.name), "").await?;
-                println!("{}", v["secret"].as_str().unwrap_or(""));
-                Ok(0)
-            }),
-            NodeSub::Rm(r) => client_do(r.url, r.token, r.data, |c| async move {
-                c.json(Method::DELETE, &format!("/api/nodes/{}", r.name), "").await?;
-                println!("node '{}' removed", r.name);
-                Ok(0)
-            }),
-        },
-        Cmd::Nodes(n) => client_do(n.url, n.token, n.data, |c| async move {
-            let v = c.json(Method::GET, "/api/nodes", "").await?;
-            for n in v["nodes"].as_array().into_iter().flatten() {
-                let labels: Vec<&str> =
-                    n["labels"].as_array().into_iter().flatten().filter_map(|l| l.as_str()).collect();
-                println!(
-                    "{}\t{}\t{}\t{}",
-                    n["name"].as_str().unwrap_or(""),
-                    if n["online"].as_bool() == Some(true) { "online" } else { "offline" },
-                    n["executors"],
-                    labels.join(" ")
-                );
-            }
-            Ok(0)
-        }),
-        Cmd::Run(r) => {
-            let yaml = std::fs::read_to_string(&r.file)
-                .unwrap_or_else(|e| die(format!("cannot read {}: {e}", r.file.display())));
-            if r.follow && r.wait {
-                die("--follow already waits for the result: give one of --follow and --wait");
-            }
-            client_do(r.url, r.token, r.data, |c| async move {
-                if r.wait {
-                    submit_and_wait(&c, &yaml).await
-                } else {
-                    submit(&c, &yaml, r.follow).await
-                }
-            })
+        return;
+    }
+    let Some(cmd) = top.cmd else { usage("give a command, such as `wisp serve` or `wisp demo`") };
+    let code = match cmd {
+        Cmd::Serve(s) => serve(s),
+        Cmd::Demo(d) => {
+            die_on_closed_stdout();
+            demo::run(d)
         }
-        Cmd::Builds(b) => client_do(b.url, b.token, b.data, |c| async move {
-            let v = c.json(Method::GET, "/api/builds", "").await?;
-            for b in v["builds"].as_array().into_iter().flatten() {
-                println!(
-                    "#{}\t{}\t{}\t{}\t{}",
-                    b["id"],
-                    b["state"].as_str().unwrap_or(""),
-                    b["name"].as_str().unwrap_or(""),
-                    b["node"].as_str().unwrap_or("-"),
-                    b["message"].as_str().unwrap_or("")
-                );
-            }
-            Ok(0)
-        }),
-        Cmd::Log(l) => {
-            client_do(l.url, l.token, l.data, |c| async move { show_log(&c, l.id, l.follow).await })
+        cmd => {
+            die_on_closed_stdout();
+            crate::logger::init();
+            client_command(cmd)
         }
-        Cmd::Cancel(x) => client_do(x.url, x.token, x.data, |c| async move {
-            c.json(Method::POST, &format!("/api/builds/{}/cancel", x.id), "").await?;
-            println!("build #{} cancelled", x.id);
-            Ok(0)
-        }),
-        Cmd::Token(t) => match t.cmd {
-            TokenSub::Rotate(r) => client_do(r.url, r.token, r.data, |c| async move {
-                let v = c.json(Method::POST, "/api/token/rotate", "").await?;
-                println!("{}", v["token"].as_str().unwrap_or(""));
-                Ok(0)
-            }),
-        },
-        Cmd::Demo(d) => demo(d),
     };
     std::process::exit(code);
 }
 
-fn client_do<F, Fut>(url: Option<String>, token: Option<String>, data: Option<PathBuf>, f: F) -> i32
-where
-    F: FnOnce(Client) -> Fut,
-    Fut: std::future::Future<Output = Result<i32, String>>,
-{
-    let client = Client::new(url, token, data).unwrap_or_else(|e| die(e));
-    match smol::block_on(f(client)) {
-        Ok(code) => code,
-        Err(e) => die(e),
+fn serve(s: Serve) -> i32 {
+    crate::logger::init();
+    let cfg = ServeConfig {
+        data: s.data,
+        bind: s.bind,
+        http_port: s.http_port,
+        agent_port: s.agent_port,
+        ping_interval: Duration::from_secs(s.ping_interval.max(1)),
+        handshake_timeout: Duration::from_secs(s.handshake_timeout.max(1)),
+        agent_grace: Duration::from_secs(s.agent_grace),
+        tls_cert: s.tls_cert,
+        tls_key: s.tls_key,
+        no_tls: s.no_tls,
+        threads: s.threads.unwrap_or(ServeConfig::default().threads).clamp(1, 64),
+    };
+    let created = Created::before(&cfg.data);
+    if let Err(e) = start(cfg) {
+        created.undo();
+        die(e);
+    }
+    loop {
+        std::thread::park();
     }
 }
 
-async fn submit(c: &Client, yaml: &str, follow: bool) -> Result<i32, String> {
-    let v = c.json(Method::POST, "/api/builds", yaml.to_string()).await?;
-    let id = v["id"].as_u64().ok_or("the controller did not return a build number")?;
-    eprintln!("build #{id} queued at {}", c.url());
-    if !follow {
-        println!("{id}");
-        return Ok(0);
+/// The part of a data dir's path that did not exist before a command, so that a command that
+/// fails can take away what it made and nothing else.
+struct Created(Option<PathBuf>);
+
+impl Created {
+    fn before(data: &Path) -> Self {
+        let missing = data
+            .ancestors()
+            .take_while(|a| !a.as_os_str().is_empty() && std::fs::symlink_metadata(a).is_err())
+            .last();
+        Self(missing.map(Path::to_path_buf))
     }
-    show_log(c, id, true).await
+
+    fn undo(&self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
+fn client_command(cmd: Cmd) -> i32 {
+    match cmd {
+        Cmd::Node(n) => match n.cmd {
+            NodeSub::Add(a) => {
+                labels::check_node_name(&a.name).unwrap_or_else(|e| die(e));
+                with_client(&a.remote(), |c| async move {
+                    let node = NewNode {
+                        name: a.name.clone(),
+                        labels: a.labels.clone(),
+                        executors: a.executors,
+                        websocket: !a.tcp,
+                        work_dir: a.work_dir.clone(),
+                    };
+                    let body = serde_json::to_string(&node).map_err(|e| e.to_string())?;
+                    let n: NodeCreated = c.call(Method::POST, "/api/nodes", body).await?;
+                    let labels = n.node.labels.join(" ");
+                    println!(
+                        "node '{}' added (labels: {labels}; executors: {})",
+                        n.node.name, n.node.executors
+                    );
+                    println!("secret: {}", n.secret);
+                    println!("start its agent with:");
+                    println!("  {}", n.command);
+                    Ok(0)
+                })
+            }
+            NodeSub::Secret(s) => with_client(&s.remote(), |c| async move {
+                let n: NodeInfo = c.get(&format!("/api/nodes/{}", s.name)).await?;
+                println!("{}", n.secret);
+                Ok(0)
+            }),
+            NodeSub::Rm(r) => with_client(&r.remote(), |c| async move {
+                let n: NodeRemoved = c.call(Method::DELETE, &format!("/api/nodes/{}", r.name), "").await?;
+                println!("node '{}' removed", n.removed);
+                Ok(0)
+            }),
+        },
+        Cmd::Nodes(n) => with_client(&n.remote(), |c| async move {
+            let list: NodeList = c.get("/api/nodes").await?;
+            let mut out = std::io::stdout().lock();
+            for n in list.nodes {
+                let state = if n.online { "online" } else { "offline" };
+                let _ = writeln!(out, "{}\t{state}\t{}\t{}", n.name, n.executors, n.labels.join(" "));
+            }
+            Ok(0)
+        }),
+        Cmd::Run(r) => {
+            if r.follow && r.wait {
+                usage("give one of --follow and --wait (--follow waits for the result too)");
+            }
+            let yaml = std::fs::read_to_string(&r.file)
+                .unwrap_or_else(|e| die(format!("cannot read {}: {e}", r.file.display())));
+            with_client(&r.remote(), |c| async move {
+                if r.wait {
+                    return submit_and_wait(&c, &yaml, &r.file).await;
+                }
+                let id = submit(&c, &yaml, &r.file).await?;
+                eprintln!("build #{id} queued at {}", c.url());
+                if !r.follow {
+                    println!("{id}");
+                    return Ok(0);
+                }
+                Ok(exit_code(follow(&c, id).await?))
+            })
+        }
+        Cmd::Builds(b) => with_client(&b.remote(), |c| async move {
+            let list: BuildList = c.get("/api/builds").await?;
+            let mut out = std::io::stdout().lock();
+            for b in list.builds {
+                let node = b.node.as_deref().unwrap_or("-");
+                let _ = writeln!(out, "#{}\t{}\t{}\t{node}\t{}", b.id, b.state.as_str(), b.name, b.message);
+            }
+            Ok(0)
+        }),
+        Cmd::Log(l) => with_client(&l.remote(), |c| async move {
+            let b: BuildInfo = c.get(&format!("/api/builds/{}", l.id)).await?;
+            // An ended build's log ends as a follower sees it: with the result, and its code.
+            if l.follow || b.build.state.is_final() {
+                return Ok(exit_code(follow(&c, l.id).await?));
+            }
+            c.stream(&format!("/api/builds/{}/log", l.id), &mut std::io::stdout().lock()).await?;
+            Ok(0)
+        }),
+        Cmd::Cancel(x) => with_client(&x.remote(), |c| async move {
+            let _: Cancelled = c.call(Method::POST, &format!("/api/builds/{}/cancel", x.id), "").await?;
+            println!("build #{} cancelled", x.id);
+            Ok(0)
+        }),
+        Cmd::Token(t) => match t.cmd {
+            TokenSub::Rotate(r) => with_client(&r.remote(), |c| async move {
+                let t: TokenRotated = c.call(Method::POST, "/api/token/rotate", "").await?;
+                println!("{}", t.token);
+                Ok(0)
+            }),
+        },
+        Cmd::Serve(_) | Cmd::Demo(_) => unreachable!("not client commands"),
+    }
+}
+
+/// Run `f` with a client for `remote`; its error ends the command with `EXIT_ERROR`.
+fn with_client<F, Fut>(remote: &Remote, f: F) -> i32
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<i32, Error>>,
+{
+    let client = Client::new(remote).unwrap_or_else(|e| die(e));
+    smol::block_on(f(client)).unwrap_or_else(|e| die(e))
+}
+
+/// A refused pipeline named after the file it came from: `FILE: line 3 column 5: ...`.
+fn pipeline_refused(e: Error, file: &Path) -> Error {
+    match e {
+        Error::Refused { status: 400 | 413, message } => {
+            let what = message.strip_prefix("pipeline: ").unwrap_or(&message);
+            Error::Other(format!("{}: {what}", file.display()))
+        }
+        e => e,
+    }
+}
+
+/// Queue the pipeline read from `file`; returns its build number.
+async fn submit(c: &Client, yaml: &str, file: &Path) -> Result<u64, Error> {
+    let s: Submitted =
+        c.call(Method::POST, "/api/builds", yaml.to_string()).await.map_err(|e| pipeline_refused(e, file))?;
+    Ok(s.id)
 }
 
 /// Submit and wait for the result in one call (`POST /api/builds?wait=`), asking again while
-/// the build runs longer than the controller's longest wait.
-async fn submit_and_wait(c: &Client, yaml: &str) -> Result<i32, String> {
-    let mut v = c.json(Method::POST, "/api/builds?wait=300", yaml.to_string()).await?;
-    let id = v["id"].as_u64().ok_or("the controller did not return a build number")?;
+/// the build runs longer than the controller's longest wait, or the controller is away.
+async fn submit_and_wait(c: &Client, yaml: &str, file: &Path) -> Result<i32, Error> {
+    let mut b: BuildInfo = c
+        .call(Method::POST, "/api/builds?wait=300", yaml.to_string())
+        .await
+        .map_err(|e| pipeline_refused(e, file))?;
+    let id = b.build.id;
     eprintln!("build #{id} queued at {}", c.url());
-    while matches!(v["state"].as_str(), Some("queued" | "running")) {
-        v = c.json(Method::GET, &format!("/api/builds/{id}?wait=300"), "").await?;
+    let mut retry = Retry::new(c.url());
+    while !b.build.state.is_final() {
+        match c.get(&format!("/api/builds/{id}?wait=300")).await {
+            Ok(next) => (b, retry) = (next, Retry::new(c.url())),
+            Err(Error::Unreachable { cause, .. }) => retry.wait(&cause).await?,
+            Err(e) => return Err(e),
+        }
     }
-    let state = v["state"].as_str().unwrap_or("unknown");
-    let message =
-        v["message"].as_str().filter(|m| !m.is_empty()).map(|m| format!(": {m}")).unwrap_or_default();
-    let bytes: u64 = v["steps"].as_array().into_iter().flatten().filter_map(|s| s["bytes"].as_u64()).sum();
-    println!("build #{id} {}{message} ({bytes} output bytes stored)", state.to_uppercase());
-    Ok(exit_code(BuildState::parse(state)))
+    let message = Some(b.build.message.as_str()).filter(|m| !m.is_empty()).map(|m| format!(": {m}"));
+    let bytes: u64 = b.steps.iter().map(|s| s.bytes).sum();
+    println!(
+        "build #{id} {}{} ({bytes} output bytes stored)",
+        b.build.state.as_str().to_uppercase(),
+        message.unwrap_or_default()
+    );
+    Ok(exit_code(b.build.state))
 }
 
 /// The CLI's exit code for a build's final state.
@@ -466,67 +550,138 @@ fn exit_code(state: BuildState) -> i32 {
     }
 }
 
-async fn show_log(c: &Client, id: u64, follow: bool) -> Result<i32, String> {
-    let path = format!("/api/builds/{id}/log{}", if follow { "?follow=1" } else { "" });
-    c.stream(&path, &mut std::io::stdout().lock()).await?;
-    if !follow {
-        return Ok(0);
-    }
-    let b = c.json(Method::GET, &format!("/api/builds/{id}"), "").await?;
-    Ok(exit_code(BuildState::parse(b["state"].as_str().unwrap_or_default())))
+/// Backoff for getting back to a lost controller: `RECONNECT_FIRST_DELAY` doubling to
+/// `RECONNECT_MAX_DELAY`, with up to a fifth more at random so that many followers do not all
+/// come back at once, for `RECONNECT_FOR` in all; one line to stderr before each wait.
+struct Retry<'a> {
+    url: &'a str,
+    since: Instant,
+    delay: Duration,
 }
 
-const SAMPLE: &str = include_str!("../../examples/hello.yaml");
-
-fn demo(d: Demo) -> i32 {
-    let cfg = ServeConfig {
-        data: d.data.clone(),
-        bind: [127, 0, 0, 1].into(),
-        http_port: 0,
-        agent_port: 0,
-        ..ServeConfig::default()
-    };
-    let ctl = start(cfg).unwrap_or_else(|e| die(e));
-    let (http, _) = *ctl.addrs.get().expect("listening");
-    let url = format!("https://{http}/");
-    // The local agent pins the controller's own identity, as `wisp node add` tells agents to.
-    let pin = std::fs::read_to_string(d.data.join("fingerprint"))
-        .ok()
-        .and_then(|f| crate::tls::parse_fingerprint(&f).ok());
-    let name = "local";
-    if ctl.node(name).is_none() {
-        let rec = crate::controller::store::NodeRecord {
-            name: name.into(),
-            labels: vec!["local".into(), std::env::consts::OS.into(), std::env::consts::ARCH.into()],
-            executors: 2,
-            websocket: true,
-            work_dir: String::new(),
-            origin: "static".into(),
-        };
-        smol::block_on(ctl.add_node(rec)).unwrap_or_else(|e| die(e.message));
+impl<'a> Retry<'a> {
+    fn new(url: &'a str) -> Self {
+        Self { url, since: Instant::now(), delay: RECONNECT_FIRST_DELAY }
     }
-    let agent_cfg = crate::agent::Config {
-        url: url.clone(),
-        name: name.into(),
-        secret: ctl.secret(name),
-        mode: crate::agent::Mode::WebSocket,
-        work_dir: d.data.join("agent"),
-        trust: crate::tls::Trust { pin, ..Default::default() },
-        spool_cap: crate::agent::DEFAULT_SPOOL_CAP,
-    };
-    std::thread::spawn(move || {
-        if let Err(e) = crate::agent::run(agent_cfg) {
-            eprintln!("wisp: local agent: {e}");
+
+    /// Wait before the next try, or give up (`why` is what went wrong).
+    async fn wait(&mut self, why: &str) -> Result<(), Error> {
+        let left = RECONNECT_FOR.saturating_sub(self.since.elapsed());
+        if left.is_zero() {
+            let cause = format!("{why}; gave up after trying for {}s", RECONNECT_FOR.as_secs());
+            return Err(Error::Unreachable { url: self.url.to_string(), cause, hint: false });
         }
-    });
-    let yaml = match &d.pipeline {
-        Some(p) => {
-            std::fs::read_to_string(p).unwrap_or_else(|e| die(format!("cannot read {}: {e}", p.display())))
+        let delay = (self.delay + self.delay.mul_f64(jitter() / 5.0)).min(left);
+        eprintln!(
+            "wisp: lost the controller at {} ({why}); retrying in {:.1}s (for {}s more at most)",
+            self.url,
+            delay.as_secs_f64(),
+            left.as_secs()
+        );
+        smol::Timer::after(delay).await;
+        self.delay = (self.delay * 2).min(RECONNECT_MAX_DELAY);
+        Ok(())
+    }
+}
+
+/// A number in [0, 1) that differs from run to run (std's hasher keys are random per process).
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u8(0);
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Writes through to stdout, counting the bytes written.
+struct Counted<'a> {
+    out: std::io::StdoutLock<'a>,
+    n: &'a mut u64,
+    /// Still in the stream's prelude: the `==> build #N waiting: ...` notices the controller
+    /// sends before the first step starts, which are not part of the log and not counted in
+    /// `?offset=` (a resumed stream has no prelude).
+    prelude: bool,
+    /// A prelude line not yet complete.
+    line: Vec<u8>,
+}
+
+impl<'a> Counted<'a> {
+    fn new(out: std::io::StdoutLock<'a>, n: &'a mut u64) -> Self {
+        let prelude = *n == 0;
+        Self { out, n, prelude, line: Vec::new() }
+    }
+}
+
+/// True for a line of the log stream's prelude (see [`Counted`]).
+fn is_notice(line: &[u8]) -> bool {
+    line.starts_with(b"==> build #") && line.windows(10).any(|w| w == b" waiting: ")
+}
+
+impl Write for Counted<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if !self.prelude {
+            let n = self.out.write(buf)?;
+            *self.n += n as u64;
+            return Ok(n);
         }
-        None => SAMPLE.to_string(),
-    };
-    let client = Client::new(None, None, Some(d.data)).unwrap_or_else(|e| die(e));
-    let code = smol::block_on(submit(&client, &yaml, true)).unwrap_or_else(|e| die(e));
-    let _ = std::io::stdout().flush();
-    code
+        let mut rest = buf;
+        while self.prelude && !rest.is_empty() {
+            let end = rest.iter().position(|&b| b == b'\n').map(|i| i + 1);
+            let take = end.unwrap_or(rest.len());
+            self.line.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            let complete = end.is_some();
+            const PREFIX: &[u8] = b"==> build #";
+            let could_be = PREFIX.starts_with(&self.line) || self.line.starts_with(PREFIX);
+            if complete || !could_be {
+                self.out.write_all(&self.line)?;
+                if !(complete && is_notice(&self.line)) {
+                    // The first byte of the log proper: counted from here on.
+                    self.prelude = false;
+                    *self.n += self.line.len() as u64;
+                }
+                self.line.clear();
+            }
+        }
+        if !rest.is_empty() {
+            self.out.write_all(rest)?;
+            *self.n += rest.len() as u64;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// Stream build `id`'s log until the build ends and return its result. When the controller goes
+/// away (killed, restarted, a proxy reloading), come back with `Retry`'s backoff and go on at the
+/// byte where the stream broke (`?offset=`), so the output is the log byte for byte, once. Called
+/// once the controller has answered: one that is not there at all is not waited for.
+async fn follow(c: &Client, id: u64) -> Result<BuildState, Error> {
+    let mut offset = 0u64;
+    let mut retry = Retry::new(c.url());
+    loop {
+        let before = offset;
+        let path = match offset {
+            0 => format!("/api/builds/{id}/log?follow=1"),
+            n => format!("/api/builds/{id}/log?follow=1&offset={n}"),
+        };
+        let streamed = c.stream(&path, &mut Counted::new(std::io::stdout().lock(), &mut offset)).await;
+        if offset > before {
+            retry = Retry::new(c.url());
+        }
+        let why = match streamed {
+            Ok(()) => match c.get::<BuildInfo>(&format!("/api/builds/{id}")).await {
+                Ok(b) if b.build.state.is_final() => return Ok(b.build.state),
+                // The stream ended before the build did (the controller stopping): go on.
+                Ok(_) => "the log stream ended before the build".to_string(),
+                Err(Error::Unreachable { cause, .. }) => cause,
+                Err(e) => return Err(e),
+            },
+            Err(Error::Unreachable { cause, .. }) => cause,
+            Err(e) => return Err(e),
+        };
+        retry.wait(&why).await?;
+    }
 }

@@ -170,8 +170,14 @@ pub async fn route(
                 .uri()
                 .query()
                 .is_some_and(|q| q.split('&').any(|p| p == "follow=1" || p == "follow=true"));
-            match parse_id(id) {
-                Ok(id) => log_stream(&ctl, id, follow).await,
+            // `?offset=N`: skip the first N bytes of the stream (a follower resuming after a restart).
+            let offset = match query_param(&req, "offset").map(|o| o.parse::<u64>()) {
+                None => Ok(0),
+                Some(Ok(n)) => Ok(n),
+                Some(Err(_)) => Err(ApiError::new(400, "bad offset: give a byte count, e.g. ?offset=1024")),
+            };
+            match offset.and_then(|offset| parse_id(id).map(|id| (id, offset))) {
+                Ok((id, offset)) => log_stream(&ctl, id, follow, offset).await,
                 Err(e) => Err(e),
             }
         }
@@ -539,9 +545,15 @@ async fn step_log(ctl: &Arc<Controller>, id: &str, step: &str) -> Result<Respons
 
 /// The build's log as people read it: each step's output between `==> step N` markers; with
 /// `follow`, it stays open until the build ends.
-async fn log_stream(ctl: &Arc<Controller>, id: u64, follow: bool) -> Result<Response<Body>, ApiError> {
+async fn log_stream(
+    ctl: &Arc<Controller>,
+    id: u64,
+    follow: bool,
+    offset: u64,
+) -> Result<Response<Body>, ApiError> {
     ctl.build(id).await?;
     let (tx, rx) = smol::channel::bounded(4);
+    let tx = Tx { tx, skip: offset.into(), resumed: offset > 0 };
     let ctl = ctl.clone();
     ctl.ex
         .clone()
@@ -552,10 +564,26 @@ async fn log_stream(ctl: &Arc<Controller>, id: u64, follow: bool) -> Result<Resp
     Ok(stream_response(rx, "text/plain; charset=utf-8"))
 }
 
-type Tx = smol::channel::Sender<Bytes>;
+/// The log stream's sender, which drops the first `skip` bytes it is given (`?offset=`).
+struct Tx {
+    tx: smol::channel::Sender<Bytes>,
+    skip: std::sync::atomic::AtomicU64,
+    /// An offset was given: the stream goes on from where an earlier one broke.
+    resumed: bool,
+}
 
 async fn send(tx: &Tx, b: impl Into<Bytes>) -> Result<(), ()> {
-    tx.send(b.into()).await.map_err(|_| ())
+    let mut b: Bytes = b.into();
+    let skip = tx.skip.load(Ordering::Relaxed);
+    if skip > 0 {
+        let n = skip.min(b.len() as u64);
+        tx.skip.store(skip - n, Ordering::Relaxed);
+        b = b.slice(n as usize..);
+        if b.is_empty() {
+            return Ok(());
+        }
+    }
+    tx.tx.send(b).await.map_err(|_| ())
 }
 
 /// Bounds a missed notification while following; one timer per step, not one per wake-up.
@@ -573,7 +601,9 @@ async fn follow_log(ctl: &Controller, id: u64, follow: bool, tx: &Tx) -> Result<
             let state = ctl.build_steps(id).await.map_err(|_| ())?.get(s.index as usize - 1).map(|s| s.state);
             match state {
                 Some(StepState::Pending) if follow && listener.is_some() => {
-                    tell_waiting(ctl, id, &mut told, tx).await?;
+                    if s.index == 1 {
+                        tell_waiting(ctl, id, &mut told, tx).await?;
+                    }
                     smol::future::or(listener.unwrap(), async {
                         smol::Timer::after(FOLLOW_TICK).await;
                     })
@@ -611,9 +641,6 @@ async fn follow_log(ctl: &Controller, id: u64, follow: bool, tx: &Tx) -> Result<
             if done || !follow {
                 break;
             }
-            if last == b'\n' {
-                tell_waiting(ctl, id, &mut told, tx).await?;
-            }
             // A notification is the normal wake-up; the timer only bounds a missed one.
             if let Some(l) = listener {
                 smol::future::or(l, async {
@@ -635,12 +662,18 @@ async fn follow_log(ctl: &Controller, id: u64, follow: bool, tx: &Tx) -> Result<
     finish(ctl, id, follow, tx).await
 }
 
-/// Tell a follower why the build waits or stalls, when that changed since it was last told.
+/// Tell a follower why the build waits before its first step, when that changed since it was
+/// last told. These notices are the stream's prelude: not part of the log, so not counted by
+/// `?offset=`, and a resumed stream (an offset given) has none.
 async fn tell_waiting(ctl: &Controller, id: u64, told: &mut Option<String>, tx: &Tx) -> Result<(), ()> {
+    if tx.resumed {
+        return Ok(());
+    }
     let now = ctl.waiting(id);
     if now != *told {
         if let Some(why) = &now {
-            send(tx, format!("==> build #{id} waiting: {why}\n")).await?;
+            let line = format!("==> build #{id} waiting: {why}\n");
+            tx.tx.send(line.into()).await.map_err(|_| ())?;
         }
         *told = now;
     }
