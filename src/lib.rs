@@ -1,7 +1,9 @@
 //! wisp: a tiny static build agent and the controller it serves.
 //!
-//! `proto` and `auth` are the protocol both sides share; `link` carries frames over WebSocket or
-//! TCP; `tls` holds the certificate checks and identity fingerprints; `agent` is the agent; `controller` (feature `controller`) is the controller and its CLI.
+//! `proto` and `auth` are the protocol both sides share; `transport` carries whole frames over one
+//! kind of wire (TCP, WebSocket) and `link` tags and codes them over any transport; `tls` holds the
+//! certificate checks and identity fingerprints; `agent` is the agent; `controller` (feature
+//! `controller`) is the controller and its CLI.
 #![warn(missing_docs)]
 
 pub mod agent;
@@ -10,6 +12,7 @@ pub mod link;
 pub mod logger;
 pub mod proto;
 pub mod tls;
+pub mod transport;
 
 #[cfg(feature = "controller")]
 pub mod controller;
