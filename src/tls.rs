@@ -62,6 +62,25 @@ pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], String> {
     Ok(out)
 }
 
+/// Why a pinned certificate was refused, as rustls reports certificate errors, so a client can
+/// tell a certificate it does not trust from a handshake that failed for another reason.
+#[derive(Debug)]
+struct PinError(String);
+
+impl std::fmt::Display for PinError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PinError {}
+
+fn untrusted(why: String) -> rustls::Error {
+    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(
+        PinError(why),
+    ))))
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(crypto::ring::default_provider())
 }
@@ -107,11 +126,11 @@ impl ServerCertVerifier for Pinned {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let got = fingerprint_bytes(end_entity).map_err(rustls::Error::General)?;
+        let got = fingerprint_bytes(end_entity).map_err(untrusted)?;
         if crate::auth::constant_time_eq(&got, &self.want) {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::General(format!(
+            Err(untrusted(format!(
                 "the server's identity is {}, not the pinned {} (--instance-identity): another server, \
                  or the controller's identity changed",
                 show(&got),

@@ -1,7 +1,7 @@
 //! The CLI's HTTP client for the controller's JSON API (hyper over smol). JSON calls reuse idle
 //! keep-alive connections; log streams get a connection of their own.
 
-use crate::agent::connect::{self, parse_url, Target, Tls};
+use crate::dial::{self, parse_url, Target, Tls};
 use crate::link::BoxIo;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -89,7 +89,7 @@ impl Client {
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, String> {
         let (host, port) = (&self.target.host, self.target.port);
         let stream: BoxIo = match &self.tls {
-            Some(tls) => connect::open_stream(host, port, Some(tls)).await.map_err(|e| {
+            Some(tls) => dial::open_stream(host, port, Some(tls)).await.map_err(|e| {
                 format!(
                     "cannot reach the controller at {}: {e} (the CLI also reads WISP_INSTANCE_IDENTITY and \
                      WISP_CERT)",
