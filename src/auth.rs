@@ -46,13 +46,7 @@ pub fn node_secret(controller_key: &[u8], node_name: &str) -> String {
 
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[(b >> 4) as usize] as char);
-        s.push(DIGITS[(b & 15) as usize] as char);
-    }
-    s
+    ::hex::encode(bytes)
 }
 
 /// Fresh random bytes from the operating system.
@@ -146,12 +140,10 @@ fn verify(
     hmac::verify(&key, &msg, tag).is_ok()
 }
 
-/// Compare two byte strings in constant time (for tokens and secrets).
+/// Compare two byte strings in constant time (for tokens, secrets and tags); only their lengths
+/// may show.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    subtle::ConstantTimeEq::ct_eq(a, b).into()
 }
 
 /// What the controller's handshake wants done next.

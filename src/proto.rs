@@ -5,25 +5,40 @@
 //! `docs/PROTOCOL.md` for the wire layout.
 
 use std::fmt;
+use std::time::Duration;
 
 /// The protocol versions this build speaks (inclusive range).
 pub const VERSION_MIN: u16 = 1;
 /// The newest protocol version this build speaks.
 pub const VERSION_MAX: u16 = 1;
 
-/// Largest encoded frame, without the TCP length prefix. Bounds every buffer on both sides.
+/// Largest encoded frame, without its tag and the transport's framing. Bounds every buffer on
+/// both sides.
 pub const MAX_FRAME: usize = 64 * 1024;
+/// Bytes of the tag on each frame after the handshake: HMAC-SHA256 truncated to 128 bits, as
+/// much as a forger would have to guess.
+pub const TAG_LEN: usize = 16;
+/// Largest frame a transport carries: a frame and its tag (the TCP length prefix counts both).
+pub const MAX_WIRE_FRAME: usize = MAX_FRAME + TAG_LEN;
 /// Largest output payload in one `Output` frame: leaves room for the header within `MAX_FRAME`.
 pub const MAX_OUTPUT_CHUNK: usize = 32 * 1024;
 /// Longest node name; also the limit on each label.
 pub const MAX_NAME: usize = 64;
 /// Longest free-text message (rejections, exit explanations).
 pub const MAX_MESSAGE: usize = 1024;
+/// Longest workspace directory name: one path component (`NAME_MAX` on Linux).
+pub const MAX_WORKSPACE: usize = 255;
+/// Longest `dir` and `shell` of a step: `PATH_MAX` on Linux, so any path the agent can open fits.
+pub const MAX_PATH: usize = 4096;
 /// Size of the handshake nonces and HMAC proofs.
 pub const NONCE_LEN: usize = 32;
 
-/// Capability bit: the agent can resume a session after a reconnect (reserved for a later version).
-pub const CAP_RESUME: u32 = 1;
+/// How long a peer has to answer each handshake exchange before the attempt is given up: a
+/// stalled peer (or a slowloris) holds a connection for no longer.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A link is dead after this many ping intervals without any frame from the peer: one or two
+/// late pings do not end a link, and a dead one is noticed within a minute at the default 15 s.
+pub const DEAD_AFTER_PINGS: u32 = 3;
 
 /// Why a peer refused a connection. The code is stable; the message is for people.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +56,10 @@ pub enum RejectCode {
     ProtocolError = 5,
     /// Too many failed attempts or connections; retry later.
     TryLater = 6,
+    /// The controller is busy or rate-limiting new links: retry later with backoff. An agent that
+    /// does not know this code cannot decode the frame, counts the attempt as failed and retries
+    /// with backoff too.
+    Overloaded = 7,
 }
 
 impl RejectCode {
@@ -52,8 +71,15 @@ impl RejectCode {
             4 => Self::AlreadyConnected,
             5 => Self::ProtocolError,
             6 => Self::TryLater,
+            7 => Self::Overloaded,
             _ => return None,
         })
+    }
+
+    /// True when the agent should try again later, with backoff (`AlreadyConnected`, `TryLater`,
+    /// `Overloaded`); the other codes need a change of configuration or version first.
+    pub fn is_retryable(self) -> bool {
+        matches!(self, Self::AlreadyConnected | Self::TryLater | Self::Overloaded)
     }
 }
 
@@ -361,7 +387,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Decode one frame from exactly `buf` (one WebSocket message, or one length-prefixed TCP record).
+/// Decode one frame from exactly `buf` (what a transport delivered, less the tag).
 pub fn decode(buf: &[u8]) -> Result<Frame<'_>, CodecError> {
     if buf.len() > MAX_FRAME {
         return Err(CodecError::TooLarge);
@@ -387,9 +413,9 @@ pub fn decode(buf: &[u8]) -> Result<Frame<'_>, CodecError> {
             let step = r.u32()?;
             let timeout_secs = r.u32()?;
             let credit = r.u32()?;
-            let workspace = r.short_str("workspace", 255)?;
-            let dir = r.short_str("dir", 4096)?;
-            let shell = r.short_str("shell", 4096)?;
+            let workspace = r.short_str("workspace", MAX_WORKSPACE)?;
+            let dir = r.short_str("dir", MAX_PATH)?;
+            let shell = r.short_str("shell", MAX_PATH)?;
             let script = r.str()?;
             let count = r.u16()?;
             let start = r.buf;
@@ -530,9 +556,9 @@ pub fn encode(frame: &Frame<'_>, buf: &mut [u8]) -> Result<usize, CodecError> {
             w.u32(s.step)?;
             w.u32(s.timeout_secs)?;
             w.u32(s.credit)?;
-            w.short_str(s.workspace, "workspace", 255)?;
-            w.short_str(s.dir, "dir", 4096)?;
-            w.short_str(s.shell, "shell", 4096)?;
+            w.short_str(s.workspace, "workspace", MAX_WORKSPACE)?;
+            w.short_str(s.dir, "dir", MAX_PATH)?;
+            w.short_str(s.shell, "shell", MAX_PATH)?;
             w.bytes(s.script.as_bytes())?;
             w.u16(s.env.count)?;
             w.put(s.env.raw)?;
@@ -673,6 +699,7 @@ mod tests {
         round_trip(Frame::Auth { proof: [2; 32] });
         round_trip(Frame::Welcome { proof: [3; 32], ping_interval_ms: 1000 });
         round_trip(Frame::Reject { code: RejectCode::WrongSecret, message: "no" });
+        round_trip(Frame::Reject { code: RejectCode::Overloaded, message: "busy" });
         round_trip(Frame::StepStart(StepStart {
             build: 7,
             step: 1,
@@ -709,6 +736,18 @@ mod tests {
         round_trip(Frame::Ack { build: 1, step: 2, offset: 3 });
         round_trip(Frame::Ping { id: 4 });
         round_trip(Frame::Pong { id: 4 });
+    }
+
+    #[test]
+    fn reject_codes_keep_their_wire_values_and_unknown_ones_do_not_decode() {
+        let mut buf = [0u8; 64];
+        let n = encode(&Frame::Reject { code: RejectCode::Overloaded, message: "" }, &mut buf).unwrap();
+        assert_eq!(&buf[..2], &[T_REJECT, 7]);
+        // What an agent that predates a code sees: a frame it cannot decode.
+        buf[1] = 8;
+        assert_eq!(decode(&buf[..n]), Err(CodecError::BadField("reject code")));
+        assert!(RejectCode::Overloaded.is_retryable() && RejectCode::TryLater.is_retryable());
+        assert!(!RejectCode::WrongSecret.is_retryable() && !RejectCode::ProtocolError.is_retryable());
     }
 
     #[test]

@@ -56,15 +56,29 @@ pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], String> {
     };
     let t = s.trim();
     let t = t.strip_prefix("sha256:").or_else(|| t.strip_prefix("SHA256:")).unwrap_or(t);
-    let hex: String = t.chars().filter(|c| *c != ':').collect();
-    if hex.len() != 64 {
-        return Err(bad());
-    }
+    let digits: String = t.chars().filter(|c| *c != ':').collect();
     let mut out = [0u8; 32];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-    }
+    hex::decode_to_slice(digits, &mut out).map_err(|_| bad())?;
     Ok(out)
+}
+
+/// Why a pinned certificate was refused, as rustls reports certificate errors, so a client can
+/// tell a certificate it does not trust from a handshake that failed for another reason.
+#[derive(Debug)]
+struct PinError(String);
+
+impl std::fmt::Display for PinError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PinError {}
+
+fn untrusted(why: String) -> rustls::Error {
+    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(
+        PinError(why),
+    ))))
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -112,11 +126,11 @@ impl ServerCertVerifier for Pinned {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let got = fingerprint_bytes(end_entity).map_err(rustls::Error::General)?;
+        let got = fingerprint_bytes(end_entity).map_err(untrusted)?;
         if crate::auth::constant_time_eq(&got, &self.want) {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::General(format!(
+            Err(untrusted(format!(
                 "the server's identity is {}, not the pinned {} (--instance-identity): another server, \
                  or the controller's identity changed",
                 show(&got),
@@ -244,5 +258,7 @@ mod tests {
         assert_eq!(parse_fingerprint(&colons.join(":")).unwrap(), fp);
         assert!(parse_fingerprint("sha256:abcd").is_err());
         assert!(parse_fingerprint(&"zz".repeat(32)).is_err());
+        // 64 bytes whose pairs split a character: refused, not a panic.
+        assert!(parse_fingerprint(&format!("a{}b", "é".repeat(31))).is_err());
     }
 }

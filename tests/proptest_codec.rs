@@ -46,6 +46,7 @@ fn reject_code() -> impl Strategy<Value = RejectCode> {
         RejectCode::AlreadyConnected,
         RejectCode::ProtocolError,
         RejectCode::TryLater,
+        RejectCode::Overloaded,
     ])
 }
 

@@ -82,7 +82,7 @@ fn main() {
             Frame::Exit { build: 1, step: 2, status: ExitStatus::Signal(9), offset: 0, message: "x" },
         ),
         ("cancel", Frame::Cancel { build: 1, step: 1 }),
-        ("credit", Frame::Credit { build: 1, step: 1, bytes: 4096 }),
+        ("credit", Frame::Credit { build: 1, step: 1, bytes: 4096, stored: 0 }),
         ("ack", Frame::Ack { build: 1, step: 1, offset: 3 }),
         ("ping", Frame::Ping { id: 7 }),
         ("pong", Frame::Pong { id: 7 }),

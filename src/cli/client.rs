@@ -2,8 +2,8 @@
 //! keep-alive connections and read their answers into the types of `controller::api`; log
 //! streams get a connection of their own.
 
-use crate::agent::connect::{parse_url, Target};
 use crate::controller::api::ErrorBody;
+use crate::dial::{parse_url, Target};
 use crate::link::BoxIo;
 use bytes::Bytes;
 use futures_rustls::pki_types::ServerName;

@@ -16,12 +16,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// How long an agent has to finish the handshake (the default of `--handshake-timeout`).
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub use crate::proto::{DEAD_AFTER_PINGS, HANDSHAKE_TIMEOUT};
 /// How long the old link of a reconnecting node has to answer a ping before it is replaced.
 pub const STALE_CHECK: Duration = Duration::from_secs(3);
-/// A link is declared dead after this many ping intervals without a frame from the agent.
-pub const DEAD_AFTER_PINGS: u32 = 3;
 /// Frames waiting to be written to one agent (bounded: a stuck agent blocks its own producers).
 const OUT_QUEUE: usize = 64;
 /// Failed handshakes one source address may have within [`FAILURE_WINDOW`] before the answers
