@@ -1,4 +1,4 @@
-//! The controller: nodes, queue, dispatch, builds and their logs, the HTTP API and the CLI.
+//! The controller: nodes, queue, dispatch, builds and their logs, clouds, and the HTTP API.
 
 pub mod api;
 pub mod build;
