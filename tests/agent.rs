@@ -88,7 +88,7 @@ fn a_step_cannot_read_its_agents_secret_from_proc() {
             out.contains(&format!("checked parent {}", agent.pid())),
             "the step's parent is the agent: {out}"
         );
-        assert!(!out.contains("LEAK"), "a step read its agent's secret: {out}");
+        assert!(!out.lines().any(|l| l.ends_with("-LEAK")), "a step read its agent's secret: {out}");
         // What /proc shows to anyone else, read from here.
         for file in ["environ", "cmdline"] {
             let bytes = std::fs::read(format!("/proc/{}/{file}", agent.pid())).unwrap();
@@ -243,9 +243,10 @@ fn a_certificate_that_never_verifies_ends_the_agent_with_exit_code_8() {
 }
 
 #[test]
-fn two_agents_run_in_one_process() {
+fn two_agents_in_one_process_stop_independently() {
     let ctl = Controller::start();
     let work = TempDir::new("inproc");
+    let mut agents = Vec::new();
     for (name, label) in [("p1", "inproc1"), ("p2", "inproc2")] {
         let cfg = wisp::agent::Config {
             url: ctl.url(),
@@ -256,15 +257,36 @@ fn two_agents_run_in_one_process() {
             trust: Default::default(),
             spool_cap: wisp::agent::DEFAULT_SPOOL_CAP,
         };
-        std::thread::spawn(move || wisp::agent::run(cfg));
+        let (stopper, shutdown) = wisp::agent::Shutdown::stopper();
+        agents.push((stopper, std::thread::spawn(move || wisp::agent::run(cfg, shutdown))));
         ctl.wait_online(name);
     }
+    // Each agent learns of its own steps' exits.
     for label in ["inproc1", "inproc2"] {
         let id = ctl.submit(&format!(
             "name: {label}\nagent: {{label: {label}}}\nsteps:\n  - sh: sleep 1; echo on {label}\n"
         ));
         assert_eq!(finished(&ctl, id)["state"], "success");
     }
+    // Stopping p1 kills its running step and closes its link; p2 goes on.
+    let pidfile = work.path().join("long.pid");
+    ctl.submit(&format!(
+        "name: long\nagent: {{label: inproc1}}\nsteps:\n  - sh: echo $$ > {}; sleep 60\n",
+        pidfile.display()
+    ));
+    let pid: u32 = wait_for("the long step to start", Duration::from_secs(20), || {
+        std::fs::read_to_string(&pidfile).ok()?.trim().parse().ok()
+    });
+    let (stopper, p1) = agents.remove(0);
+    stopper.stop();
+    wait_for("p1 to stop", Duration::from_secs(10), || p1.is_finished().then_some(()));
+    assert!(p1.join().unwrap().is_ok(), "a stopped agent returns Ok");
+    assert!(!alive(pid), "the stopped agent's step was not killed");
+    ctl.wait_offline("p1", Duration::from_secs(10));
+    let id = ctl.submit("name: after\nagent: {label: inproc2}\nsteps:\n  - sh: sleep 1; echo still on p2\n");
+    assert_eq!(finished(&ctl, id)["state"], "success");
+    assert!(ctl.node_line("p2").unwrap().contains("\tonline\t"));
+    assert!(!agents[0].1.is_finished());
 }
 
 #[test]
@@ -383,4 +405,50 @@ fn sigterm_stops_the_agent_with_a_plain_line_and_closes_its_link_cleanly() {
         let offline = ctl_log.lines().find(|l| l.contains(&format!("node {name}: offline"))).unwrap();
         assert!(!offline.contains("rustls") && !offline.contains("close_notify"), "{offline}");
     }
+}
+
+#[test]
+fn as_pid_1_the_agent_reaps_orphans_hides_its_secret_and_stops_on_sigterm() {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
+    if !root || Command::new("unshare").arg("--version").output().is_err() {
+        eprintln!("skipped: needs root and unshare for a PID namespace");
+        return;
+    }
+    let ctl = Controller::start();
+    let work = TempDir::new("pid1");
+    let secret = ctl.add_node("init", "init", &[]);
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--fork", "--pid", "--mount-proc", "--kill-child", AGENT])
+        .args(["--url", &ctl.url(), "--name", "init", "--websocket", "--work-dir"])
+        .arg(work.path().join("w"))
+        .env("JENKINS_SECRET", &secret);
+    let mut unshare = spawn_logged(cmd, work.path(), "init");
+    ctl.wait_online("init");
+    // The step leaves an orphan (adopted by PID 1, the agent), waits for it to end, then lists
+    // what is left in the namespace.
+    let yaml = format!(
+        "name: init\nagent: {{label: init}}\nenv: {{S: \"{secret}\"}}\nsteps:\n  - sh: |\n      \
+         ( sleep 0.3 & )\n      \
+         sleep 1.5\n      \
+         for p in /proc/[0-9]*; do echo \"$p $(grep '^State' $p/status)\"; done\n      \
+         if grep -q \"$S\" /proc/1/environ; then echo ENVIRON-LEAK; fi\n      \
+         echo \"pid 1 is $(tr '\\0' ' ' < /proc/1/cmdline)\"\n"
+    );
+    let (code, out) = ctl.run(&yaml);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("pid 1 is {AGENT}")), "{out}");
+    assert!(!out.contains("zombie"), "an orphan was not reaped: {out}");
+    assert!(!out.lines().any(|l| l.ends_with("-LEAK")), "{out}");
+    // SIGTERM to PID 1 from outside its namespace, as `podman stop` sends it.
+    let agent: u32 = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", unshare.pid()))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let _ = Command::new("kill").args(["-TERM", &agent.to_string()]).status();
+    assert_eq!(unshare.wait_exit(Duration::from_secs(10)), 0, "{}", unshare.log_text());
+    assert!(unshare.log_text().trim_end().ends_with("agent stopped"), "{}", unshare.log_text());
 }
