@@ -60,7 +60,7 @@ fn areas() -> Result<(Area, Area), String> {
     let f: Vec<u64> = rest.split_whitespace().skip(45).take(4).filter_map(|x| x.parse().ok()).collect();
     match f[..] {
         [a0, a1, e0, e1] if a0 > 0 && a0 <= a1 && e0 > 0 && e0 <= e1 => Ok(((a0, a1), (e0, e1))),
-        _ => Err("/proc/self/stat gives no argument and environment addresses (Linux before 3.5?)".into()),
+        _ => Err("/proc/self/stat gives no argument and environment addresses (under an emulator such as qemu-user, or Linux before 3.5)".into()),
     }
 }
 
