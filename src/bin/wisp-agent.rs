@@ -1,4 +1,5 @@
-//! `wisp-agent`: the build agent. Parses arguments and the Jenkins-style environment, then runs.
+//! `wisp-agent`: the build agent. Parses arguments and the Jenkins-style environment, scrubs the
+//! secret from what /proc shows of this process, and runs the agent until SIGTERM or SIGINT.
 
 /// On musl, dlmalloc instead of musl's malloc: musl returns a page group to the kernel as soon as
 /// it is empty, so each build mapped and unmapped about seven regions (the step's read buffer,
@@ -16,7 +17,7 @@ use wisp::agent::{self, process, AgentError, Mode, Shutdown};
 ///
 /// Also takes the Jenkins inbound-agent forms: `wisp-agent SECRET NAME` with JENKINS_URL set,
 /// the variables JENKINS_URL, JENKINS_SECRET, JENKINS_AGENT_NAME (or JENKINS_NAME),
-/// JENKINS_WEB_SOCKET, JENKINS_DIRECT_CONNECTION, JENKINS_AGENT_WORKDIR, and single-dash
+/// JENKINS_WEB_SOCKET, JENKINS_DIRECT_CONNECTION, JENKINS_INSTANCE_IDENTITY, JENKINS_AGENT_WORKDIR, and single-dash
 /// options such as -url, -webSocket, -workDir and -jnlpUrl.
 #[derive(FromArgs)]
 struct Args {
