@@ -32,3 +32,8 @@ pub async fn http_get(
 ) -> Result<HttpAnswer, String> {
     Ok(dial::http_get(target, tls, path_and_query, max, head_only).await?)
 }
+
+/// [`dial::discover_port`] with the error as text.
+pub async fn discover_port(target: &Target, tls: Option<&Tls>) -> Result<u16, String> {
+    Ok(dial::discover_port(target, tls).await?)
+}

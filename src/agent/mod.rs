@@ -6,15 +6,21 @@
 //! each step's output goes through a spool file until the controller has stored it, and after a
 //! reconnect the agent reports its steps (`Running`), the controller answers each with `Resume`
 //! (replay from what it has) or `Abandon`, and the output continues with nothing lost or doubled.
+//!
+//! Nothing here is process-wide: an agent is the value [`run`] builds, stopped by the
+//! [`Shutdown`] it is given, so several agents can run in one process.
 
 pub mod connect;
 pub mod jnlp;
 pub mod process;
+pub mod scrub;
 pub mod spool;
 
 use crate::auth::{self, ClientHandshake, ClientStep};
 use crate::link::{LinkError, LinkReader, LinkWriter, OutputBuf, Watchdog};
-use crate::proto::{self, ExitStatus, Frame, RejectCode, StepStart, MAX_MESSAGE, MAX_OUTPUT_CHUNK};
+use crate::proto::{
+    self, CodecError, ExitStatus, Frame, RejectCode, StepStart, MAX_MESSAGE, MAX_OUTPUT_CHUNK,
+};
 pub use connect::Mode;
 use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
@@ -26,7 +32,9 @@ use smol::{LocalExecutor, Timer};
 use spool::Spool;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -38,12 +46,21 @@ pub const KILL_GRACE: Duration = Duration::from_secs(3);
 pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// Longest reconnect delay before jitter (Jenkins' agent caps at 10 s too).
 pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Longest wait a refusing controller can ask for ("try again in 60s"): a controller that asks for
+/// more (or a bad one) cannot park the agent for longer than this.
+pub const MAX_RETRY_HINT: Duration = Duration::from_secs(300);
+/// Consecutive tries whose TLS certificate check fails before the agent gives up (exit code 8):
+/// with the backoff that is about 15-23 s, enough to ride out a controller restarting with a new
+/// certificate, short enough that a wrong pin or a missing CA is reported instead of retried forever.
+pub const MAX_CERT_FAILURES: u32 = 5;
 /// A link is declared dead after this many ping intervals without any frame from the controller.
 pub const DEAD_AFTER_PINGS: u32 = 3;
 /// Default most output bytes a step may hold in its spool while the controller is away.
 pub const DEFAULT_SPOOL_CAP: u64 = 1 << 30;
 /// Most steps listed in one `Running` frame (far above any executor count).
 const MAX_REPORTED: usize = 1000;
+/// How long a clean stop waits for the controller to take the link's close.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Everything the agent needs to run.
 #[derive(Debug, Clone)]
@@ -56,7 +73,7 @@ pub struct Config {
     pub secret: String,
     /// WebSocket, direct TCP or TCP with port discovery.
     pub mode: Mode,
-    /// Directory holding workspaces.
+    /// Directory holding workspaces; a relative one is taken from the current directory at start.
     pub work_dir: PathBuf,
     /// How the controller's TLS certificate is checked.
     pub trust: crate::tls::Trust,
@@ -68,24 +85,28 @@ pub struct Config {
 /// Why the agent stopped.
 #[derive(Debug)]
 pub enum AgentError {
-    /// The controller refused this node; retrying would not help.
+    /// The controller refused this node for good (see [`is_permanent`]); retrying would not help.
     Rejected(RejectCode, String),
     /// The peer is not a controller that knows this node's secret.
     Untrusted(String),
     /// The configuration cannot work (bad URL, unreadable certificate).
     Config(String),
+    /// The controller's certificate failed its check `MAX_CERT_FAILURES` times in a row.
+    Certificate(String),
 }
 
 impl AgentError {
-    /// The process exit code for this error.
+    /// The process exit code for this error (README, `wisp-agent`).
     pub fn exit_code(&self) -> i32 {
         match self {
             Self::Config(_) => 2,
             Self::Rejected(RejectCode::UnknownNode, _) => 3,
             Self::Rejected(RejectCode::WrongSecret, _) => 4,
             Self::Rejected(RejectCode::UnsupportedVersion, _) => 5,
+            // Not used: other refusals are retried.
             Self::Rejected(..) => 6,
             Self::Untrusted(_) => 7,
+            Self::Certificate(_) => 8,
         }
     }
 }
@@ -94,32 +115,296 @@ impl std::fmt::Display for AgentError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Rejected(_, m) => write!(f, "the controller refused this agent: {m}"),
-            Self::Untrusted(m) => write!(f, "{m}"),
-            Self::Config(m) => write!(f, "{m}"),
+            Self::Untrusted(m) | Self::Config(m) | Self::Certificate(m) => write!(f, "{m}"),
         }
     }
 }
 
 impl std::error::Error for AgentError {}
 
+/// Whether a refusal is for good: the node does not exist, the secret is wrong, or no protocol
+/// version is shared. Everything else (a protocol error while connecting, "already connected", a
+/// controller that is overloaded or rate-limits, codes added later) is retried with backoff.
+pub fn is_permanent(code: RejectCode) -> bool {
+    matches!(code, RejectCode::UnknownNode | RejectCode::WrongSecret | RejectCode::UnsupportedVersion)
+}
+
+/// The controller identity to pin, as `--instance-identity`, `JENKINS_INSTANCE_IDENTITY` or a
+/// descriptor's `-instanceIdentity` give it: wisp's fingerprint (`sha256:HEX`, see
+/// [`crate::tls::parse_fingerprint`]), or what Jenkins and its Kubernetes plugin pass, the base64
+/// of the controller's public key (its DER SubjectPublicKeyInfo), whose SHA-256 is that fingerprint.
+pub fn parse_instance_identity(s: &str) -> Result<[u8; 32], String> {
+    let t = s.trim();
+    let hexish = t.starts_with("sha256:")
+        || t.starts_with("SHA256:")
+        || t.chars().all(|c| c.is_ascii_hexdigit() || c == ':');
+    if hexish {
+        return crate::tls::parse_fingerprint(t);
+    }
+    // A DER SEQUENCE, longer than any fingerprint.
+    match base64_decode(t).filter(|der| der.len() > 32 && der[0] == 0x30) {
+        Some(der) => {
+            let mut fp = [0u8; 32];
+            fp.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, &der).as_ref());
+            Ok(fp)
+        }
+        None => Err(format!(
+            "bad instance identity {s:?}: expected sha256: and 64 hex digits, as `wisp node add` prints \
+             it, or the base64 public key Jenkins passes"
+        )),
+    }
+}
+
+/// Standard or URL-safe base64, padding optional, whitespace ignored.
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len() / 4 * 3);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in s.trim_end_matches('=').bytes().filter(|c| !c.is_ascii_whitespace()) {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+/// What stops a running agent: SIGTERM or SIGINT in the binary, a [`Stopper`] where the agent runs
+/// inside another program (or twice in one test).
+pub struct Shutdown {
+    fut: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl Shutdown {
+    /// Stop when `fut` completes.
+    pub fn new(fut: impl Future<Output = ()> + Send + 'static) -> Self {
+        Self { fut: Some(Box::pin(fut)) }
+    }
+
+    /// Never stop (run until refused for good).
+    pub fn never() -> Self {
+        Self::new(std::future::pending())
+    }
+
+    /// A shutdown and the handle that triggers it (from any thread). Dropping every handle does
+    /// not stop the agent.
+    pub fn stopper() -> (Stopper, Self) {
+        let (tx, rx) = bounded::<()>(1);
+        let fut = async move {
+            if rx.recv().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        (Stopper(tx), Self::new(fut))
+    }
+
+    /// Wait until the agent is told to stop (at once if it already was).
+    pub async fn wait(&mut self) {
+        if let Some(fut) = &mut self.fut {
+            fut.await;
+            self.fut = None;
+        }
+    }
+}
+
+/// Stops the agent whose [`Shutdown`] it came with.
+#[derive(Clone, Debug)]
+pub struct Stopper(Sender<()>);
+
+impl Stopper {
+    /// Tell the agent to stop: its steps are killed, its link closed, and [`run`] returns `Ok`.
+    pub fn stop(&self) {
+        let _ = self.0.try_send(());
+    }
+}
+
+/// Why a try at the controller failed in a way worth another try.
+struct Setback {
+    msg: String,
+    kind: SetbackKind,
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum SetbackKind {
+    /// The link could not be opened or it failed; back off and try again.
+    Link,
+    /// The controller refuses for now (overloaded, rate limit, lockout); it may say how long.
+    Busy(Option<Duration>),
+    /// The controller's certificate did not pass the check.
+    Certificate,
+}
+
+impl Setback {
+    fn link(msg: impl Into<String>) -> Self {
+        Self { msg: msg.into(), kind: SetbackKind::Link }
+    }
+
+    fn busy(msg: impl Into<String>) -> Self {
+        let msg = msg.into();
+        Self { kind: SetbackKind::Busy(retry_hint(&msg)), msg }
+    }
+
+    /// What the agent logs before waiting `delay`.
+    fn describe(&self, delay: Duration) -> String {
+        match self.kind {
+            SetbackKind::Busy(_) => format!(
+                "the controller is overloaded / refusing for now ({}); retrying in {:.1}s",
+                self.msg,
+                delay.as_secs_f64()
+            ),
+            _ => format!("{}; retrying in {:.1}s", self.msg, delay.as_secs_f64()),
+        }
+    }
+}
+
+/// "try again in 60s" in a refusal: how long the controller asked us to wait (at most
+/// `MAX_RETRY_HINT`).
+fn retry_hint(msg: &str) -> Option<Duration> {
+    let rest = &msg[msg.find("try again in ")? + "try again in ".len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    if !rest[digits.len()..].starts_with('s') {
+        return None;
+    }
+    Some(Duration::from_secs(digits.parse().ok()?).min(MAX_RETRY_HINT))
+}
+
+/// What a failed dial (TCP, TLS, WebSocket upgrade, port discovery) means for the agent.
+///
+/// The dial code reports its errors as sentences today; this is the one place that reads them.
+/// When it has a typed error, this becomes a match on it.
+fn classify_dial_error(msg: String) -> Setback {
+    let lower = msg.to_ascii_lowercase();
+    if lower.contains("invalid peer certificate") || lower.contains("not the pinned") {
+        return Setback { msg, kind: SetbackKind::Certificate };
+    }
+    if let Some(i) = msg.find("TLS handshake with ") {
+        // A controller with too many connections in the TLS handshake closes new ones on accept:
+        // that is not a certificate problem, so the certificate advice would mislead.
+        let closed = ["close_notify", "end of file", "eof", "reset by peer", "broken pipe"];
+        if closed.iter().any(|c| lower.contains(c)) {
+            let who = msg[i + "TLS handshake with ".len()..].split(' ').next().unwrap_or_default();
+            return Setback::busy(format!("{who} closed the connection during the TLS handshake"));
+        }
+    }
+    if lower.contains("answered http 503") || lower.contains("answered http 429") {
+        return Setback::busy(msg);
+    }
+    Setback::link(msg)
+}
+
+/// A refusal the agent retries, as a setback.
+fn refusal(code: RejectCode, m: String) -> Setback {
+    // "Already connected" and a protocol error are retried at the agent's own pace. Any other code
+    // (rate limits, overload, codes added later) means the controller refuses for now, and so
+    // does a protocol error that asks to try again (its lockout after failed handshakes).
+    let ours = matches!(code, RejectCode::AlreadyConnected | RejectCode::ProtocolError);
+    if ours && !m.contains("try again") {
+        Setback::link(format!("the controller said: {m} ({code:?})"))
+    } else {
+        Setback::busy(m)
+    }
+}
+
+/// Open a link in `mode`; also says where it went: "HOST:PORT over TRANSPORT[ with TLS]".
+async fn dial(
+    target: &connect::Target,
+    mode: &Mode,
+    name: &str,
+    tls: Option<&connect::Tls>,
+) -> Result<(LinkReader, LinkWriter, String), String> {
+    let host_port = |port: u16| {
+        if target.host.contains(':') {
+            format!("[{}]:{port}", target.host)
+        } else {
+            format!("{}:{port}", target.host)
+        }
+    };
+    let discovered;
+    let (mode, addr, transport) = match mode {
+        Mode::WebSocket => (mode, host_port(target.port), "WebSocket"),
+        Mode::Direct(addr) => (mode, addr.clone(), "TCP"),
+        Mode::Discover => {
+            let addr = host_port(connect::discover_port(target, tls).await?);
+            discovered = Mode::Direct(addr.clone());
+            (&discovered, addr, "TCP")
+        }
+    };
+    let (reader, writer) = connect::open(target, mode, name, tls).await?;
+    let with = if tls.is_some() { " with TLS" } else { "" };
+    Ok((reader, writer, format!("{addr} over {transport}{with}")))
+}
+
+/// Counts consecutive certificate failures and turns the `MAX_CERT_FAILURES`th into an error.
+#[derive(Default)]
+struct CertFailures(u32);
+
+impl CertFailures {
+    fn note(&mut self, s: &Setback) -> Result<(), AgentError> {
+        if s.kind != SetbackKind::Certificate {
+            self.0 = 0;
+            return Ok(());
+        }
+        self.0 += 1;
+        if self.0 < MAX_CERT_FAILURES {
+            return Ok(());
+        }
+        Err(AgentError::Certificate(format!(
+            "giving up after {} tries in a row whose certificate check failed: {}",
+            self.0, s.msg
+        )))
+    }
+}
+
+/// How long to wait after `s`: the backoff, or what a refusing controller asked for if longer.
+fn delay_after(s: &Setback, backoff: &mut Backoff) -> Duration {
+    let d = backoff.next();
+    match s.kind {
+        SetbackKind::Busy(Some(hint)) => d.max(hint),
+        _ => d,
+    }
+}
+
 /// Fetch the node's descriptor from `jnlp_url` (see [`jnlp`]), retrying with backoff while the
-/// controller cannot be reached.
+/// controller cannot be reached. `None` if `shutdown` came first.
+///
+/// Unless the command line says how to check the controller's certificate (`--cert`,
+/// `--instance-identity`), an `https://` descriptor is fetched without a check: its content is
+/// sealed with the node secret (ChaCha20-Poly1305 under a key derived from it), so whoever
+/// answers cannot forge or alter it, and the request carries no secret or token for them to
+/// learn. At worst someone in the middle can refuse to answer or replay an older descriptor of this
+/// node. The identity the descriptor carries (`-instanceIdentity`) is then pinned for every link.
 pub fn fetch_descriptor(
     jnlp_url: &str,
     name: &str,
     secret: &str,
     trust: &crate::tls::Trust,
-) -> Result<jnlp::Descriptor, AgentError> {
+    shutdown: &mut Shutdown,
+) -> Result<Option<jnlp::Descriptor>, AgentError> {
     let tls = if connect::parse_url(jnlp_url).map_err(AgentError::Config)?.tls {
-        Some(connect::Tls::new(trust).map_err(AgentError::Config)?)
+        let explicit = trust.pin.is_some() || trust.ca_file.is_some() || trust.insecure;
+        Some(
+            if explicit { connect::Tls::new(trust) } else { connect::Tls::unchecked_for_sealed_content() }
+                .map_err(AgentError::Config)?,
+        )
     } else {
         None
     };
-    smol::block_on(async {
+    let fetch = async {
         let mut backoff = Backoff::default();
+        let mut cert = CertFailures::default();
         loop {
-            match jnlp::fetch(jnlp_url, name, secret, tls.as_ref()).await {
-                Ok(d) => return Ok(d),
+            let setback = match jnlp::fetch(jnlp_url, name, secret, tls.as_ref()).await {
+                Ok(d) => return Ok(Some(d)),
                 Err(jnlp::JnlpError::Fatal(m)) => return Err(AgentError::Config(m)),
                 Err(jnlp::JnlpError::UnknownNode(m)) => {
                     return Err(AgentError::Rejected(RejectCode::UnknownNode, m))
@@ -128,34 +413,69 @@ pub fn fetch_descriptor(
                     return Err(AgentError::Rejected(RejectCode::WrongSecret, m))
                 }
                 Err(jnlp::JnlpError::Retry(m)) => {
-                    let delay = backoff.next();
-                    log::warn!("fetching the agent descriptor: {m}; retrying in {:.1}s", delay.as_secs_f64());
-                    Timer::after(delay).await;
+                    classify_dial_error(format!("fetching the agent descriptor: {m}"))
                 }
-            }
+            };
+            cert.note(&setback)?;
+            let delay = delay_after(&setback, &mut backoff);
+            log::warn!("{}", setback.describe(delay));
+            Timer::after(delay).await;
         }
-    })
+    };
+    smol::block_on(smol::future::or(fetch, async {
+        shutdown.wait().await;
+        Ok(None)
+    }))
 }
 
-/// Run the agent until it is rejected or receives SIGTERM/SIGINT (then `Ok`).
-pub fn run(cfg: Config) -> Result<(), AgentError> {
+/// Run the agent until it is refused for good or `shutdown` completes (then `Ok`: its steps are
+/// killed and its link closed).
+pub fn run(cfg: Config, shutdown: Shutdown) -> Result<(), AgentError> {
     let ex = Rc::new(LocalExecutor::new());
     // The executor parks between wake-ups and async-io's own thread waits on I/O alone. With
     // `smol::block_on` this thread would poll I/O itself, but async-io's helper thread then wakes
     // on a back-off timer (50 µs up to 10 ms) after each burst and takes the poller over between
     // builds: with 100 agents on 2 cores that cost each agent about a third more CPU per build.
-    smol::future::block_on(ex.run(run_on(ex.clone(), cfg)))
+    smol::future::block_on(ex.run(run_on(ex.clone(), cfg, shutdown)))
+}
+
+/// The work dir as an absolute path, created if missing (a step that changes directory can still
+/// use `$WORKSPACE`).
+fn absolute_work_dir(dir: &Path) -> Result<PathBuf, AgentError> {
+    let abs = if dir.is_absolute() {
+        dir.to_path_buf()
+    } else {
+        let cwd = std::env::current_dir().map_err(|e| {
+            AgentError::Config(format!(
+                "the work dir {} is relative but the current directory is unknown ({e}): give an absolute --work-dir",
+                dir.display()
+            ))
+        })?;
+        cwd.join(dir)
+    };
+    if let Err(e) = std::fs::create_dir_all(&abs) {
+        log::warn!("cannot create the work dir {}: {e}", abs.display());
+    }
+    // Canonical once it exists: no `..` or symlinks in what steps are given.
+    Ok(std::fs::canonicalize(&abs).unwrap_or(abs))
 }
 
 /// Run the agent on an executor the caller drives.
-pub async fn run_on(ex: Rc<LocalExecutor<'static>>, cfg: Config) -> Result<(), AgentError> {
+pub async fn run_on(
+    ex: Rc<LocalExecutor<'static>>,
+    mut cfg: Config,
+    mut shutdown: Shutdown,
+) -> Result<(), AgentError> {
     let target = connect::parse_url(&cfg.url).map_err(AgentError::Config)?;
     let tls =
         if target.tls { Some(connect::Tls::new(&cfg.trust).map_err(AgentError::Config)?) } else { None };
-    let reaper =
-        Reaper::install(std::process::id() == 1).map_err(|e| AgentError::Config(format!("signals: {e}")))?;
+    cfg.work_dir = absolute_work_dir(&cfg.work_dir)?;
+    // As PID 1 (a container's init) the agent also reaps the orphans the kernel hands it.
+    let reaper = Reaper::new(std::process::id() == 1)
+        .map_err(|e| AgentError::Config(format!("watching child processes: {e}")))?;
     // Spools of an earlier agent process belong to steps that died with it.
     let _ = std::fs::remove_dir_all(cfg.work_dir.join(".wisp").join("spool"));
+    log::debug!("work dir {}", cfg.work_dir.display());
     let agent = Rc::new(Agent {
         cfg,
         ex,
@@ -163,44 +483,68 @@ pub async fn run_on(ex: Rc<LocalExecutor<'static>>, cfg: Config) -> Result<(), A
         steps: RefCell::new(HashMap::new()),
         link: RefCell::new(None),
         generation: Cell::new(0),
+        stopping: Cell::new(false),
     });
     let main = {
         let agent = agent.clone();
         async move {
             let mut backoff = Backoff::default();
+            let mut cert = CertFailures::default();
             loop {
                 let started = Instant::now();
-                match agent.session(&target, tls.as_ref()).await {
-                    Ok(()) => {}
+                let setback = match agent.session(&target, tls.as_ref()).await {
+                    Ok(()) => Setback::link("the link ended"),
                     Err(End::Fatal(e)) => return Err(e),
-                    Err(End::Retry(msg)) => log::warn!("{msg}"),
+                    Err(End::Retry(s)) => s,
+                };
+                if agent.stopping.get() {
+                    return std::future::pending().await;
                 }
+                cert.note(&setback)?;
                 if started.elapsed() > Duration::from_secs(30) {
                     backoff = Backoff::default();
                 }
-                let delay = backoff.next();
-                log::info!("reconnecting in {:.1}s", delay.as_secs_f64());
+                let delay = delay_after(&setback, &mut backoff);
+                if let SetbackKind::Busy(_) = setback.kind {
+                    log::warn!("{}", setback.describe(delay));
+                } else {
+                    log::warn!("{}", setback.msg);
+                    log::info!("reconnecting in {:.1}s", delay.as_secs_f64());
+                }
                 Timer::after(delay).await;
             }
         }
     };
     let stop = async {
-        reaper.run().await;
-        log::info!("terminating: stopping running steps");
+        shutdown.wait().await;
+        agent.stopping.set(true);
+        let running = agent.steps.borrow().len();
+        if running > 0 {
+            log::info!("stopping: killing {running} running step(s)");
+        }
         agent.stop_all_steps();
-        // Give the steps' TERM → KILL sequences time to run.
+        // Give the steps' tasks time to kill their groups and end.
         let deadline = Instant::now() + KILL_GRACE + Duration::from_secs(1);
         while !agent.steps.borrow().is_empty() && Instant::now() < deadline {
             Timer::after(Duration::from_millis(20)).await;
         }
+        let link = agent.link.borrow().clone();
+        if let Some(link) = link {
+            let _ = timeout(CLOSE_TIMEOUT, async { link.writer.lock().await.close().await }).await;
+        }
+        log::info!("agent stopped");
         Ok(())
     };
-    smol::future::or(main, stop).await
+    let orphans = async {
+        reaper.run().await;
+        Ok(())
+    };
+    smol::future::or(smol::future::or(stop, main), orphans).await
 }
 
 enum End {
     Fatal(AgentError),
-    Retry(String),
+    Retry(Setback),
 }
 
 #[derive(Default)]
@@ -311,6 +655,8 @@ struct Agent {
     link: RefCell<Option<Link>>,
     /// Counts links; a step sends only on the link of its generation.
     generation: Cell<u64>,
+    /// Told to stop: no more reconnecting.
+    stopping: Cell<bool>,
 }
 
 type Writer = Rc<Mutex<LinkWriter>>;
@@ -330,8 +676,9 @@ impl Agent {
         target: &connect::Target,
         tls: Option<&connect::Tls>,
     ) -> Result<(), End> {
-        let (mut reader, writer) =
-            connect::open(target, &self.cfg.mode, &self.cfg.name, tls).await.map_err(End::Retry)?;
+        let (mut reader, writer, dialled) = dial(target, &self.cfg.mode, &self.cfg.name, tls)
+            .await
+            .map_err(|e| End::Retry(classify_dial_error(e)))?;
         let writer: Writer = Rc::new(Mutex::new(writer));
         let ping_ms = self.handshake(&mut reader, &writer).await?;
         let generation = self.generation.get() + 1;
@@ -346,23 +693,24 @@ impl Agent {
             .collect();
         let mut buf = vec![0u8; held.len() * 20];
         let steps = proto::encode_steps(held.iter().copied(), &mut buf)
-            .map_err(|e| End::Retry(format!("listing held steps: {e}")))?;
+            .map_err(|e| End::Retry(Setback::link(format!("listing held steps: {e}"))))?;
         match timeout(HANDSHAKE_TIMEOUT, async { writer.lock().await.send(&Frame::Running { steps }).await })
             .await
         {
             Some(Ok(())) => {}
-            Some(Err(e)) => return Err(End::Retry(format!("handshake: {e}"))),
+            Some(Err(e)) => return Err(End::Retry(Setback::link(format!("handshake: {e}")))),
             None => {
-                return Err(End::Retry("handshake: the controller did not take our step list in time".into()))
+                return Err(End::Retry(Setback::link(
+                    "handshake: the controller did not take our step list in time",
+                )))
             }
         }
         drop(buf);
         if held.is_empty() {
-            log::info!("connected to {} as node '{}'", self.cfg.url, self.cfg.name);
+            log::info!("connected to {dialled} as node '{}'", self.cfg.name);
         } else {
             log::info!(
-                "connected to {} as node '{}'; {} step(s) to resume",
-                self.cfg.url,
+                "connected to {dialled} as node '{}'; {} step(s) to resume",
                 self.cfg.name,
                 held.len()
             );
@@ -403,14 +751,23 @@ impl Agent {
 
     async fn handshake(&self, reader: &mut LinkReader, writer: &Writer) -> Result<u32, End> {
         let (mut hs, hello) = ClientHandshake::new(&self.cfg.name, &self.cfg.secret, auth::random_nonce(), 0);
-        let send_err = |e: LinkError| End::Retry(format!("handshake: {e}"));
+        let send_err = |e: LinkError| End::Retry(Setback::link(format!("handshake: {e}")));
         writer.lock().await.send(&hello).await.map_err(send_err)?;
         loop {
             let frame = match timeout(HANDSHAKE_TIMEOUT, reader.next()).await {
-                None => return Err(End::Retry("handshake: the controller did not answer in time".into())),
-                Some(Err(e)) => return Err(End::Retry(format!("handshake: {e}"))),
+                None => {
+                    return Err(End::Retry(Setback::link("handshake: the controller did not answer in time")))
+                }
+                // A refusal with a code this agent does not know yet (added to the protocol later):
+                // all of those are for now, not for good.
+                Some(Err(LinkError::Codec(CodecError::BadField("reject code")))) => {
+                    return Err(End::Retry(Setback::busy(
+                        "it refused with a reason this agent does not know",
+                    )))
+                }
+                Some(Err(e)) => return Err(End::Retry(Setback::link(format!("handshake: {e}")))),
                 Some(Ok(None)) => {
-                    return Err(End::Retry("handshake: the controller closed the connection".into()))
+                    return Err(End::Retry(Setback::link("handshake: the controller closed the connection")))
                 }
                 Some(Ok(Some(f))) => f,
             };
@@ -422,10 +779,10 @@ impl Agent {
                     writer.lock().await.authenticate(&keys.to_controller);
                     return Ok(ping_interval_ms);
                 }
-                ClientStep::Rejected(code @ (RejectCode::AlreadyConnected | RejectCode::TryLater), m) => {
-                    return Err(End::Retry(format!("the controller said: {m} ({code:?}); will retry")))
+                ClientStep::Rejected(code, m) if is_permanent(code) => {
+                    return Err(End::Fatal(AgentError::Rejected(code, m)))
                 }
-                ClientStep::Rejected(code, m) => return Err(End::Fatal(AgentError::Rejected(code, m))),
+                ClientStep::Rejected(code, m) => return Err(End::Retry(refusal(code, m))),
                 ClientStep::Failed(m) => return Err(End::Fatal(AgentError::Untrusted(m))),
             }
         }
@@ -448,20 +805,26 @@ impl Agent {
             };
             let frame = match watchdog.guard(smol::future::or(next, failed)).await {
                 Some(None) => {
-                    return Err(End::Retry("sending to the controller failed: the link is broken".into()))
+                    return Err(End::Retry(Setback::link(
+                        "sending to the controller failed: the link is broken",
+                    )))
                 }
                 Some(Some(r)) => Some(r),
                 None => None,
             };
             let frame = match frame {
                 None => {
-                    return Err(End::Retry(format!(
+                    return Err(End::Retry(Setback::link(format!(
                         "no word from the controller for {}s: the link is dead",
                         dead_after.as_secs()
-                    )))
+                    ))))
                 }
-                Some(Err(e)) => return Err(End::Retry(format!("link to the controller failed: {e}"))),
-                Some(Ok(None)) => return Err(End::Retry("the controller closed the connection".into())),
+                Some(Err(e)) => {
+                    return Err(End::Retry(Setback::link(format!("link to the controller failed: {e}"))))
+                }
+                Some(Ok(None)) => {
+                    return Err(End::Retry(Setback::link("the controller closed the connection")))
+                }
                 Some(Ok(Some(f))) => f,
             };
             let step = |build: u64, step: u32| self.steps.borrow().get(&(build, step)).cloned();
@@ -515,19 +878,22 @@ impl Agent {
                         .await
                         .is_none_or(|r| r.is_err())
                     {
-                        return Err(End::Retry(
-                            "could not answer the controller's ping: the link is dead".into(),
-                        ));
+                        return Err(End::Retry(Setback::link(
+                            "could not answer the controller's ping: the link is dead",
+                        )));
                     }
                 }
-                Frame::Reject { message, .. } => {
-                    return Err(End::Retry(format!("the controller closed the session: {message}")))
+                Frame::Reject { code, message } => {
+                    return Err(End::Retry(match refusal(code, message.to_string()) {
+                        s if matches!(s.kind, SetbackKind::Busy(_)) => s,
+                        _ => Setback::link(format!("the controller closed the session: {message}")),
+                    }))
                 }
                 other => {
-                    return Err(End::Retry(format!(
+                    return Err(End::Retry(Setback::link(format!(
                         "protocol error: unexpected {} frame from the controller",
                         auth::frame_kind(&other)
-                    )))
+                    ))))
                 }
             }
         }
@@ -599,7 +965,7 @@ impl Agent {
             Ok((spool, child)) => {
                 let ctl = Rc::new(StepCtl::new(s.credit, generation));
                 self.steps.borrow_mut().insert(key, ctl.clone());
-                let exited = self.reaper.watch(child.pid);
+                let exited = self.reaper.watch(&self.ex, child.pid);
                 let deadline = (s.timeout_secs > 0)
                     .then(|| Instant::now() + Duration::from_secs(u64::from(s.timeout_secs)));
                 let agent = self.clone();
@@ -653,6 +1019,18 @@ fn clip(msg: &str) -> &str {
     &msg[..end]
 }
 
+/// The agent failed a running step (its output cannot be spooled, read or replayed): kill its
+/// group and say why in the step's `Exit`. The exit status stays what the step's shell ends with
+/// (SIGKILL, if it was still running): the step did start, so this is not `StartFailed`.
+fn fail(pid: i32, (build, step): (u64, u32), fault: &mut bool, what: String, message: &mut String) {
+    log::error!("build {build} step {step}: {what}; killing the step");
+    process::kill_group(pid, Signal::SIGKILL);
+    if !*fault {
+        *message = format!("the agent stopped the step: {what}");
+        *fault = true;
+    }
+}
+
 enum Ev {
     Read(std::io::Result<usize>),
     Exited(WaitStatus),
@@ -682,6 +1060,7 @@ async fn run_step(
     let mut killed = false;
     let mut exit_sent_on = 0u64; // the link generation the Exit went out on
     let mut message = String::new(); // for the Exit: what went wrong on the agent's side
+    let mut fault = false; // the agent failed the step after it had started (see `fail`)
     let mut logged_end = false;
     loop {
         if ctl.abandoned.get() {
@@ -692,14 +1071,12 @@ async fn run_step(
         if let Some(off) = ctl.resume_at.take() {
             if off < spool.acked() || off > spool.produced() {
                 // Cannot happen unless the controller lost stored output; say so and end the step.
-                message = format!(
+                let what = format!(
                     "the controller has {off} output bytes but the agent holds bytes {}..{}; output lost",
                     spool.acked(),
                     spool.produced()
                 );
-                log::error!("build {build} step {step}: {message}");
-                process::kill_group(child.pid, Signal::SIGKILL);
-                reason = Some(ExitStatus::StartFailed);
+                fail(child.pid, key, &mut fault, what, &mut message);
                 eof = true;
                 spool.release(spool.produced());
                 sent = spool.produced();
@@ -760,10 +1137,8 @@ async fn run_step(
                         }
                     }
                     Err(e) => {
-                        message = format!("reading the output spool: {e}");
-                        log::error!("build {build} step {step}: {message}");
-                        process::kill_group(child.pid, Signal::SIGKILL);
-                        reason = Some(ExitStatus::StartFailed);
+                        let what = format!("reading the output spool: {e}");
+                        fail(child.pid, key, &mut fault, what, &mut message);
                         eof = true;
                         sent = spool.produced();
                     }
@@ -771,7 +1146,12 @@ async fn run_step(
                 continue;
             }
             if eof && status.is_some() && sent == spool.produced() && exit_sent_on != link.generation {
-                let st = reason.or(status).unwrap_or(ExitStatus::Code(-1));
+                let st = match reason.or(status).unwrap_or(ExitStatus::Code(-1)) {
+                    // The step itself succeeded, but the agent lost part of its output: that must
+                    // not pass as a success. (Killed by the agent, it ends with SIGKILL.)
+                    ExitStatus::Code(0) if fault => ExitStatus::Code(-1),
+                    st => st,
+                };
                 if !logged_end {
                     log::info!("build {build} step {step}: {st}");
                     logged_end = true;
@@ -831,10 +1211,8 @@ async fn run_step(
             Ev::Read(Ok(n)) => {
                 let at = spool.produced();
                 if let Err(e) = spool.append(&out.space()[..n]) {
-                    message = format!("cannot write the output spool in {}: {e}", spool.dir().display());
-                    log::error!("build {build} step {step}: {message}");
-                    process::kill_group(child.pid, Signal::SIGKILL);
-                    reason.get_or_insert(ExitStatus::StartFailed);
+                    let what = format!("cannot write the output spool in {}: {e}", spool.dir().display());
+                    fail(child.pid, key, &mut fault, what, &mut message);
                     eof = true;
                     continue;
                 }
@@ -851,7 +1229,14 @@ async fn run_step(
                 }
             }
             Ev::Read(Err(e)) => {
-                log::warn!("build {build} step {step}: reading output: {e}");
+                // Nobody would read the pipe any more, so the step would block on its next write.
+                fail(
+                    child.pid,
+                    key,
+                    &mut fault,
+                    format!("reading the step's output failed: {e}"),
+                    &mut message,
+                );
                 eof = true;
             }
             Ev::Exited(st) => {
@@ -863,5 +1248,100 @@ async fn run_step(
             }
             Ev::Wake | Ev::Timer => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_identities_parse_in_wisp_and_jenkins_forms() {
+        // A P-256 key as `openssl x509 -pubkey` prints it (the body of its PEM is Jenkins' form),
+        // and its fingerprint from `openssl pkey -pubin -outform DER | sha256sum`.
+        let jenkins = "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEjMgDxZBkqaDYZIDwDQBBV2R+y0Qk\
+                       /cYrT0xfW0xnxUZ/W4RULc7yn24Op2/bfaOQmnIULgBdmI61Xfk4rkK8+Q==";
+        let wisp = "sha256:a33efe75eb72437789fb551072d6ff1e40fbf837e927926bfe64af4a6c2f8e4a";
+        let fp = parse_instance_identity(wisp).unwrap();
+        assert_eq!(parse_instance_identity(jenkins).unwrap(), fp);
+        assert_eq!(parse_instance_identity(&jenkins.replace('=', "")).unwrap(), fp);
+        assert_eq!(parse_instance_identity(&wisp["sha256:".len()..]).unwrap(), fp);
+        for bad in ["sha256:zz", "abcd", "not base64!", "QUJD", ""] {
+            assert!(parse_instance_identity(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn refusals_for_good_and_for_now() {
+        for code in [RejectCode::UnknownNode, RejectCode::WrongSecret, RejectCode::UnsupportedVersion] {
+            assert!(is_permanent(code));
+        }
+        for code in [RejectCode::AlreadyConnected, RejectCode::ProtocolError, RejectCode::TryLater] {
+            assert!(!is_permanent(code));
+        }
+        let lockout = refusal(
+            RejectCode::ProtocolError,
+            "too many failed handshakes from 127.0.0.1; try again in 60s".into(),
+        );
+        assert_eq!(lockout.kind, SetbackKind::Busy(Some(Duration::from_secs(60))));
+        let d = delay_after(&lockout, &mut Backoff::default());
+        assert!(d >= Duration::from_secs(60));
+        assert!(lockout.describe(d).starts_with("the controller is overloaded / refusing for now (too many"));
+        assert_eq!(refusal(RejectCode::TryLater, "busy".into()).kind, SetbackKind::Busy(None));
+        assert_eq!(refusal(RejectCode::ProtocolError, "bad frame".into()).kind, SetbackKind::Link);
+        assert_eq!(refusal(RejectCode::AlreadyConnected, "stop it".into()).kind, SetbackKind::Link);
+        assert_eq!(retry_hint("try again in 9999s"), Some(MAX_RETRY_HINT));
+        assert_eq!(retry_hint("try again in a while"), None);
+    }
+
+    #[test]
+    fn dial_errors_are_told_apart() {
+        let cert = format!(
+            "TLS handshake with h:1 failed: invalid peer certificate: UnknownIssuer ({})",
+            crate::tls::TLS_ADVICE
+        );
+        assert_eq!(classify_dial_error(cert).kind, SetbackKind::Certificate);
+        let pin = "TLS handshake with h:1 failed: unexpected error: the server's identity is sha256:1, not the pinned sha256:2";
+        assert_eq!(classify_dial_error(pin.into()).kind, SetbackKind::Certificate);
+        // A controller that closes connections in the TLS handshake is busy, not untrusted.
+        let closed = format!(
+            "TLS handshake with h:1 failed: peer closed connection without sending TLS close_notify: https://docs.rs/rustls ({})",
+            crate::tls::TLS_ADVICE
+        );
+        let s = classify_dial_error(closed);
+        assert_eq!(s.kind, SetbackKind::Busy(None));
+        assert!(!s.describe(Duration::from_secs(1)).contains("certificate"), "{}", s.msg);
+        assert!(!s.msg.contains("rustls"), "{}", s.msg);
+        let refused = "cannot connect to h:1: Connection refused (os error 111)".to_string();
+        assert_eq!(classify_dial_error(refused).kind, SetbackKind::Link);
+    }
+
+    #[test]
+    fn certificate_failures_end_the_agent_only_in_a_row() {
+        let cert = || Setback { msg: "invalid peer certificate".into(), kind: SetbackKind::Certificate };
+        let mut c = CertFailures::default();
+        for _ in 1..MAX_CERT_FAILURES {
+            c.note(&cert()).unwrap();
+        }
+        c.note(&Setback::link("connection refused")).unwrap();
+        for _ in 1..MAX_CERT_FAILURES {
+            c.note(&cert()).unwrap();
+        }
+        let e = c.note(&cert()).unwrap_err();
+        assert_eq!(e.exit_code(), 8);
+        assert!(e.to_string().contains("5 tries"), "{e}");
+    }
+
+    #[test]
+    fn a_stopper_stops_and_dropping_it_does_not() {
+        let (stopper, mut shutdown) = Shutdown::stopper();
+        let waited = smol::future::block_on(timeout(Duration::from_millis(50), shutdown.wait()));
+        assert!(waited.is_none());
+        std::thread::spawn(move || stopper.stop()).join().unwrap();
+        smol::future::block_on(shutdown.wait());
+        smol::future::block_on(shutdown.wait()); // again: at once
+        let (stopper, mut shutdown) = Shutdown::stopper();
+        drop(stopper);
+        assert!(smol::future::block_on(timeout(Duration::from_millis(50), shutdown.wait())).is_none());
     }
 }

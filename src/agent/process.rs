@@ -1,116 +1,196 @@
 //! Child processes of the agent: spawning a step's shell in its own process group, killing its process
-//! group, and reaping exits (all children when the agent is PID 1).
+//! group, and learning of exits (of all children too when the agent is PID 1), and the signals the
+//! binary takes.
 //!
-//! Exits are learned from SIGCHLD through a self-pipe, so no thread blocks in `waitpid`.
+//! No state here is process-wide: each step's exit is watched through a pidfd of its own (a file
+//! descriptor that becomes readable when the process ends), so any number of agents can run in one
+//! process and no signal handler is needed for them. Signals (SIGTERM and SIGINT for a stop,
+//! SIGCHLD for the orphans PID 1 adopts) come through a signalfd owned by a value, which needs them
+//! blocked in every thread: [`block_signals`] does that and must run before any thread starts.
 
 use nix::errno::Errno;
-use nix::sys::signal::{self, SigHandler, Signal};
+use nix::sys::signal::{self, SigHandler, SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use smol::channel::{bounded, Receiver, Sender};
-use smol::io::AsyncReadExt;
-use smol::Async;
+use smol::{Async, LocalExecutor, Timer};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::time::Duration;
 
-static SELF_PIPE: AtomicI32 = AtomicI32::new(-1);
-static TERMINATE: AtomicBool = AtomicBool::new(false);
+/// The signals the binary takes through file descriptors.
+const SIGNALS: [Signal; 3] = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGCHLD];
 
-extern "C" fn on_signal(sig: nix::libc::c_int) {
-    if sig == nix::libc::SIGTERM || sig == nix::libc::SIGINT {
-        TERMINATE.store(true, Ordering::SeqCst);
+/// Where pidfds are not available (Linux before 5.3, a seccomp filter that refuses them), a step's
+/// exit is polled for: first after this long, then at doubling intervals up to `EXIT_POLL_MAX`.
+const EXIT_POLL_MIN: Duration = Duration::from_millis(5);
+/// Longest wait between two polls for a step's exit without a pidfd (the most an exit can be
+/// noticed late).
+const EXIT_POLL_MAX: Duration = Duration::from_millis(200);
+
+/// A handler that does nothing: the signals are blocked and read from a signalfd, but a PID 1
+/// only receives the signals it has a handler for.
+extern "C" fn no_op(_: nix::libc::c_int) {}
+
+/// Block SIGTERM, SIGINT and SIGCHLD in the calling thread, and so in every thread it starts later,
+/// so that [`TermSignals`] and an orphan-reaping [`Reaper`] can read them from a signalfd. Call it
+/// first thing in `main`, before any thread exists. Steps start with an empty signal mask (std
+/// resets it for children).
+pub fn block_signals() -> std::io::Result<()> {
+    let action = signal::SigAction::new(
+        SigHandler::Handler(no_op),
+        signal::SaFlags::SA_RESTART | signal::SaFlags::SA_NOCLDSTOP,
+        SigSet::empty(),
+    );
+    for sig in SIGNALS {
+        unsafe { signal::sigaction(sig, &action) }?;
     }
-    let fd = SELF_PIPE.load(Ordering::SeqCst);
-    if fd >= 0 {
-        // write(2) is async-signal-safe; a full pipe already means "wake up".
-        unsafe { nix::libc::write(fd, b"x".as_ptr().cast(), 1) };
+    let mut set = SigSet::empty();
+    for sig in SIGNALS {
+        set.add(sig);
     }
+    set.thread_block()?;
+    Ok(())
 }
 
-/// True once SIGTERM or SIGINT arrived.
-pub fn terminate_requested() -> bool {
-    TERMINATE.load(Ordering::SeqCst)
+fn signalfd(signals: &[Signal]) -> std::io::Result<Async<SignalFd>> {
+    let mut set = SigSet::empty();
+    for sig in signals {
+        set.add(*sig);
+    }
+    let blocked = SigSet::thread_get_mask()?;
+    if let Some(sig) = signals.iter().find(|s| !blocked.contains(**s)) {
+        return Err(std::io::Error::other(format!(
+            "{sig} is not blocked, so it cannot be read from a signalfd (call process::block_signals first)"
+        )));
+    }
+    let fd = SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
+    Async::new(fd)
+}
+
+/// SIGTERM and SIGINT, read from a signalfd (after [`block_signals`]).
+pub struct TermSignals {
+    fd: Async<SignalFd>,
+}
+
+impl TermSignals {
+    /// Start taking SIGTERM and SIGINT through a file descriptor.
+    pub fn open() -> std::io::Result<Self> {
+        Ok(Self { fd: signalfd(&[Signal::SIGTERM, Signal::SIGINT])? })
+    }
+
+    /// Wait for SIGTERM or SIGINT; returns which one came.
+    pub async fn next(&self) -> Signal {
+        loop {
+            match self.fd.get_ref().read_signal() {
+                Ok(Some(info)) => {
+                    if let Ok(sig) = Signal::try_from(info.ssi_signo as i32) {
+                        return sig;
+                    }
+                }
+                Ok(None) | Err(_) => {
+                    let _ = self.fd.readable().await;
+                }
+            }
+        }
+    }
 }
 
 /// Tracks the agent's children and delivers each one's exit status to whoever waits for it.
 pub struct Reaper {
     waiters: RefCell<HashMap<i32, Sender<WaitStatus>>>,
-    reap_all: bool,
-    wake: Async<File>,
+    /// SIGCHLD, when this agent also reaps the orphans it adopts as PID 1.
+    orphans: Option<Async<SignalFd>>,
 }
 
 impl Reaper {
-    /// Install the SIGCHLD/SIGTERM/SIGINT handlers. `reap_all` also reaps adopted orphans (PID 1).
-    pub fn install(reap_all: bool) -> std::io::Result<Rc<Self>> {
-        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
-        SELF_PIPE.store(w.as_raw_fd(), Ordering::SeqCst);
-        std::mem::forget(w); // lives as long as the process: the handler writes to it
-        let action = signal::SigAction::new(
-            SigHandler::Handler(on_signal),
-            signal::SaFlags::SA_RESTART | signal::SaFlags::SA_NOCLDSTOP,
-            signal::SigSet::empty(),
-        );
-        for sig in [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT] {
-            unsafe { signal::sigaction(sig, &action) }?;
-        }
-        let wake = Async::new(File::from(r))?;
-        Ok(Rc::new(Self { waiters: RefCell::new(HashMap::new()), reap_all, wake }))
+    /// A reaper for the children this agent starts; with `reap_orphans` (the agent is PID 1) also
+    /// for every other child of the process, learned of through SIGCHLD, which must be blocked
+    /// ([`block_signals`]).
+    pub fn new(reap_orphans: bool) -> std::io::Result<Rc<Self>> {
+        let orphans = if reap_orphans { Some(signalfd(&[Signal::SIGCHLD])?) } else { None };
+        Ok(Rc::new(Self { waiters: RefCell::new(HashMap::new()), orphans }))
     }
 
-    /// Wait for signals forever, reaping children; returns when termination was requested.
+    /// Reap adopted orphans whenever a child of the process ends; never returns. Without
+    /// `reap_orphans` there is nothing to do and it just waits.
     pub async fn run(&self) {
-        let mut buf = [0u8; 64];
+        let Some(fd) = &self.orphans else { return std::future::pending().await };
         loop {
-            self.reap();
-            if terminate_requested() {
-                return;
-            }
-            let _ = (&self.wake).read(&mut buf).await;
-        }
-    }
-
-    /// Register interest in `pid`'s exit. Call right after spawning it.
-    pub fn watch(&self, pid: i32) -> Receiver<WaitStatus> {
-        let (tx, rx) = bounded(1);
-        self.waiters.borrow_mut().insert(pid, tx);
-        // It may already have exited before we registered.
-        self.reap();
-        rx
-    }
-
-    fn reap(&self) {
-        if self.reap_all {
+            while let Ok(Some(_)) = fd.get_ref().read_signal() {}
             loop {
                 match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                     Ok(WaitStatus::StillAlive) | Err(_) => break,
                     Ok(st) => self.deliver(st),
                 }
             }
-        } else {
-            let pids: heapless::Vec<i32, 64> = self.waiters.borrow().keys().copied().take(64).collect();
-            for pid in pids {
-                match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
-                    Ok(WaitStatus::StillAlive) => {}
-                    Ok(st) => self.deliver(st),
-                    Err(Errno::ECHILD) => {
-                        self.waiters.borrow_mut().remove(&pid);
-                    }
-                    Err(_) => {}
-                }
-            }
+            let _ = fd.readable().await;
         }
+    }
+
+    /// Register interest in `pid`'s exit, watched by a task on `ex`. Call right after spawning it
+    /// (before anything else runs on the executor).
+    pub fn watch(self: &Rc<Self>, ex: &LocalExecutor<'static>, pid: i32) -> Receiver<WaitStatus> {
+        let (tx, rx) = bounded(1);
+        self.waiters.borrow_mut().insert(pid, tx);
+        ex.spawn(watch_child(self.clone(), pid)).detach();
+        rx
     }
 
     fn deliver(&self, st: WaitStatus) {
         if let WaitStatus::Exited(pid, _) | WaitStatus::Signaled(pid, _, _) = st {
             if let Some(tx) = self.waiters.borrow_mut().remove(&pid.as_raw()) {
                 let _ = tx.try_send(st);
+            }
+        }
+    }
+}
+
+/// A pidfd for `pid`, readable once it has ended; None where the kernel has none to give.
+fn pidfd(pid: i32) -> Option<Async<OwnedFd>> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor (close-on-exec) or -1.
+    let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        log::debug!("no pidfd for pid {pid} ({}): polling for its exit", std::io::Error::last_os_error());
+        return None;
+    }
+    // SAFETY: a descriptor the kernel just gave us and nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    Async::new(fd).ok()
+}
+
+/// Wait for child `pid` to end and deliver its status (unless the orphan reaper got it first).
+async fn watch_child(reaper: Rc<Reaper>, pid: i32) {
+    let fd = pidfd(pid);
+    let mut poll = EXIT_POLL_MIN;
+    loop {
+        if !reaper.waiters.borrow().contains_key(&pid) {
+            return;
+        }
+        match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => {}
+            Ok(st @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => return reaper.deliver(st),
+            Ok(_) => {}
+            Err(e) => {
+                // Not our child any more: someone else waited for it. Say so rather than leave
+                // the step waiting forever.
+                log::warn!("lost track of process {pid}: {e}; its step is reported as exit code -1");
+                return reaper.deliver(WaitStatus::Exited(Pid::from_raw(pid), -1));
+            }
+        }
+        match &fd {
+            Some(fd) => {
+                let _ = fd.readable().await;
+            }
+            None => {
+                Timer::after(poll).await;
+                poll = (poll * 2).min(EXIT_POLL_MAX);
             }
         }
     }
@@ -194,5 +274,31 @@ pub fn kill_group(pgid: i32, sig: Signal) {
     match signal::killpg(Pid::from_raw(pgid), sig) {
         Ok(()) | Err(Errno::ESRCH) => {}
         Err(e) => log::warn!("could not send {sig} to process group {pgid}: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_exit_is_delivered_with_more_children_than_the_old_64_pid_batch() {
+        let ex = Rc::new(LocalExecutor::new());
+        let reaper = Reaper::new(false).unwrap();
+        let dir = std::env::temp_dir();
+        let n = 300;
+        let waits: Vec<(i32, Receiver<WaitStatus>)> = (0..n)
+            .map(|i| {
+                let child =
+                    spawn_shell("/bin/sh", &format!("exit {}", i % 100), &dir, std::iter::empty()).unwrap();
+                (child.pid, reaper.watch(&ex, child.pid))
+            })
+            .collect();
+        smol::future::block_on(ex.run(async {
+            for (i, (pid, rx)) in waits.into_iter().enumerate() {
+                let st = rx.recv().await.unwrap();
+                assert_eq!(st, WaitStatus::Exited(Pid::from_raw(pid), (i % 100) as i32));
+            }
+        }));
     }
 }

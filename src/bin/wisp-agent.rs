@@ -1,4 +1,5 @@
-//! `wisp-agent`: the build agent. Parses arguments and the Jenkins-style environment, then runs.
+//! `wisp-agent`: the build agent. Parses arguments and the Jenkins-style environment, scrubs the
+//! secret from what /proc shows of this process, and runs the agent until SIGTERM or SIGINT.
 
 /// On musl, dlmalloc instead of musl's malloc: musl returns a page group to the kernel as soon as
 /// it is empty, so each build mapped and unmapped about seven regions (the step's read buffer,
@@ -10,13 +11,13 @@ static ALLOC: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
 
 use argh::FromArgs;
 use std::path::PathBuf;
-use wisp::agent::{self, Mode};
+use wisp::agent::{self, process, AgentError, Mode, Shutdown};
 
 /// A tiny build agent: connects to a wisp controller and runs the build steps it is given.
 ///
 /// Also takes the Jenkins inbound-agent forms: `wisp-agent SECRET NAME` with JENKINS_URL set,
 /// the variables JENKINS_URL, JENKINS_SECRET, JENKINS_AGENT_NAME (or JENKINS_NAME),
-/// JENKINS_WEB_SOCKET, JENKINS_DIRECT_CONNECTION, JENKINS_AGENT_WORKDIR, and single-dash
+/// JENKINS_WEB_SOCKET, JENKINS_DIRECT_CONNECTION, JENKINS_INSTANCE_IDENTITY, JENKINS_AGENT_WORKDIR, and single-dash
 /// options such as -url, -webSocket, -workDir and -jnlpUrl.
 #[derive(FromArgs)]
 struct Args {
@@ -51,7 +52,8 @@ struct Args {
     #[argh(option)]
     cert: Option<PathBuf>,
     /// pin the controller's public key, sha256:HEX as `wisp node add` prints it (for its own
-    /// self-signed identity); names and CAs are then not checked
+    /// self-signed identity) or the base64 public key Jenkins passes (or JENKINS_INSTANCE_IDENTITY);
+    /// names and CAs are then not checked
     #[argh(option)]
     instance_identity: Option<String>,
     /// do not check the controller's certificate at all (unsafe; warns at every connect)
@@ -108,7 +110,29 @@ fn fail(msg: &str) -> ! {
     std::process::exit(2);
 }
 
+/// Say why the agent ends (once) and exit with its code.
+fn exit_with(e: AgentError) -> ! {
+    log::error!("{e}");
+    std::process::exit(e.exit_code());
+}
+
+/// Each running step holds a pipe, a pidfd and up to two spool files open: with up to 1024
+/// executors the usual soft limit of 1024 descriptors is too few.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+            log::debug!("could not raise the open-file limit from {soft} to {hard}");
+        }
+    }
+}
+
 fn main() {
+    // First, while this is the only thread (threads started later inherit the mask): SIGTERM,
+    // SIGINT and SIGCHLD are blocked and read from signalfds.
+    if let Err(e) = process::block_signals() {
+        fail(&format!("cannot set up signal handling: {e}"));
+    }
     let argv: Vec<String> = std::env::args().map(jenkins_compat).collect();
     let strs: Vec<&str> = argv.iter().map(String::as_str).collect();
     let args = match Args::from_args(&strs[..1], &strs[1..]) {
@@ -153,20 +177,42 @@ fn main() {
         },
         None => secret,
     };
-    let pin = |fp: &str| wisp::tls::parse_fingerprint(fp).unwrap_or_else(|e| fail(&e));
+    // Steps run as this user and may read /proc/PPID/cmdline and /proc/PPID/environ: the secret
+    // must not stay there. Still the only thread here.
+    match agent::scrub::scrub_secret(&secret) {
+        Ok(n) => log::debug!("secret scrubbed from {n} place(s) of the command line and environment"),
+        Err(e) => log::warn!(
+            "could not scrub the secret from this process's command line and environment ({e}): \
+             steps may read it from /proc/{}/; prefer --secret @FILE",
+            std::process::id()
+        ),
+    }
+    raise_open_file_limit();
+    let signals = process::TermSignals::open().unwrap_or_else(|e| fail(&format!("signals: {e}")));
+    let mut shutdown = Shutdown::new(async move {
+        let sig = signals.next().await;
+        log::info!("{sig} received: stopping");
+    });
+    let pin = |fp: &str| agent::parse_instance_identity(fp).unwrap_or_else(|e| fail(&e));
+    let identity = args.instance_identity.or_else(|| env("JENKINS_INSTANCE_IDENTITY"));
     let mut trust = wisp::tls::Trust {
         ca_file: args.cert,
-        pin: args.instance_identity.as_deref().map(pin),
+        pin: identity.as_deref().map(pin),
         insecure: args.no_certificate_check,
     };
     // A descriptor fills in what the command line and the environment leave open.
-    let desc = jnlp_url.as_deref().map(|u| match agent::fetch_descriptor(u, &name, &secret, &trust) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("wisp-agent: {e}");
-            std::process::exit(e.exit_code());
+    let desc = match jnlp_url
+        .as_deref()
+        .map(|u| agent::fetch_descriptor(u, &name, &secret, &trust, &mut shutdown))
+    {
+        None => None,
+        Some(Ok(Some(d))) => Some(d),
+        Some(Ok(None)) => {
+            log::info!("agent stopped");
+            return;
         }
-    });
+        Some(Err(e)) => exit_with(e),
+    };
     let url = args
         .url
         .or_else(|| env("JENKINS_URL"))
@@ -200,9 +246,7 @@ fn main() {
     }
     let spool_cap = args.spool_cap.unwrap_or(agent::DEFAULT_SPOOL_CAP);
     let cfg = agent::Config { url, name, secret, mode, work_dir, trust, spool_cap };
-    if let Err(e) = agent::run(cfg) {
-        log::error!("{e}");
-        eprintln!("wisp-agent: {e}");
-        std::process::exit(e.exit_code());
+    if let Err(e) = agent::run(cfg, shutdown) {
+        exit_with(e);
     }
 }

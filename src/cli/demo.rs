@@ -84,7 +84,7 @@ pub(super) fn run(d: Demo) -> i32 {
         spool_cap: crate::agent::DEFAULT_SPOOL_CAP,
     };
     std::thread::spawn(move || {
-        if let Err(e) = crate::agent::run(agent_cfg) {
+        if let Err(e) = crate::agent::run(agent_cfg, crate::agent::Shutdown::never()) {
             eprintln!("wisp: local agent: {e}");
         }
     });

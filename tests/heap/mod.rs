@@ -76,7 +76,7 @@ fn stream_one_gib(ws: bool) -> (isize, isize) {
             trust: Default::default(),
             spool_cap: wisp::agent::DEFAULT_SPOOL_CAP,
         };
-        let _ = wisp::agent::run(cfg);
+        let _ = wisp::agent::run(cfg, wisp::agent::Shutdown::never());
     });
     ctl.wait_online(name);
     let idle = CURRENT.load(Ordering::SeqCst);
