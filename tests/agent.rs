@@ -45,7 +45,7 @@ fn an_agent_refused_for_a_reason_it_can_retry_keeps_trying_and_gets_in() {
         let t = second.log_text();
         t.contains("already connected").then_some(t)
     });
-    assert!(log.contains("retrying in") && !log.contains("certificate"), "{log}");
+    assert!(log.contains("reconnecting in") && !log.contains("certificate"), "{log}");
     std::thread::sleep(Duration::from_secs(2));
     assert!(alive(second.pid()), "the agent gave up on a refusal it can retry: {}", second.log_text());
     first.kill("TERM");
