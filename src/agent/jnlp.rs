@@ -53,52 +53,23 @@ pub fn split_url(url: &str) -> Result<(String, String), String> {
     if name.is_empty() || name.contains('/') {
         return Err(bad());
     }
-    Ok((format!("{base}/"), percent_decode(name)))
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn xml_unescape(s: &str) -> String {
-    s.replace("&lt;", "<")
-        .replace("&gt;", ">")
-        .replace("&quot;", "\"")
-        .replace("&apos;", "'")
-        .replace("&amp;", "&")
+    Ok((format!("{base}/"), percent_encoding::percent_decode_str(name).decode_utf8_lossy().into_owned()))
 }
 
 /// Read the `<argument>`s of the `<application-desc>` in Jenkins' order: secret, name, then
 /// `-webSocket`, `-workDir DIR`, `-url URL`, `-direct HOST:PORT`, `-instanceIdentity FP` in any
 /// order (others ignored).
 pub fn parse(xml: &str) -> Result<Descriptor, String> {
-    let start = xml.find("<application-desc").ok_or("the descriptor has no <application-desc>")?;
-    let end = xml[start..]
-        .find("</application-desc>")
-        .ok_or("the descriptor's <application-desc> is not closed")?;
-    let mut args = Vec::new();
-    let mut rest = &xml[start..start + end];
-    while let Some(i) = rest.find("<argument>") {
-        let after = &rest[i + "<argument>".len()..];
-        let j = after.find("</argument>").ok_or("an <argument> is not closed")?;
-        args.push(xml_unescape(after[..j].trim()));
-        rest = &after[j..];
-    }
+    let doc = roxmltree::Document::parse(xml).map_err(|e| format!("the descriptor is not XML: {e}"))?;
+    let desc = doc
+        .descendants()
+        .find(|n| n.has_tag_name("application-desc"))
+        .ok_or("the descriptor has no <application-desc>")?;
+    let args: Vec<String> = desc
+        .children()
+        .filter(|n| n.has_tag_name("argument"))
+        .map(|n| n.text().unwrap_or("").trim().to_string())
+        .collect();
     let mut it = args.into_iter();
     let (secret, name) = match (it.next(), it.next()) {
         (Some(s), Some(n)) if !s.starts_with('-') && !n.starts_with('-') => (s, n),
@@ -189,6 +160,7 @@ mod tests {
         assert_eq!(d.work_dir.as_deref(), Some("/home/jenkins/agent"));
         assert_eq!(d.url.as_deref(), Some("http://ci:8080/"));
         assert!(parse("<jnlp/>").is_err());
+        assert!(parse("<jnlp><application-desc><argument>a</argument>").is_err(), "not closed");
         assert!(parse("<application-desc><argument>-url</argument></application-desc>").is_err());
     }
 }
