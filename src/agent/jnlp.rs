@@ -4,8 +4,8 @@
 //! (`?encrypt=true`) and needs no API token; the descriptor then gives the controller URL, the
 //! transport and the work dir in Jenkins' argument order.
 
-use super::connect::{self, Target, Tls};
 use crate::auth;
+use crate::dial::{self, DialError, Target, Tls};
 
 /// Largest descriptor accepted (they are well under 2 KiB).
 const MAX_DESCRIPTOR: usize = 64 * 1024;
@@ -38,7 +38,9 @@ pub enum JnlpError {
     UnknownNode(String),
     /// The descriptor did not open with our secret.
     WrongSecret(String),
-    /// The controller could not be reached or answered with a server error; try again later.
+    /// The controller could not be reached; try again later.
+    Dial(DialError),
+    /// The controller answered with a server error; try again later.
     Retry(String),
 }
 
@@ -99,11 +101,10 @@ pub fn parse(xml: &str) -> Result<Descriptor, String> {
 
 /// Fetch and open the descriptor at `url` for node `name` with `secret`.
 pub async fn fetch(url: &str, name: &str, secret: &str, tls: Option<&Tls>) -> Result<Descriptor, JnlpError> {
-    let target: Target = connect::parse_url(url).map_err(JnlpError::Fatal)?;
+    let target: Target = dial::parse_url(url).map_err(|e| JnlpError::Fatal(e.to_string()))?;
     // parse_url keeps the whole path as its prefix; here it is the descriptor's path.
     let path = format!("{}?encrypt=true", target.prefix.trim_end_matches('/'));
-    let answer =
-        connect::http_get(&target, tls, &path, MAX_DESCRIPTOR, false).await.map_err(JnlpError::Retry)?;
+    let answer = dial::http_get(&target, tls, &path, MAX_DESCRIPTOR, false).await.map_err(JnlpError::Dial)?;
     match answer.status {
         200 => {}
         404 => {

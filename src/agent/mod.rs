@@ -10,18 +10,18 @@
 //! Nothing here is process-wide: an agent is the value [`run`] builds, stopped by the
 //! [`Shutdown`] it is given, so several agents can run in one process.
 
-pub mod connect;
 pub mod jnlp;
 pub mod process;
 pub mod scrub;
 pub mod spool;
 
 use crate::auth::{self, ClientHandshake, ClientStep};
+pub use crate::dial::Mode;
+use crate::dial::{self, DialError};
 use crate::link::{LinkError, LinkReader, LinkWriter, OutputBuf, Watchdog};
 use crate::proto::{
     self, CodecError, ExitStatus, Frame, RejectCode, StepStart, MAX_MESSAGE, MAX_OUTPUT_CHUNK,
 };
-pub use connect::Mode;
 use nix::sys::signal::Signal;
 use nix::sys::wait::WaitStatus;
 use process::Reaper;
@@ -279,27 +279,19 @@ fn retry_hint(msg: &str) -> Option<Duration> {
 }
 
 /// What a failed dial (TCP, TLS, WebSocket upgrade, port discovery) means for the agent.
-///
-/// The dial code reports its errors as sentences today; this is the one place that reads them.
-/// When it has a typed error, this becomes a match on it.
-fn classify_dial_error(msg: String) -> Setback {
-    let lower = msg.to_ascii_lowercase();
-    if lower.contains("invalid peer certificate") || lower.contains("not the pinned") {
-        return Setback { msg, kind: SetbackKind::Certificate };
-    }
-    if let Some(i) = msg.find("TLS handshake with ") {
+fn classify_dial_error(e: &DialError) -> Setback {
+    match e {
+        DialError::CertificateUntrusted { .. } => {
+            Setback { msg: e.to_string(), kind: SetbackKind::Certificate }
+        }
         // A controller with too many connections in the TLS handshake closes new ones on accept:
         // that is not a certificate problem, so the certificate advice would mislead.
-        let closed = ["close_notify", "end of file", "eof", "reset by peer", "broken pipe"];
-        if closed.iter().any(|c| lower.contains(c)) {
-            let who = msg[i + "TLS handshake with ".len()..].split(' ').next().unwrap_or_default();
-            return Setback::busy(format!("{who} closed the connection during the TLS handshake"));
+        DialError::HandshakeCut { addr } => {
+            Setback::busy(format!("{addr} closed the connection during the TLS handshake"))
         }
+        DialError::Http { status: Some(503 | 429), .. } => Setback::busy(e.to_string()),
+        _ => Setback::link(e.to_string()),
     }
-    if lower.contains("answered http 503") || lower.contains("answered http 429") {
-        return Setback::busy(msg);
-    }
-    Setback::link(msg)
 }
 
 /// A refusal the agent retries, as a setback.
@@ -317,11 +309,11 @@ fn refusal(code: RejectCode, m: String) -> Setback {
 
 /// Open a link in `mode`; also says where it went: "HOST:PORT over TRANSPORT[ with TLS]".
 async fn dial(
-    target: &connect::Target,
+    target: &dial::Target,
     mode: &Mode,
     name: &str,
-    tls: Option<&connect::Tls>,
-) -> Result<(LinkReader, LinkWriter, String), String> {
+    tls: Option<&dial::Tls>,
+) -> Result<(LinkReader, LinkWriter, String), DialError> {
     let host_port = |port: u16| {
         if target.host.contains(':') {
             format!("[{}]:{port}", target.host)
@@ -334,12 +326,12 @@ async fn dial(
         Mode::WebSocket => (mode, host_port(target.port), "WebSocket"),
         Mode::Direct(addr) => (mode, addr.clone(), "TCP"),
         Mode::Discover => {
-            let addr = host_port(connect::discover_port(target, tls).await?);
+            let addr = host_port(dial::discover_port(target, tls).await?);
             discovered = Mode::Direct(addr.clone());
             (&discovered, addr, "TCP")
         }
     };
-    let (reader, writer) = connect::open(target, mode, name, tls).await?;
+    let (reader, writer) = dial::open(target, mode, name, tls).await?;
     let with = if tls.is_some() { " with TLS" } else { "" };
     Ok((reader, writer, format!("{addr} over {transport}{with}")))
 }
@@ -390,10 +382,10 @@ pub fn fetch_descriptor(
     trust: &crate::tls::Trust,
     shutdown: &mut Shutdown,
 ) -> Result<Option<jnlp::Descriptor>, AgentError> {
-    let tls = if connect::parse_url(jnlp_url).map_err(AgentError::Config)?.tls {
+    let tls = if dial::parse_url(jnlp_url).map_err(|e| AgentError::Config(e.to_string()))?.tls {
         let explicit = trust.pin.is_some() || trust.ca_file.is_some() || trust.insecure;
         Some(
-            if explicit { connect::Tls::new(trust) } else { connect::Tls::unchecked_for_sealed_content() }
+            if explicit { dial::Tls::new(trust) } else { dial::Tls::unchecked_for_sealed_content() }
                 .map_err(AgentError::Config)?,
         )
     } else {
@@ -412,9 +404,11 @@ pub fn fetch_descriptor(
                 Err(jnlp::JnlpError::WrongSecret(m)) => {
                     return Err(AgentError::Rejected(RejectCode::WrongSecret, m))
                 }
-                Err(jnlp::JnlpError::Retry(m)) => {
-                    classify_dial_error(format!("fetching the agent descriptor: {m}"))
+                Err(jnlp::JnlpError::Dial(e)) => {
+                    let s = classify_dial_error(&e);
+                    Setback { msg: format!("fetching the agent descriptor: {}", s.msg), ..s }
                 }
+                Err(jnlp::JnlpError::Retry(m)) => Setback::busy(m),
             };
             cert.note(&setback)?;
             let delay = delay_after(&setback, &mut backoff);
@@ -466,9 +460,8 @@ pub async fn run_on(
     mut cfg: Config,
     mut shutdown: Shutdown,
 ) -> Result<(), AgentError> {
-    let target = connect::parse_url(&cfg.url).map_err(AgentError::Config)?;
-    let tls =
-        if target.tls { Some(connect::Tls::new(&cfg.trust).map_err(AgentError::Config)?) } else { None };
+    let target = dial::parse_url(&cfg.url).map_err(|e| AgentError::Config(e.to_string()))?;
+    let tls = if target.tls { Some(dial::Tls::new(&cfg.trust).map_err(AgentError::Config)?) } else { None };
     cfg.work_dir = absolute_work_dir(&cfg.work_dir)?;
     // As PID 1 (a container's init) the agent also reaps the orphans the kernel hands it.
     let reaper = Reaper::new(std::process::id() == 1)
@@ -671,14 +664,10 @@ async fn timeout<T>(d: Duration, fut: impl std::future::Future<Output = T>) -> O
 
 impl Agent {
     /// One connection: open, handshake, report held steps, serve until the link ends.
-    async fn session(
-        self: &Rc<Self>,
-        target: &connect::Target,
-        tls: Option<&connect::Tls>,
-    ) -> Result<(), End> {
+    async fn session(self: &Rc<Self>, target: &dial::Target, tls: Option<&dial::Tls>) -> Result<(), End> {
         let (mut reader, writer, dialled) = dial(target, &self.cfg.mode, &self.cfg.name, tls)
             .await
-            .map_err(|e| End::Retry(classify_dial_error(e)))?;
+            .map_err(|e| End::Retry(classify_dial_error(&e)))?;
         let writer: Writer = Rc::new(Mutex::new(writer));
         let ping_ms = self.handshake(&mut reader, &writer).await?;
         let generation = self.generation.get() + 1;
@@ -1296,24 +1285,19 @@ mod tests {
 
     #[test]
     fn dial_errors_are_told_apart() {
-        let cert = format!(
-            "TLS handshake with h:1 failed: invalid peer certificate: UnknownIssuer ({})",
-            crate::tls::TLS_ADVICE
-        );
-        assert_eq!(classify_dial_error(cert).kind, SetbackKind::Certificate);
-        let pin = "TLS handshake with h:1 failed: unexpected error: the server's identity is sha256:1, not the pinned sha256:2";
-        assert_eq!(classify_dial_error(pin.into()).kind, SetbackKind::Certificate);
+        let cert = DialError::CertificateUntrusted { addr: "h:1".into(), reason: "UnknownIssuer".into() };
+        assert_eq!(classify_dial_error(&cert).kind, SetbackKind::Certificate);
         // A controller that closes connections in the TLS handshake is busy, not untrusted.
-        let closed = format!(
-            "TLS handshake with h:1 failed: peer closed connection without sending TLS close_notify: https://docs.rs/rustls ({})",
-            crate::tls::TLS_ADVICE
-        );
-        let s = classify_dial_error(closed);
+        let s = classify_dial_error(&DialError::HandshakeCut { addr: "h:1".into() });
         assert_eq!(s.kind, SetbackKind::Busy(None));
         assert!(!s.describe(Duration::from_secs(1)).contains("certificate"), "{}", s.msg);
-        assert!(!s.msg.contains("rustls"), "{}", s.msg);
-        let refused = "cannot connect to h:1: Connection refused (os error 111)".to_string();
-        assert_eq!(classify_dial_error(refused).kind, SetbackKind::Link);
+        let busy = DialError::Http { message: "h:1 answered HTTP 503".into(), status: Some(503) };
+        assert_eq!(classify_dial_error(&busy).kind, SetbackKind::Busy(None));
+        let refused = DialError::Unreachable {
+            addr: "h:1".into(),
+            error: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        };
+        assert_eq!(classify_dial_error(&refused).kind, SetbackKind::Link);
     }
 
     #[test]
