@@ -1,6 +1,6 @@
 //! The controller as a new user and an attacker meet it: a full disk, a build no node can take,
-//! hostile build numbers and node names, a slowloris bigger than a port's handshake budget, and
-//! what it keeps private on disk.
+//! hostile build numbers, node names and nesting, the bearer scheme, and what it keeps private on
+//! disk.
 
 mod common;
 use common::*;
@@ -190,38 +190,6 @@ fn the_data_dir_and_what_it_holds_are_private_whatever_the_umask() {
     for d in ["builds", "tls", &format!("builds/{id}")] {
         assert_eq!(mode(d), 0o700, "{d}");
     }
-}
-
-#[test]
-fn a_slowloris_larger_than_the_http_budget_leaves_the_agent_port_free_and_the_log_short() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
-    let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-    let ctl = Controller::start_tls(&[]);
-    let fp = ctl.fingerprint();
-    // Added first: the CLI itself needs the HTTP port that the slowloris is about to fill.
-    let secret = ctl.add_node("t1", "tcp", &["--tcp"]);
-    let mut idle = Vec::new();
-    for _ in 0..4200 {
-        let s = TcpStream::connect(&ctl.http).unwrap();
-        idle.push(s);
-    }
-    // Give the controller time to accept them all (the budget fills, the rest are closed).
-    wait_for("the HTTP port's budget to fill", Duration::from_secs(30), || {
-        ctl.log_text().contains("connections already in the TLS handshake on this port").then_some(())
-    });
-    let work = TempDir::new("slow-budget");
-    let mut cmd = Command::new(AGENT);
-    cmd.args(["--url", &ctl.url(), "--name", "t1", "--secret", &secret, "--direct", &ctl.agent_addr])
-        .args(["--instance-identity", &fp, "--work-dir"])
-        .arg(work.path().join("t1"));
-    let _a = spawn_logged(cmd, work.path(), "t1");
-    wait_for("the agent to get in on the agent port", Duration::from_secs(30), || {
-        ctl.log_text().contains("node t1: online").then_some(())
-    });
-    let refusals = ctl.log_text().lines().filter(|l| l.contains("already in the TLS handshake")).count();
-    assert!(refusals <= 3, "{refusals} lines for about 100 refusals: not throttled");
-    drop(idle);
 }
 
 #[test]

@@ -24,6 +24,8 @@ pub struct LiveBuild {
     pub steps_done: AtomicU32,
     /// Why a running build makes no progress (its log or the store cannot be written).
     stalled: Mutex<Option<String>>,
+    /// Picked up from the store after a restart (not numbered in this run of the controller).
+    recovered: AtomicBool,
 }
 
 impl LiveBuild {
@@ -37,7 +39,18 @@ impl LiveBuild {
             output: Event::new(),
             steps_done: AtomicU32::new(0),
             stalled: Mutex::new(None),
+            recovered: AtomicBool::new(false),
         }
+    }
+
+    /// Mark it as picked up from the store after a restart.
+    pub fn mark_recovered(&self) {
+        self.recovered.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether it was picked up from the store after a restart.
+    pub fn recovered(&self) -> bool {
+        self.recovered.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Why the running build makes no progress, if it is stalled.

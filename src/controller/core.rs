@@ -24,6 +24,10 @@ use std::time::{Duration, Instant};
 
 pub use super::runner::AGENT_GRACE;
 
+/// Pipelines up to this size are parsed on the executor: with the nesting bounded the parse is
+/// linear, a few microseconds for a pipeline this size, less than handing it to another thread
+/// costs. Larger ones (up to the 1 MiB body limit) go to the blocking pool.
+pub const INLINE_PARSE: usize = 4096;
 /// How long a store write that failed (a full disk) waits before it is tried again.
 pub const STORE_RETRY: Duration = Duration::from_secs(1);
 
@@ -218,6 +222,7 @@ impl Controller {
                 }
             };
             let live = Arc::new(LiveBuild::new(b.id, p));
+            live.mark_recovered();
             if b.state != BuildState::Running {
                 let mut st = self.state();
                 st.queue.push(b.id, live.pipeline.label_expr.clone());
@@ -510,9 +515,13 @@ impl Controller {
         session::reconcile(node, held, &self.steps.started_on(node), away)
     }
 
-    /// Queue a pipeline; returns the build number. The YAML is parsed off the executor.
+    /// Queue a pipeline; returns the build number. A large pipeline is parsed off the executor.
     pub async fn submit(self: &Arc<Self>, yaml: String) -> Result<u64, ApiError> {
-        let (p, yaml) = smol::unblock(move || (pipeline::parse(&yaml), yaml)).await;
+        let (p, yaml) = if yaml.len() <= INLINE_PARSE {
+            (pipeline::parse(&yaml), yaml)
+        } else {
+            smol::unblock(move || (pipeline::parse(&yaml), yaml)).await
+        };
         let p = p.map_err(|e| ApiError::new(400, e.to_string()))?;
         let names: Vec<String> = p.steps.iter().map(|s| s.name.clone()).collect();
         let name = p.name.clone();
@@ -553,6 +562,17 @@ impl Controller {
             .ok_or_else(|| ApiError::new(404, format!("no build #{id}")))
     }
 
+    /// A build's record and its steps, in one store call.
+    pub async fn build_with_steps(&self, id: u64) -> Result<(BuildRecord, Vec<StepRecord>), ApiError> {
+        if id > i64::MAX as u64 {
+            return Err(ApiError::new(404, format!("no build #{id}")));
+        }
+        let (b, steps) =
+            self.store.call(move |s| Ok::<_, rusqlite::Error>((s.build(id)?, s.steps(id)?))).await?;
+        let b = b.ok_or_else(|| ApiError::new(404, format!("no build #{id}")))?;
+        Ok((b, steps))
+    }
+
     /// The newest `limit` builds, newest first.
     pub async fn builds(&self, limit: u32) -> Result<Vec<BuildRecord>, ApiError> {
         Ok(self.store.call(move |s| s.builds(limit)).await?)
@@ -573,9 +593,6 @@ impl Controller {
                     b.cancelled.store(true, Ordering::SeqCst);
                     b.changed.notify(usize::MAX);
                     let was_queued = st.queue.remove(id);
-                    if was_queued {
-                        st.builds.remove(&id);
-                    }
                     Some((b, was_queued))
                 }
             }

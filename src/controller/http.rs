@@ -479,30 +479,19 @@ async fn build_info(ctl: &Controller, id: &str, wait: Option<&str>) -> Result<Re
 async fn build_record(ctl: &Controller, id: u64, wait: Duration) -> Result<api::BuildInfo, ApiError> {
     let deadline = Instant::now() + wait;
     let mut timer = ctl.deadlines.sleep_until(deadline);
-    let b = loop {
-        let listener = ctl.live(id).map(|l| l.changed.listen());
-        let b = ctl.build(id).await?;
-        let Some(listener) = listener.filter(|_| !b.state.is_final()) else { break b };
+    // A build the controller still holds is not final (its runner lets go of it only after its
+    // end is in the store): wait on it in memory, and read the store once, for the answer.
+    loop {
+        let Some(listener) = ctl.live(id).map(|l| l.changed.listen()) else { break };
         if Instant::now() >= deadline {
-            break b;
+            break;
         }
         smol::future::or(listener, async {
             (&mut timer).await;
         })
         .await;
-    };
-    let steps = ctl.build_steps(id).await?;
-    let steps = steps
-        .into_iter()
-        .map(|s| api::StepRecord {
-            index: s.index,
-            name: s.name,
-            state: s.state,
-            exit: s.exit,
-            code: s.code,
-            bytes: s.bytes,
-        })
-        .collect();
+    }
+    let (b, steps) = ctl.build_with_steps(id).await?;
     Ok(api::BuildInfo { build: build_json(ctl, b), steps })
 }
 

@@ -101,6 +101,11 @@ impl StepLog {
         Ok(Self { path, file: None, stored })
     }
 
+    /// A new log at `path` for a step that has never run: nothing is touched until its first byte.
+    pub fn new(path: PathBuf) -> Self {
+        Self { path, file: None, stored: 0 }
+    }
+
     /// A new, empty log at `path`: a file left by an earlier start of the step is removed.
     pub fn create(path: PathBuf) -> io::Result<Self> {
         match std::fs::remove_file(&path) {

@@ -125,25 +125,42 @@ async fn run_step(
     start_on: Option<String>,
 ) -> (StepEnd, u64) {
     let id = build.id;
+    let mut start_write = None;
     let handle = match running {
         Some(h) => h,
         None => {
             let path = ctl.logs.step_path(id, step);
-            let log = match smol::unblock(move || super::logs::StepLog::create(path)).await {
-                Ok(l) => l,
-                Err(e) => {
-                    let m =
-                        format!("cannot reset the step log {}: {e}", ctl.logs.step_path(id, step).display());
-                    return (StepEnd::Lost(m), 0);
+            // A build numbered in this run of the controller has no log files yet (numbers are never
+            // reused); one picked up after a restart may have a file from an earlier start.
+            let log = if build.recovered() {
+                match smol::unblock(move || super::logs::StepLog::create(path)).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let m = format!(
+                            "cannot reset the step log {}: {e}",
+                            ctl.logs.step_path(id, step).display()
+                        );
+                        return (StepEnd::Lost(m), 0);
+                    }
                 }
+            } else {
+                super::logs::StepLog::new(path)
             };
             let h = ctl.steps.open(build, step, node, log, false);
-            ctl.store_must(build, move |s| s.start_step(id, step, start_on.as_deref())).await;
-            build.changed.notify(usize::MAX);
+            // The step starts while its start is written: the store thread keeps the order of the
+            // writes, and the step's end is written only after this one has landed (below).
+            let (c, b) = (ctl.clone(), build.clone());
+            start_write = Some(ctl.ex.spawn(async move {
+                c.store_must(&b, move |s| s.start_step(id, step, start_on.as_deref())).await;
+                b.changed.notify(usize::MAX);
+            }));
             h
         }
     };
     let end = wait_step(ctl, build, node, step, workspace, spec, &handle).await;
+    if let Some(w) = start_write {
+        w.await;
+    }
     build.set_stalled(None);
     ctl.steps.close(id, step);
     (end, handle.slot.stored())
