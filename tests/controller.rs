@@ -111,6 +111,9 @@ fn a_build_no_node_can_take_says_why_it_waits_at_once() {
     let _ = ctl.add_node("lin", "linux", &[]);
     let id = ctl.submit("name: win\nagent: {label: windows}\nsteps:\n  - sh: ver\n");
     assert_eq!(ctl.build_json(id)["waiting"], "no node has label 'windows'");
+    let out = String::from_utf8_lossy(&ctl.wisp(&["builds"]).stdout).into_owned();
+    let line = out.lines().find(|l| l.starts_with(&format!("#{id}\t"))).unwrap_or_default().to_string();
+    assert!(line.ends_with("\twaiting: no node has label 'windows'"), "{out}");
     let id2 = ctl.submit("name: lin\nagent: {label: linux}\nsteps:\n  - sh: 'true'\n");
     assert_eq!(ctl.build_json(id2)["waiting"], "waiting for an agent: lin match 'linux' but it is offline");
     // A follower hears it with the first bytes, not when the build ends.

@@ -457,7 +457,12 @@ fn client_command(cmd: Cmd) -> i32 {
             let mut out = std::io::stdout().lock();
             for b in list.builds {
                 let node = b.node.as_deref().unwrap_or("-");
-                let _ = writeln!(out, "#{}\t{}\t{}\t{node}\t{}", b.id, b.state.as_str(), b.name, b.message);
+                // A build that waits or stalls says why in the message column.
+                let message = match &b.waiting {
+                    Some(why) => format!("waiting: {why}"),
+                    None => b.message,
+                };
+                let _ = writeln!(out, "#{}\t{}\t{}\t{node}\t{message}", b.id, b.state.as_str(), b.name);
             }
             Ok(0)
         }),
