@@ -2,9 +2,13 @@
 //! cancel flag, the events that wake its runner, waiters and log followers, and why it stalls.
 
 use super::pipeline::Pipeline;
+use super::store::{BuildRecord, StepRecord};
 use event_listener::Event;
 use std::sync::atomic::{AtomicBool, AtomicU32};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+/// A build's record and steps as stored once it is over.
+pub type FinalRecord = (BuildRecord, Vec<StepRecord>);
 
 /// A queued or running build.
 pub struct LiveBuild {
@@ -26,6 +30,9 @@ pub struct LiveBuild {
     stalled: Mutex<Option<String>>,
     /// Picked up from the store after a restart (not numbered in this run of the controller).
     recovered: AtomicBool,
+    /// The final record and steps as stored, once the build is over (answers waiters without a
+    /// store read).
+    last: Mutex<Option<Arc<FinalRecord>>>,
 }
 
 impl LiveBuild {
@@ -40,7 +47,21 @@ impl LiveBuild {
             steps_done: AtomicU32::new(0),
             stalled: Mutex::new(None),
             recovered: AtomicBool::new(false),
+            last: Mutex::new(None),
         }
+    }
+
+    /// Keep the final record and steps as stored, and wake waiters.
+    pub fn set_final(&self, build: BuildRecord, steps: Vec<StepRecord>) {
+        if build.state.is_final() {
+            *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new((build, steps)));
+            self.changed.notify(usize::MAX);
+        }
+    }
+
+    /// The final record and steps, once the build is over.
+    pub fn final_record(&self) -> Option<Arc<FinalRecord>> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Mark it as picked up from the store after a restart.

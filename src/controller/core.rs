@@ -284,17 +284,17 @@ impl Controller {
 
     /// Run a store write that must land: while it fails (a full disk) it is retried every
     /// [`STORE_RETRY`], and `build` shows why it stalls.
-    pub async fn store_must(
+    pub async fn store_must<T: Send + 'static>(
         &self,
         build: &LiveBuild,
-        f: impl Fn(&mut Store) -> store::Result<()> + Send + Sync + 'static,
-    ) {
+        f: impl Fn(&mut Store) -> store::Result<T> + Send + Sync + 'static,
+    ) -> T {
         let f = Arc::new(f);
         let mut failing = false;
-        loop {
+        let out = loop {
             let g = f.clone();
             match self.store.call(move |s| g(s)).await {
-                Ok(()) => break,
+                Ok(v) => break v,
                 Err(e) => {
                     if !failing {
                         let why = if store::is_disk_full(&e) {
@@ -309,11 +309,12 @@ impl Controller {
                     smol::Timer::after(STORE_RETRY).await;
                 }
             }
-        }
+        };
         if failing {
             log::info!("build {}: the store takes writes again", build.id);
             build.set_stalled(None);
         }
+        out
     }
 
     /// Queue a store write from sync code, logging a failure.

@@ -479,17 +479,24 @@ async fn build_info(ctl: &Controller, id: &str, wait: Option<&str>) -> Result<Re
 async fn build_record(ctl: &Controller, id: u64, wait: Duration) -> Result<api::BuildInfo, ApiError> {
     let deadline = Instant::now() + wait;
     let mut timer = ctl.deadlines.sleep_until(deadline);
-    // A build the controller still holds is not final (its runner lets go of it only after its
-    // end is in the store): wait on it in memory, and read the store once, for the answer.
-    loop {
-        let Some(listener) = ctl.live(id).map(|l| l.changed.listen()) else { break };
-        if Instant::now() >= deadline {
-            break;
+    // A build the controller still holds is not final until its runner keeps the final record
+    // (read back with its last store write): wait on it in memory, and answer from that record.
+    if let Some(live) = ctl.live(id) {
+        loop {
+            let listener = live.changed.listen();
+            if let Some(last) = live.final_record() {
+                let (b, steps) = (*last).clone();
+                let build = api::BuildRecord { cancelling: None, waiting: None, ..build_json(ctl, b) };
+                return Ok(api::BuildInfo { build, steps });
+            }
+            if Instant::now() >= deadline || ctl.live(id).is_none() {
+                break;
+            }
+            smol::future::or(listener, async {
+                (&mut timer).await;
+            })
+            .await;
         }
-        smol::future::or(listener, async {
-            (&mut timer).await;
-        })
-        .await;
     }
     let (b, steps) = ctl.build_with_steps(id).await?;
     Ok(api::BuildInfo { build: build_json(ctl, b), steps })

@@ -91,11 +91,17 @@ pub async fn run_build(
         // The build's last step and the build's end are one store write.
         ended = state != BuildState::Success || step == last;
         let finish = ended.then(|| (state, message.clone()));
-        ctl.store_must(&build, move |s| {
-            let stored = store::StepEnd { state: step_state, exit: &exit, code, bytes };
-            s.end_step(id, step, &stored, finish.as_ref().map(|(st, m)| (*st, m.as_str())))
-        })
-        .await;
+        // The end is read back in the same store call, so waiters for the result need no read.
+        let record = ctl
+            .store_must(&build, move |s| {
+                let stored = store::StepEnd { state: step_state, exit: &exit, code, bytes };
+                s.end_step(id, step, &stored, finish.as_ref().map(|(st, m)| (*st, m.as_str())))?;
+                finish.as_ref().map(|_| s.build_with_steps(id)).transpose()
+            })
+            .await;
+        if let Some((Some(b), steps)) = record {
+            build.set_final(b, steps);
+        }
         build.steps_done.store(step, Ordering::SeqCst);
         build.changed.notify(usize::MAX);
         if ended {
@@ -105,7 +111,15 @@ pub async fn run_build(
     log::info!("build {id}: finished {} {message}", state.as_str());
     // Cancelled before a step ran (or no step left after a restart): the end is written alone.
     if !ended {
-        ctl.store_must(&build, move |s| s.finish_build(id, state, &message)).await;
+        let (b, steps) = ctl
+            .store_must(&build, move |s| {
+                s.finish_build(id, state, &message)?;
+                s.build_with_steps(id)
+            })
+            .await;
+        if let Some(b) = b {
+            build.set_final(b, steps);
+        }
     }
     ctl.build_done(&build, &node);
 }

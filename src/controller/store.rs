@@ -262,6 +262,11 @@ impl Store {
             .optional()
     }
 
+    /// One build and its steps.
+    pub fn build_with_steps(&self, id: u64) -> Result<(Option<BuildRecord>, Vec<StepRecord>)> {
+        Ok((self.build(id)?, self.steps(id)?))
+    }
+
     /// The newest `limit` builds, newest first.
     pub fn builds(&self, limit: u32) -> Result<Vec<BuildRecord>> {
         let mut q = self.db.prepare(
