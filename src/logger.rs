@@ -30,6 +30,16 @@ pub fn init() {
     }
 }
 
+/// The start of every line: the UTC time and the level.
+struct Prefix(Level);
+
+impl std::fmt::Display for Prefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (y, mo, d, h, mi, s) = utc_now();
+        write!(f, "{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z {}", level_name(self.0))
+    }
+}
+
 fn level_name(l: Level) -> &'static str {
     match l {
         Level::Error => "ERROR",
@@ -58,9 +68,7 @@ impl Log for Files {
         if !self.enabled(r.metadata()) {
             return;
         }
-        let (y, mo, d, h, mi, s) = utc_now();
-        let line =
-            format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z {} {}\n", level_name(r.level()), r.args());
+        let line = format!("{} {}\n", Prefix(r.level()), r.args());
         let file = if r.target().starts_with("wisp::agent") { &self.agent } else { &self.controller };
         let _ = file.lock().unwrap_or_else(|e| e.into_inner()).write_all(line.as_bytes());
     }
@@ -87,18 +95,15 @@ impl Log for Stderr {
         if !self.enabled(r.metadata()) {
             return;
         }
-        let (y, mo, d, h, mi, s) = utc_now();
-        let level = level_name(r.level());
         // One write per line so lines from threads do not interleave.
         let mut line = heapless::String::<512>::new();
         use std::fmt::Write as _;
-        let _ = write!(line, "{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z {level} ");
+        let prefix = Prefix(r.level());
+        let _ = write!(line, "{prefix} ");
         // A message that does not fit (a write fails part way) goes out through a heap String.
         let fits = write!(line, "{}", r.args()).is_ok();
         if !fits || line.len() >= 511 {
-            let _ = std::io::stderr().write_all(
-                format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z {level} {}\n", r.args()).as_bytes(),
-            );
+            let _ = std::io::stderr().write_all(format!("{prefix} {}\n", r.args()).as_bytes());
         } else {
             let _ = line.push('\n');
             let _ = std::io::stderr().write_all(line.as_bytes());

@@ -614,26 +614,25 @@ impl Controller {
     /// Start every queued build that has a matching node with a free executor, oldest first, and
     /// ask clouds for agents where no node can take a build.
     pub fn dispatch(self: &Arc<Self>) {
-        let decisions = {
+        let mut runs = Vec::new();
+        let mut asks = Vec::new();
+        {
             let mut st = self.state();
             let st = &mut *st;
-            let decisions = st.queue.dispatch(&mut st.nodes, &self.clouds);
-            decisions
-                .into_iter()
-                .filter_map(|d| match d {
-                    Decision::Run { build, node } => st.builds.get(&build).cloned().map(|b| (Some(node), b)),
-                    Decision::Provision { build, cloud } => {
-                        st.builds.get(&build).cloned().map(|b| (None, b)).inspect(|_| {
-                            let c = self.clouds[cloud].clone();
-                            self.ex.spawn(provision(self.clone(), c, build)).detach();
-                        })
+            for d in st.queue.dispatch(&mut st.nodes, &self.clouds) {
+                match d {
+                    Decision::Run { build, node } => {
+                        runs.extend(st.builds.get(&build).map(|b| (b.clone(), node)))
                     }
-                })
-                .filter_map(|(node, b)| node.map(|n| (b, n)))
-                .collect::<Vec<_>>()
-        };
-        for (build, node) in decisions {
+                    Decision::Provision { build, cloud } => asks.push((build, self.clouds[cloud].clone())),
+                }
+            }
+        }
+        for (build, node) in runs {
             self.ex.spawn(runner::run_build(self.clone(), build, node, 1, None)).detach();
+        }
+        for (build, cloud) in asks {
+            self.ex.spawn(provision(self.clone(), cloud, build)).detach();
         }
     }
 

@@ -366,11 +366,8 @@ fn node_info(
     name: &str,
     fp: Option<&str>,
 ) -> Result<Response<Body>, ApiError> {
-    let (rec, online, busy) = ctl
-        .nodes()
-        .into_iter()
-        .find(|(r, _, _)| r.name == *name)
-        .ok_or_else(|| ApiError::new(404, format!("no node named '{name}'")))?;
+    let (rec, online, busy) =
+        ctl.node_status(name).ok_or_else(|| ApiError::new(404, format!("no node named '{name}'")))?;
     let info = api::NodeInfo {
         node: node_entry(&rec, online, busy),
         secret: ctl.secret(name),

@@ -28,17 +28,6 @@ impl Logs {
         self.build_dir(build).join(format!("{step}.log"))
     }
 
-    /// The length of a step's log; 0 when it has no file (a step that wrote nothing has none).
-    pub async fn len(&self, build: u64, step: u32) -> io::Result<u64> {
-        let path = self.step_path(build, step);
-        smol::unblock(move || match std::fs::metadata(&path) {
-            Ok(m) => Ok(m.len()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
-            Err(e) => Err(e),
-        })
-        .await
-    }
-
     /// Open a step's log for reading; None when it has no file yet.
     pub async fn reader(&self, build: u64, step: u32) -> io::Result<Option<LogReader>> {
         let path = self.step_path(build, step);

@@ -117,7 +117,7 @@ impl Queue {
         if matching.is_empty() {
             return Some(if e.expr.is_any() {
                 "no node exists: add one with `wisp node add NAME`".to_string()
-            } else if e.expr.required_labels().is_some_and(|l| l.len() == 1) && is_one_label(&e.expr) {
+            } else if is_one_label(&e.expr) {
                 format!("no node has label {label}")
             } else {
                 format!("no node matches {label}")
