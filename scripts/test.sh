@@ -4,7 +4,8 @@
 # packages, cargo-fuzz) itself, so it works on a fresh machine.
 #   WISP_FUZZ_SECONDS   seconds per fuzz target (default 20; four targets)
 #   WISP_SKIP_STATIC=1  skip the static-binary, image and ARM tests (for quick local runs)
-# The fault tests (tests/faults.rs) need root for network namespaces and iptables.
+# Some tests need root: network namespaces and iptables (tests/faults.rs), a small tmpfs for the
+# full-disk test (tests/controller.rs) and a PID namespace (tests/agent.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -18,9 +19,10 @@ cargo --version
 section "packages the tests start"
 # shellcheck source=scripts/static-common.sh
 . scripts/static-common.sh
-# Real peers: nginx and haproxy as reverse proxies (tests/proxy.rs, tests/faults.rs), iptables
-# for the network partitions of tests/faults.rs. Installed only if missing.
-apt_ensure nginx haproxy iptables
+# Real peers: nginx and haproxy as reverse proxies (tests/proxy.rs, tests/faults.rs), iptables and
+# iproute2 for the network partitions of tests/faults.rs, mount (tmpfs) and util-linux (unshare) for
+# the full-disk and PID 1 tests. Installed only if missing.
+apt_ensure nginx haproxy iptables iproute2 mount util-linux
 
 section "cargo fmt --check"
 cargo fmt --check

@@ -412,14 +412,7 @@ fn sigterm_stops_the_agent_with_a_plain_line_and_closes_its_link_cleanly() {
 
 #[test]
 fn as_pid_1_the_agent_reaps_orphans_hides_its_secret_and_stops_on_sigterm() {
-    let root = std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
-    if !root || Command::new("unshare").arg("--version").output().is_err() {
-        eprintln!("skipped: needs root and unshare for a PID namespace");
-        return;
-    }
+    require_root();
     let ctl = Controller::start();
     let work = TempDir::new("pid1");
     let secret = ctl.add_node("init", "init", &[]);

@@ -10,15 +10,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
 /// A small tmpfs mounted on a directory of its own, unmounted on drop.
 struct SmallDisk {
     dir: TempDir,
@@ -61,10 +52,7 @@ impl Drop for SmallDisk {
 /// Needs root for the tmpfs (CI runs as root, as the fault tests do).
 #[test]
 fn a_full_disk_stalls_a_build_with_a_reason_and_it_resumes_byte_exact_when_space_returns() {
-    if !is_root() {
-        eprintln!("skipped: needs root to mount a small tmpfs");
-        return;
-    }
+    require_root();
     let disk = SmallDisk::mount("8m");
     let data = TempDir(disk.dir.path().join("data"));
     std::fs::create_dir_all(data.path()).unwrap();

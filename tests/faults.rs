@@ -46,16 +46,6 @@ fn run_ok(args: &[&str]) {
     assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-fn require_root() {
-    let uid = Command::new("id").arg("-u").output().expect("id -u");
-    assert_eq!(
-        String::from_utf8_lossy(&uid.stdout).trim(),
-        "0",
-        "the fault tests need root for network namespaces and iptables; run them as root (scripts/test.sh \
-         does, and installs iptables and nginx)"
-    );
-}
-
 /// A test host for the agent: its own network namespace joined to this one by a veth pair. The
 /// controller binds the host side's address; the agent runs inside the namespace.
 struct NetLab {

@@ -145,6 +145,10 @@ struct Serve {
     /// executor threads (default 1; more help only with many TLS agents streaming at once)
     #[argh(option)]
     threads: Option<usize>,
+    /// connections per port that may be in the TLS handshake at once; more are closed (default
+    /// 4096)
+    #[argh(option)]
+    handshake_budget: Option<usize>,
 }
 
 /// add, remove or show the secret of a node
@@ -356,6 +360,7 @@ fn serve(s: Serve) -> i32 {
         tls_key: s.tls_key,
         no_tls: s.no_tls,
         threads: s.threads.unwrap_or(ServeConfig::default().threads).clamp(1, 64),
+        handshake_budget: s.handshake_budget.unwrap_or(ServeConfig::default().handshake_budget).max(1),
     };
     let created = Created::before(&cfg.data);
     if let Err(e) = start(cfg) {

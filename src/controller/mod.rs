@@ -51,6 +51,8 @@ pub struct ServeConfig {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// Connections per port that may be in the TLS handshake at once; more are closed on accept.
+    pub handshake_budget: usize,
     /// Plain HTTP and TCP, no TLS on either port (`--no-tls`: tests, or a proxy in front that
     /// terminates TLS).
     pub no_tls: bool,
@@ -70,6 +72,7 @@ impl Default for ServeConfig {
             tls_cert: None,
             tls_key: None,
             no_tls: false,
+            handshake_budget: server::MAX_HANDSHAKING,
         }
     }
 }
@@ -213,8 +216,8 @@ pub fn launch(cfg: ServeConfig) -> Result<Server, String> {
         ),
     }
     let loops = vec![
-        ex.spawn(server::http_loop(ctl.clone(), http, tls.clone())),
-        ex.spawn(server::agent_loop(ctl.clone(), agent, tls)),
+        ex.spawn(server::http_loop(ctl.clone(), http, tls.clone(), cfg.handshake_budget)),
+        ex.spawn(server::agent_loop(ctl.clone(), agent, tls, cfg.handshake_budget)),
     ];
     Ok(Server { ctl, loops, threads, run })
 }

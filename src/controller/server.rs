@@ -4,6 +4,7 @@
 //! other; refusals are logged at most once per interval with a count.
 
 use super::identity::ServerTls;
+use super::noisy::Noisy;
 use super::Controller;
 use crate::link::{self, BoxIo};
 use smol::net::{TcpListener, TcpStream};
@@ -15,25 +16,26 @@ use std::time::Duration;
 
 /// How long a client may take to finish the TLS handshake.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections per port that may be in the TLS handshake at once; more are closed as soon as
-/// they are accepted. Each port has its own budget.
+/// Connections per port that may be in the TLS handshake at once by default (`--handshake-budget`);
+/// more are closed as soon as they are accepted. Each port has its own budget.
 pub const MAX_HANDSHAKING: usize = 4096;
 /// How long an HTTP client may take to send a request's headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause after a failed accept (out of descriptors): the listener is tried again after it.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Connections of one port in the TLS handshake.
+/// Connections of one port in the TLS handshake, and the port's throttled warnings.
 pub struct Budget {
     port: &'static str,
     used: AtomicUsize,
     max: usize,
+    noisy: Noisy,
 }
 
 impl Budget {
     /// A budget of `max` connections for the port called `port` in logs.
     pub fn new(port: &'static str, max: usize) -> Arc<Self> {
-        Arc::new(Self { port, used: AtomicUsize::new(0), max })
+        Arc::new(Self { port, used: AtomicUsize::new(0), max, noisy: Noisy::default() })
     }
 
     fn enter(self: &Arc<Self>) -> Option<Slot> {
@@ -57,7 +59,6 @@ impl Drop for Slot {
 /// Wrap an accepted connection in TLS if the controller speaks TLS; None if the handshake fails,
 /// takes longer than `TLS_HANDSHAKE_TIMEOUT` or the port's budget is spent (logged, throttled).
 async fn accept_tls(
-    ctl: &Controller,
     stream: TcpStream,
     tls: Option<&ServerTls>,
     peer: SocketAddr,
@@ -67,8 +68,8 @@ async fn accept_tls(
     let Some(tls) = tls else { return Some(Box::pin(stream)) };
     let port = budget.port;
     let Some(_counted) = budget.enter() else {
-        ctl.noisy.warn(
-            if port == "http" { "http-budget" } else { "agent-budget" },
+        budget.noisy.warn(
+            "budget",
             &format!(
                 "{port} {peer}: {} connections already in the TLS handshake on this port, closing (overloaded, or a slowloris)",
                 budget.max
@@ -84,15 +85,12 @@ async fn accept_tls(
     match smol::future::or(handshake, timeout).await {
         Some(Ok(s)) => Some(Box::pin(s)),
         Some(Err(e)) => {
-            ctl.noisy.warn(
-                if port == "http" { "http-tls-failed" } else { "agent-tls-failed" },
-                &format!("{port} {peer}: TLS handshake failed: {e}"),
-            );
+            budget.noisy.warn("tls-failed", &format!("{port} {peer}: TLS handshake failed: {e}"));
             None
         }
         None => {
-            ctl.noisy.warn(
-                if port == "http" { "http-tls-timeout" } else { "agent-tls-timeout" },
+            budget.noisy.warn(
+                "tls-timeout",
                 &format!(
                     "{port} {peer}: no TLS handshake within {}s, closing",
                     TLS_HANDSHAKE_TIMEOUT.as_secs()
@@ -104,7 +102,11 @@ async fn accept_tls(
 }
 
 /// The next connection, or None once the controller is told to stop.
-async fn accept(ctl: &Controller, listener: &TcpListener, port: &str) -> Option<(TcpStream, SocketAddr)> {
+async fn accept(
+    ctl: &Controller,
+    listener: &TcpListener,
+    budget: &Budget,
+) -> Option<(TcpStream, SocketAddr)> {
     loop {
         let stop = ctl.stop.listen();
         if ctl.stopping.load(Ordering::SeqCst) {
@@ -118,10 +120,7 @@ async fn accept(ctl: &Controller, listener: &TcpListener, port: &str) -> Option<
         match next {
             Ok(x) => return Some(x),
             Err(e) => {
-                ctl.noisy.warn(
-                    if port == "http" { "http-accept" } else { "agent-accept" },
-                    &format!("{port} accept: {e}"),
-                );
+                budget.noisy.warn("accept", &format!("{} accept: {e}", budget.port));
                 smol::Timer::after(ACCEPT_BACKOFF).await;
             }
         }
@@ -129,15 +128,20 @@ async fn accept(ctl: &Controller, listener: &TcpListener, port: &str) -> Option<
 }
 
 /// Accept HTTP(S) connections until the controller stops.
-pub async fn http_loop(ctl: Arc<Controller>, listener: TcpListener, tls: Option<Arc<ServerTls>>) {
-    let budget = Budget::new("http", MAX_HANDSHAKING);
-    while let Some((stream, peer)) = accept(&ctl, &listener, "http").await {
+pub async fn http_loop(
+    ctl: Arc<Controller>,
+    listener: TcpListener,
+    tls: Option<Arc<ServerTls>>,
+    budget: usize,
+) {
+    let budget = Budget::new("http", budget);
+    while let Some((stream, peer)) = accept(&ctl, &listener, &budget).await {
         let ctl2 = ctl.clone();
         let tls = tls.clone();
         let budget = budget.clone();
         ctl.ex
             .spawn(async move {
-                let Some(io) = accept_tls(&ctl2, stream, tls.as_deref(), peer, &budget).await else { return };
+                let Some(io) = accept_tls(stream, tls.as_deref(), peer, &budget).await else { return };
                 let fingerprint: Option<Arc<str>> = tls.map(|t| t.fingerprint.as_str().into());
                 let timer = super::deadlines::HyperTimer(ctl2.deadlines.clone());
                 let service = hyper::service::service_fn(move |req| {
@@ -163,15 +167,20 @@ pub async fn http_loop(ctl: Arc<Controller>, listener: TcpListener, tls: Option<
 }
 
 /// Accept TCP (or TLS) agent links until the controller stops.
-pub async fn agent_loop(ctl: Arc<Controller>, listener: TcpListener, tls: Option<Arc<ServerTls>>) {
-    let budget = Budget::new("agent port", MAX_HANDSHAKING);
-    while let Some((stream, peer)) = accept(&ctl, &listener, "agent port").await {
+pub async fn agent_loop(
+    ctl: Arc<Controller>,
+    listener: TcpListener,
+    tls: Option<Arc<ServerTls>>,
+    budget: usize,
+) {
+    let budget = Budget::new("agent port", budget);
+    while let Some((stream, peer)) = accept(&ctl, &listener, &budget).await {
         let ctl2 = ctl.clone();
         let tls = tls.clone();
         let budget = budget.clone();
         ctl.ex
             .spawn(async move {
-                let Some(io) = accept_tls(&ctl2, stream, tls.as_deref(), peer, &budget).await else { return };
+                let Some(io) = accept_tls(stream, tls.as_deref(), peer, &budget).await else { return };
                 let (r, w) = link::tcp(io);
                 super::session::serve(ctl2, r, w, peer.to_string()).await;
             })

@@ -375,3 +375,15 @@ pub fn alive(pid: u32) -> bool {
         Err(_) => false,
     }
 }
+
+/// Panic with what to do unless the tests run as root (network namespaces, iptables, mounts,
+/// PID namespaces): `scripts/test.sh` runs them so, as CI does.
+pub fn require_root() {
+    let uid = Command::new("id").arg("-u").output().expect("id -u");
+    assert_eq!(
+        String::from_utf8_lossy(&uid.stdout).trim(),
+        "0",
+        "these tests need root (network namespaces, iptables, a tmpfs, a PID namespace); run them as root, \
+         as scripts/test.sh does (it installs iptables and nginx too)"
+    );
+}
