@@ -3,6 +3,9 @@
 //! an agent, whose node is added with the cloud as its origin, and the build runs there once the
 //! agent connects. No cloud is implemented here (the Kubernetes and podman clouds come later).
 
+pub mod backend;
+pub mod template;
+
 use super::labels::LabelExpr;
 use super::store::NodeRecord;
 use std::future::Future;
