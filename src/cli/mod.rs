@@ -5,8 +5,8 @@ pub mod client;
 mod demo;
 
 use crate::controller::api::{
-    BuildInfo, BuildList, BuildState, Cancelled, NewNode, NodeCreated, NodeInfo, NodeList, NodeRemoved,
-    Submitted, TokenRotated,
+    BuildInfo, BuildList, BuildState, Cancelled, CloudRemoved, CloudView, CloudsApplied, NewNode,
+    NodeCreated, NodeInfo, NodeList, NodeRemoved, Submitted, TemplateView, TokenRotated,
 };
 use crate::controller::{labels, start, ServeConfig};
 use argh::FromArgs;
@@ -52,6 +52,9 @@ enum Cmd {
     Serve(Serve),
     Node(NodeCmd),
     Nodes(Nodes),
+    Cloud(CloudCmd),
+    Clouds(Clouds),
+    Templates(Templates),
     Run(Run),
     Builds(Builds),
     Log(LogCmd),
@@ -207,6 +210,54 @@ client_command! {
         #[argh(positional)]
         name: String,
     }
+}
+
+/// manage clouds (sources of agent pods): apply a cloud file, remove a cloud
+#[derive(FromArgs)]
+#[argh(subcommand, name = "cloud")]
+struct CloudCmd {
+    #[argh(subcommand)]
+    sub: CloudSub,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum CloudSub {
+    Apply(CloudApply),
+    Rm(CloudRm),
+}
+
+client_command! {
+    /// apply a cloud file (YAML with `clouds:`): each cloud in it is added or replaces the one of
+    /// its name, without a restart; a bad file changes nothing
+    #[argh(subcommand, name = "apply")]
+    struct CloudApply {
+        /// the cloud file
+        #[argh(positional)]
+        file: PathBuf,
+    }
+}
+
+client_command! {
+    /// remove a cloud (refused while it has pods)
+    #[argh(subcommand, name = "rm")]
+    struct CloudRm {
+        /// cloud name
+        #[argh(positional)]
+        name: String,
+    }
+}
+
+client_command! {
+    /// list clouds: name, kind, pods, cap, templates, status
+    #[argh(subcommand, name = "clouds")]
+    struct Clouds {}
+}
+
+client_command! {
+    /// list pod templates: cloud, name, labels, pods, cap, idle minutes, retention, status
+    #[argh(subcommand, name = "templates")]
+    struct Templates {}
 }
 
 client_command! {
@@ -435,6 +486,62 @@ fn client_command(cmd: Cmd) -> i32 {
             for n in list.nodes {
                 let state = if n.online { "online" } else { "offline" };
                 let _ = writeln!(out, "{}\t{state}\t{}\t{}", n.name, n.executors, n.labels.join(" "));
+            }
+            Ok(0)
+        }),
+        Cmd::Cloud(c) => match c.sub {
+            CloudSub::Apply(a) => {
+                let text = std::fs::read_to_string(&a.file)
+                    .unwrap_or_else(|e| die(format!("cannot read {}: {e}", a.file.display())));
+                let file = a.file.clone();
+                with_client(&a.remote(), |c| async move {
+                    let r: CloudsApplied =
+                        c.call(Method::POST, "/api/clouds", text).await.map_err(|e| match e {
+                            // The controller's error names a line and column of the file.
+                            Error::Refused { status, message } => {
+                                Error::Refused { status, message: format!("{}: {message}", file.display()) }
+                            }
+                            other => other,
+                        })?;
+                    for name in r.applied {
+                        println!("cloud '{name}' applied");
+                    }
+                    Ok(0)
+                })
+            }
+            CloudSub::Rm(r) => with_client(&r.remote(), |c| async move {
+                let n: CloudRemoved = c.call(Method::DELETE, &format!("/api/clouds/{}", r.name), "").await?;
+                println!("cloud '{}' removed", n.removed);
+                Ok(0)
+            }),
+        },
+        Cmd::Clouds(l) => with_client(&l.remote(), |c| async move {
+            let list: Vec<CloudView> = c.get("/api/clouds").await?;
+            let mut out = std::io::stdout().lock();
+            for c in list {
+                let cap = if c.container_cap == 0 { "-".to_string() } else { c.container_cap.to_string() };
+                let _ = writeln!(
+                    out,
+                    "{}\t{}\tpods {}\tcap {cap}\ttemplates {}\t{}",
+                    c.name,
+                    c.kind,
+                    c.pods,
+                    c.templates.len(),
+                    c.status
+                );
+            }
+            Ok(0)
+        }),
+        Cmd::Templates(l) => with_client(&l.remote(), |c| async move {
+            let list: Vec<TemplateView> = c.get("/api/templates").await?;
+            let mut out = std::io::stdout().lock();
+            for t in list {
+                let cap = t.instance_cap.map_or("-".to_string(), |c| c.to_string());
+                let _ = writeln!(
+                    out,
+                    "{}\t{}\t{}\tpods {}\tcap {cap}\tidle {}m\t{}\t{}",
+                    t.cloud, t.name, t.label, t.pods, t.idle_minutes, t.pod_retention, t.status
+                );
             }
             Ok(0)
         }),

@@ -68,11 +68,16 @@ impl From<rusqlite::Error> for ApiError {
     }
 }
 
+/// What the state lock guards.
 #[derive(Default)]
-struct State {
-    nodes: Nodes,
-    queue: Queue,
-    builds: HashMap<u64, Arc<LiveBuild>>,
+pub(super) struct State {
+    pub(super) nodes: Nodes,
+    pub(super) queue: Queue,
+    pub(super) builds: HashMap<u64, Arc<LiveBuild>>,
+    /// The clouds, in the order they were applied.
+    pub(super) clouds: Vec<Arc<dyn Cloud>>,
+    /// Why recently gone cloud nodes went (a running build on one fails with it), newest last.
+    pub(super) gone: std::collections::VecDeque<(String, String)>,
 }
 
 /// The controller.
@@ -88,7 +93,16 @@ pub struct Controller {
     /// The running steps.
     pub steps: StepTable,
     state: Mutex<State>,
-    clouds: Vec<Arc<dyn Cloud>>,
+    /// This controller, for what needs an `Arc` of it from `&self` (the cloud host).
+    me: std::sync::Weak<Controller>,
+    /// The clouds of pods, for applying a new spec to one.
+    pub(super) pod_clouds: Mutex<Vec<Arc<super::cloud::pods::PodCloud>>>,
+    /// The watch task of each cloud, by name.
+    pub(super) cloud_tasks: Mutex<HashMap<String, smol::Task<()>>>,
+    /// How agents dial this controller, once it listens.
+    pub dial: OnceLock<cloud::Dial>,
+    /// A stable id of this controller (in `DATA/controller-id`): labels the pods it makes.
+    pub id: String,
     /// Failed agent handshakes by source address.
     pub failures: Failures,
     /// Throttled warnings for what peers can cause by the thousand.
@@ -170,7 +184,11 @@ impl Controller {
             let mode = if f == "builds" { 0o700 } else { 0o600 };
             restrict(&data.join(f), mode).map_err(|e| format!("cannot restrict {f}: {e}"))?;
         }
-        let mut state = State::default();
+        let id = secret_file(&data.join("controller-id"), || {
+            crate::auth::hex(&crate::auth::random_nonce())[..12].to_string()
+        })
+        .map_err(|e| format!("controller id in {}: {e}", data.display()))?;
+        let mut state = State { clouds, ..Default::default() };
         for rec in store.nodes().map_err(|e| format!("store: {e}"))? {
             state.nodes.insert(Node::new(rec));
         }
@@ -182,7 +200,9 @@ impl Controller {
         let store = StoreThread::spawn(store).map_err(|e| format!("cannot start the store thread: {e}"))?;
         let deadlines = super::deadlines::Deadlines::new();
         ex.spawn(deadlines.clone().run()).detach();
-        let ctl = Arc::new(Self {
+        let ctl = Arc::new_cyclic(|me| Self {
+            me: me.clone(),
+            pod_clouds: Mutex::new(Vec::new()),
             logs: Logs::new(&data),
             data,
             key: key.into_bytes(),
@@ -190,7 +210,9 @@ impl Controller {
             store,
             steps: StepTable::default(),
             state: Mutex::new(state),
-            clouds,
+            cloud_tasks: Mutex::new(HashMap::new()),
+            dial: OnceLock::new(),
+            id,
             failures: Failures::default(),
             noisy: Noisy::default(),
             ex,
@@ -278,7 +300,12 @@ impl Controller {
         self.ex.spawn(runner::run_build(self.clone(), build, node, from, running)).detach();
     }
 
-    fn state(&self) -> MutexGuard<'_, State> {
+    /// This controller as an `Arc`.
+    pub(super) fn arc(&self) -> Arc<Self> {
+        self.me.upgrade().expect("the controller is alive while its methods run")
+    }
+
+    pub(super) fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -406,9 +433,17 @@ impl Controller {
         }
         let n = name.to_string();
         self.store.call(move |s| s.remove_node(&n)).await?;
-        let node = self.state().nodes.remove(name);
+        let (node, cloud) = {
+            let mut st = self.state();
+            let node = st.nodes.remove(name);
+            let origin = node.as_ref().map(|n| n.rec.origin.clone()).unwrap_or_default();
+            (node, st.clouds.iter().find(|c| c.name() == origin).cloned())
+        };
         if let Some(c) = node.and_then(|n| n.conn) {
             c.shut();
+        }
+        if let Some(c) = cloud {
+            self.ex.spawn(c.node_removed(name.to_string())).detach();
         }
         log::info!("node {name}: removed");
         self.wake_builds();
@@ -461,13 +496,14 @@ impl Controller {
             }
         }
         log::info!("node {}: online (link {} from {})", session.node, session.id, session.peer);
+        self.cloud_node_connected(&session.node);
         self.wake_builds();
         self.dispatch();
         true
     }
 
     /// Wake every live build's task (a node came or went).
-    fn wake_builds(&self) {
+    pub(super) fn wake_builds(&self) {
         let builds: Vec<_> = self.state().builds.values().cloned().collect();
         for b in builds {
             b.changed.notify(usize::MAX);
@@ -545,7 +581,7 @@ impl Controller {
     /// Why a queued build waits or a running one stalls, for people; None if it does neither.
     pub fn waiting(&self, id: u64) -> Option<String> {
         let st = self.state();
-        if let Some(why) = st.queue.why(id, &st.nodes, &self.clouds) {
+        if let Some(why) = st.queue.why(id, &st.nodes, &st.clouds) {
             return Some(why);
         }
         st.builds.get(&id).and_then(|b| b.stalled())
@@ -616,32 +652,78 @@ impl Controller {
     pub fn dispatch(self: &Arc<Self>) {
         let mut runs = Vec::new();
         let mut asks = Vec::new();
+        let mut fails = Vec::new();
         {
             let mut st = self.state();
             let st = &mut *st;
-            for d in st.queue.dispatch(&mut st.nodes, &self.clouds) {
+            for d in st.queue.dispatch(&mut st.nodes, &st.clouds) {
                 match d {
                     Decision::Run { build, node } => {
                         runs.extend(st.builds.get(&build).map(|b| (b.clone(), node)))
                     }
-                    Decision::Provision { build, cloud } => asks.push((build, self.clouds[cloud].clone())),
+                    Decision::Provision { build, cloud, node } => asks.push((build, cloud, node)),
+                    Decision::Fail { build, message } => {
+                        fails.extend(st.builds.remove(&build).map(|b| (b, message)))
+                    }
                 }
             }
         }
         for (build, node) in runs {
             self.ex.spawn(runner::run_build(self.clone(), build, node, 1, None)).detach();
         }
-        for (build, cloud) in asks {
-            self.ex.spawn(provision(self.clone(), cloud, build)).detach();
+        for (build, cloud, node) in asks {
+            log::info!("build {build}: cloud '{}' reserved node {node} for it", cloud.name());
+            let host: Arc<dyn cloud::Host> = self.clone();
+            self.ex.spawn(cloud.launch(node, build, host)).detach();
         }
+        for (build, message) in fails {
+            self.ex.spawn(self.clone().fail_queued_build(build, message)).detach();
+        }
+    }
+
+    /// Fail a build that was taken out of the queue before it ran.
+    pub(super) async fn fail_queued_build(self: Arc<Self>, build: Arc<LiveBuild>, message: String) {
+        let id = build.id;
+        log::warn!("build {id}: failed before it ran: {}", message.lines().next().unwrap_or(""));
+        let (b, steps) = self
+            .store_must(&build, move |s| {
+                s.finish_build(id, BuildState::Failure, &message)?;
+                s.build_with_steps(id)
+            })
+            .await;
+        if let Some(b) = b {
+            build.set_final(b, steps);
+        }
+        self.state().builds.remove(&id);
+        build.changed.notify(usize::MAX);
     }
 
     /// A build's runner is done: free its executor and dispatch again.
     pub fn build_done(self: &Arc<Self>, build: &LiveBuild, node: &str) {
-        {
+        let failed = build.final_record().is_none_or(|r| r.0.state != BuildState::Success);
+        let after = {
             let mut st = self.state();
             st.builds.remove(&build.id);
+            let origin = st.nodes.get(node).map(|n| n.rec.origin.clone()).unwrap_or_default();
+            let after = st
+                .clouds
+                .iter()
+                .find(|c| c.name() == origin)
+                .map(|c| (c.clone(), c.build_ended(node, failed)));
+            if let Some((_, cloud::AfterBuild::Release)) = &after {
+                // Taken out of dispatch before its executor is freed.
+                st.nodes.update(node, |n| n.rec.executors = 0);
+            }
             st.nodes.update(node, |n| n.busy = n.busy.saturating_sub(1));
+            after
+        };
+        if let Some((c, after)) = after {
+            let host: Arc<dyn cloud::Host> = self.clone();
+            let fut = match after {
+                cloud::AfterBuild::Reuse => c.idle(node.to_string(), host),
+                cloud::AfterBuild::Release => c.release(node.to_string(), host),
+            };
+            self.ex.spawn(fut).detach();
         }
         build.changed.notify(usize::MAX);
         self.dispatch();
@@ -659,60 +741,10 @@ impl Controller {
     }
 }
 
-/// Ask `cloud` for an agent for build `id`; the node it makes is added with the cloud as origin.
-async fn provision(ctl: Arc<Controller>, cloud: Arc<dyn Cloud>, id: u64) {
-    let Some(build) = ctl.live(id) else { return };
-    log::info!(
-        "build {id}: asking cloud '{}' for an agent for '{}'",
-        cloud.name(),
-        build.pipeline.label_expr
-    );
-    match cloud.provision(&build.pipeline.label_expr).await {
-        Ok(mut rec) => {
-            rec.origin = cloud.name().to_string();
-            if rec.origin == cloud::STATIC {
-                rec.origin = format!("cloud {}", cloud.name());
-            }
-            let name = rec.name.clone();
-            if let Err(e) = ctl.add_node(rec).await {
-                log::warn!("cloud '{}': cannot add node {name}: {}", cloud.name(), e.message);
-            }
-        }
-        Err(e) => log::warn!("build {id}: cloud '{}' could not start an agent: {e}", cloud.name()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::cloud::CloudFuture;
-    use crate::controller::labels::LabelExpr;
-
-    /// A cloud that "starts" an agent by naming the node it will connect as.
-    struct OneNode;
-    impl Cloud for OneNode {
-        fn name(&self) -> &str {
-            "test-cloud"
-        }
-        fn serves(&self, label: &LabelExpr) -> bool {
-            label.matches(&["pods".to_string()])
-        }
-        fn provision(&self, _: &LabelExpr) -> CloudFuture<Result<NodeRecord, String>> {
-            Box::pin(async {
-                Ok(NodeRecord {
-                    name: "pod-1".into(),
-                    labels: vec!["pods".into()],
-                    executors: 1,
-                    websocket: true,
-                    work_dir: String::new(),
-                    origin: String::new(),
-                })
-            })
-        }
-        fn release(&self, _: &str) -> CloudFuture<()> {
-            Box::pin(async {})
-        }
-    }
+    use crate::controller::cloud::testing::TestCloud;
 
     pub(crate) fn timing() -> Timing {
         Timing {
@@ -758,25 +790,39 @@ mod tests {
     }
 
     #[test]
-    fn dispatch_asks_a_cloud_and_its_node_gets_the_cloud_as_origin() {
+    fn dispatch_asks_a_cloud_and_its_node_is_kept_in_memory_until_its_agent_connects() {
         let dir = std::env::temp_dir().join(format!("wisp-cloud-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let ex = Arc::new(Executor::new());
-        let ctl = Controller::open_with(dir.clone(), ex.clone(), timing(), vec![Arc::new(OneNode)]).unwrap();
+        let cloud = TestCloud::new("pods", 1);
+        let ctl = Controller::open_with(dir.clone(), ex.clone(), timing(), vec![cloud.clone()]).unwrap();
         smol::block_on(ex.run(async {
             let id =
                 ctl.submit("name: p\nagent: {label: pods}\nsteps: [{sh: 'true'}]\n".into()).await.unwrap();
             let deadline = Instant::now() + Duration::from_secs(10);
-            while ctl.node("pod-1").is_none() {
+            while cloud.launched.lock().unwrap().is_empty() {
                 assert!(Instant::now() < deadline, "the cloud was not asked");
                 smol::Timer::after(Duration::from_millis(10)).await;
             }
-            assert_eq!(ctl.node("pod-1").unwrap().origin, "test-cloud");
+            assert_eq!(cloud.launched.lock().unwrap()[0], ("pods-1".to_string(), id));
+            assert_eq!(ctl.node("pods-1").unwrap().origin, "test");
+            // Not stored until its agent connects.
+            let stored = ctl.store.call(|s| s.nodes()).await.unwrap();
+            assert!(stored.is_empty(), "{stored:?}");
             // Its agent has not connected yet: the build says so.
             assert_eq!(
                 ctl.waiting(id).unwrap(),
-                "waiting for cloud 'test-cloud' to start an agent for 'pods'"
+                "waiting for cloud 'test' to start an agent for 'pods' (pod pods-1)"
             );
+            // A start that fails fails the build it was for, with the reason.
+            use crate::controller::cloud::Host;
+            ctl.fail_queued("pods-1", "image cannot be pulled".into());
+            while ctl.live(id).is_some() {
+                assert!(Instant::now() < deadline, "the build did not fail");
+                smol::Timer::after(Duration::from_millis(10)).await;
+            }
+            let b = ctl.build(id).await.unwrap();
+            assert_eq!((b.state, b.message.as_str()), (BuildState::Failure, "image cannot be pulled"));
         }));
         ctl.shutdown();
         let _ = std::fs::remove_dir_all(&dir);

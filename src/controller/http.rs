@@ -152,6 +152,19 @@ pub async fn route(
                 .map(|_| json_response(StatusCode::OK, api::NodeRemoved { removed: name.to_string() })),
             Err(e) => Err(e),
         },
+        (Method::POST, ["api", "clouds"]) => match body_text(req).await {
+            Ok(text) => ctl
+                .apply_clouds(text)
+                .await
+                .map(|applied| json_response(StatusCode::OK, api::CloudsApplied { applied })),
+            Err(e) => Err(e),
+        },
+        (Method::GET, ["api", "clouds"]) => Ok(json_response(StatusCode::OK, ctl.cloud_views())),
+        (Method::DELETE, ["api", "clouds", name]) => ctl
+            .remove_cloud(name)
+            .await
+            .map(|()| json_response(StatusCode::OK, api::CloudRemoved { removed: name.to_string() })),
+        (Method::GET, ["api", "templates"]) => Ok(json_response(StatusCode::OK, ctl.template_views())),
         (Method::POST, ["api", "builds"]) => submit(&ctl, req).await,
         (Method::GET, ["api", "builds"]) => list_builds(&ctl).await,
         (Method::GET, ["api", "builds", id]) => {

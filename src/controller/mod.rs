@@ -3,6 +3,7 @@
 pub mod api;
 pub mod build;
 pub mod cloud;
+pub mod clouds;
 pub mod core;
 pub mod deadlines;
 pub mod http;
@@ -183,6 +184,21 @@ pub fn launch(cfg: ServeConfig) -> Result<Server, String> {
     let (ha, aa) =
         (http.local_addr().map_err(|e| e.to_string())?, agent.local_addr().map_err(|e| e.to_string())?);
     let _ = ctl.addrs.set((ha, aa));
+    {
+        let local = |a: SocketAddr| {
+            if a.ip().is_unspecified() {
+                SocketAddr::new([127, 0, 0, 1].into(), a.port())
+            } else {
+                a
+            }
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let _ = ctl.dial.set(cloud::Dial {
+            url: format!("{scheme}://{}/", local(ha)),
+            agent: local(aa).to_string(),
+            fingerprint: tls.as_ref().map(|t| t.fingerprint.clone()),
+        });
+    }
     let show = |a: SocketAddr| {
         if a.ip().is_unspecified() {
             SocketAddr::new([127, 0, 0, 1].into(), a.port())
@@ -214,6 +230,10 @@ pub fn launch(cfg: ServeConfig) -> Result<Server, String> {
             "TLS is off (--no-tls): secrets stay unsent but builds, logs and the API token travel in clear; \
              use this only behind a proxy that terminates TLS"
         ),
+    }
+    {
+        let c = ctl.clone();
+        ex.spawn(async move { c.load_clouds().await }).detach();
     }
     let loops = vec![
         ex.spawn(server::http_loop(ctl.clone(), http, tls.clone(), cfg.handshake_budget)),

@@ -25,6 +25,9 @@ pub struct Node {
     pub busy: u32,
     /// Since when the node has had no link (the controller's start, for a node never seen).
     pub offline_since: Option<Instant>,
+    /// Whether its record is in the store. A cloud's node is stored when its agent first
+    /// connects: a pod whose agent never came is an orphan after a restart.
+    pub persisted: bool,
 }
 
 impl Node {
@@ -32,7 +35,12 @@ impl Node {
     pub fn new(rec: NodeRecord) -> Self {
         let mut match_labels = rec.labels.clone();
         match_labels.push(rec.name.clone());
-        Self { rec, match_labels, conn: None, busy: 0, offline_since: Some(Instant::now()) }
+        Self { rec, match_labels, conn: None, busy: 0, offline_since: Some(Instant::now()), persisted: true }
+    }
+
+    /// A node a cloud reserved, not stored yet.
+    pub fn ephemeral(rec: NodeRecord) -> Self {
+        Self { persisted: false, ..Self::new(rec) }
     }
 
     /// Online with an executor free.

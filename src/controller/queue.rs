@@ -2,9 +2,10 @@
 //! for a cloud, and why each of the others waits. Pure: no I/O and no locks of its own; the
 //! controller calls it under its state lock and acts on the decisions after releasing it.
 
-use super::cloud::Cloud;
+use super::cloud::template::PodTemplate;
+use super::cloud::{Cloud, Reserve, Want, STATIC};
 use super::labels::LabelExpr;
-use super::nodes::Nodes;
+use super::nodes::{Node, Nodes};
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -13,12 +14,16 @@ use std::sync::Arc;
 struct Entry {
     id: u64,
     expr: LabelExpr,
-    /// The cloud asked to start an agent for it, if any.
-    cloud: Option<usize>,
+    /// A pod template the pipeline carries inline.
+    inline: Option<Arc<PodTemplate>>,
+    /// The cloud asked to start an agent for it and the node reserved, if any.
+    reserved: Option<(String, String)>,
+    /// Why no cloud could start one yet (at a cap).
+    note: Option<String>,
 }
 
 /// What dispatch decided for one build.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub enum Decision {
     /// Run it on this node (whose busy count is already raised).
     Run {
@@ -27,13 +32,48 @@ pub enum Decision {
         /// Node name.
         node: String,
     },
-    /// Ask the cloud at this index of the clouds given to start an agent for it.
+    /// Launch the agent of this node, which a cloud reserved for the build (the node is added).
     Provision {
         /// Build number.
         build: u64,
-        /// Index into the clouds.
-        cloud: usize,
+        /// The cloud.
+        cloud: Arc<dyn Cloud>,
+        /// Node name.
+        node: String,
     },
+    /// Fail the build (taken out of the queue): a cloud refuses to start agents for it.
+    Fail {
+        /// Build number.
+        build: u64,
+        /// Why.
+        message: String,
+    },
+}
+
+impl std::fmt::Debug for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Run { build, node } => write!(f, "Run({build} on {node})"),
+            Self::Provision { build, cloud, node } => {
+                write!(f, "Provision({build}: {node} from {})", cloud.name())
+            }
+            Self::Fail { build, message } => write!(f, "Fail({build}: {message})"),
+        }
+    }
+}
+
+impl PartialEq for Decision {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Run { build: a, node: x }, Self::Run { build: b, node: y }) => a == b && x == y,
+            (
+                Self::Provision { build: a, cloud: c, node: x },
+                Self::Provision { build: b, cloud: d, node: y },
+            ) => a == b && c.name() == d.name() && x == y,
+            (Self::Fail { build: a, message: x }, Self::Fail { build: b, message: y }) => a == b && x == y,
+            _ => false,
+        }
+    }
 }
 
 /// Queued builds, oldest first.
@@ -45,7 +85,12 @@ pub struct Queue {
 impl Queue {
     /// Queue build `id`, which needs a node that `expr` matches.
     pub fn push(&mut self, id: u64, expr: LabelExpr) {
-        self.entries.push_back(Entry { id, expr, cloud: None });
+        self.push_with(id, expr, None);
+    }
+
+    /// Queue build `id`, which needs a node that `expr` matches or a pod of its inline template.
+    pub fn push_with(&mut self, id: u64, expr: LabelExpr, inline: Option<Arc<PodTemplate>>) {
+        self.entries.push_back(Entry { id, expr, inline, reserved: None, note: None });
     }
 
     /// Take build `id` out; true if it was queued.
@@ -70,9 +115,16 @@ impl Queue {
         self.entries.iter().any(|e| e.id == id)
     }
 
+    /// The queued build that node `node` was reserved for, taken out of the queue.
+    pub fn take_reserved(&mut self, node: &str) -> Option<u64> {
+        let i = self.entries.iter().position(|e| e.reserved.as_ref().is_some_and(|(_, n)| n == node))?;
+        self.entries.remove(i).map(|e| e.id)
+    }
+
     /// Start every queued build that has a matching node with a free executor, oldest first
-    /// (raising that node's busy count), and ask a cloud for each build that no node at all can
-    /// take but a cloud serves (once per build).
+    /// (raising that node's busy count). For each build that no free node can take and no static
+    /// node matches, ask the clouds (once per build, until one reserves a node for it, which is
+    /// added to `nodes`).
     pub fn dispatch(&mut self, nodes: &mut Nodes, clouds: &[Arc<dyn Cloud>]) -> Vec<Decision> {
         let mut out = Vec::new();
         // Expressions that found no free node in this pass: executors only fill up during it,
@@ -80,28 +132,67 @@ impl Queue {
         let mut full: Vec<LabelExpr> = Vec::new();
         let mut i = 0;
         while i < self.entries.len() {
-            let e = &mut self.entries[i];
-            if full.contains(&e.expr) {
-                i += 1;
+            let e = &self.entries[i];
+            let picked = if full.contains(&e.expr) { None } else { nodes.pick(&e.expr) };
+            if let Some(node) = picked {
+                nodes.update(&node, |n| n.busy += 1);
+                let e = self.entries.remove(i).expect("in range");
+                // The node may have been reserved for a later build: that one takes over this
+                // build's reservation (or is asked again when this build had none).
+                if let Some(f) =
+                    self.entries.iter_mut().find(|f| f.reserved.as_ref().is_some_and(|(_, n)| *n == node))
+                {
+                    f.reserved = e.reserved.clone();
+                }
+                out.push(Decision::Run { build: e.id, node });
                 continue;
             }
-            match nodes.pick(&e.expr) {
-                Some(node) => {
-                    nodes.update(&node, |n| n.busy += 1);
-                    let e = self.entries.remove(i).expect("in range");
-                    out.push(Decision::Run { build: e.id, node });
-                }
-                None => {
-                    full.push(e.expr.clone());
-                    if e.cloud.is_none() && !nodes.values().any(|n| e.expr.matches(&n.match_labels)) {
-                        if let Some(c) = clouds.iter().position(|c| c.serves(&e.expr)) {
-                            e.cloud = Some(c);
-                            out.push(Decision::Provision { build: e.id, cloud: c });
+            if !full.contains(&e.expr) {
+                full.push(e.expr.clone());
+            }
+            let e = &mut self.entries[i];
+            let static_match =
+                nodes.values().any(|n| n.rec.origin == STATIC && e.expr.matches(&n.match_labels));
+            if e.reserved.is_none() && !static_match && !clouds.is_empty() {
+                let mut answer = None;
+                {
+                    let taken = |name: &str| nodes.contains_key(name);
+                    let want =
+                        Want { build: e.id, expr: &e.expr, inline: e.inline.as_deref(), taken: &taken };
+                    for c in clouds {
+                        match c.reserve(&want) {
+                            Reserve::No => continue,
+                            Reserve::Full(why) => {
+                                e.note = Some(format!("waiting for cloud '{}': {why}", c.name()));
+                            }
+                            other => answer = Some((c.clone(), other)),
                         }
+                        break;
                     }
-                    i += 1;
+                }
+                match answer {
+                    Some((c, Reserve::Node(rec))) => {
+                        e.note = None;
+                        if e.inline.is_some() {
+                            // Only the pod made for it may take a build with its own template.
+                            if let Ok(x) = super::labels::parse(&rec.name) {
+                                e.expr = x;
+                            }
+                        }
+                        e.reserved = Some((c.name().to_string(), rec.name.clone()));
+                        let node = rec.name.clone();
+                        nodes.insert(Node::ephemeral(rec));
+                        out.push(Decision::Provision { build: e.id, cloud: c, node });
+                    }
+                    Some((_, Reserve::Refused(message))) => {
+                        let e = self.entries.remove(i).expect("in range");
+                        out.push(Decision::Fail { build: e.id, message });
+                        continue;
+                    }
+                    _ => {}
                 }
             }
+            i += 1;
         }
         out
     }
@@ -110,8 +201,12 @@ impl Queue {
     pub fn why(&self, id: u64, nodes: &Nodes, clouds: &[Arc<dyn Cloud>]) -> Option<String> {
         let e = self.entries.iter().find(|e| e.id == id)?;
         let label = if e.expr.is_any() { "any node".to_string() } else { format!("'{}'", e.expr) };
-        if let Some(c) = e.cloud.and_then(|c| clouds.get(c)) {
-            return Some(format!("waiting for cloud '{}' to start an agent for {label}", c.name()));
+        if let Some((c, node)) = &e.reserved {
+            let _ = clouds;
+            return Some(format!("waiting for cloud '{c}' to start an agent for {label} (pod {node})"));
+        }
+        if let Some(note) = &e.note {
+            return Some(note.clone());
         }
         let matching: Vec<_> = nodes.values().filter(|n| e.expr.matches(&n.match_labels)).collect();
         if matching.is_empty() {
@@ -158,7 +253,6 @@ fn is_one_label(expr: &LabelExpr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::cloud::CloudFuture;
     use crate::controller::labels;
     use crate::controller::nodes::Node;
     use crate::controller::session::Session;
@@ -190,21 +284,7 @@ mod tests {
         labels::parse(s).unwrap()
     }
 
-    struct TestCloud(&'static str);
-    impl Cloud for TestCloud {
-        fn name(&self) -> &str {
-            "test"
-        }
-        fn serves(&self, label: &LabelExpr) -> bool {
-            label.matches(&[self.0.to_string()])
-        }
-        fn provision(&self, _: &LabelExpr) -> CloudFuture<Result<NodeRecord, String>> {
-            Box::pin(async { Err("not in this test".to_string()) })
-        }
-        fn release(&self, _: &str) -> CloudFuture<()> {
-            Box::pin(async {})
-        }
-    }
+    use crate::controller::cloud::testing::TestCloud;
 
     #[test]
     fn oldest_build_first_on_the_least_busy_node() {
@@ -264,27 +344,59 @@ mod tests {
     }
 
     #[test]
-    fn a_cloud_is_asked_once_for_a_label_no_node_has() {
+    fn a_cloud_is_asked_once_for_a_label_no_static_node_has_and_caps_hold() {
         let mut n = nodes(vec![node("a", "linux", 1, true)]);
-        let clouds: Vec<Arc<dyn Cloud>> = vec![Arc::new(TestCloud("k8s"))];
+        let cloud = TestCloud::new("k8s", 2);
+        let clouds: Vec<Arc<dyn Cloud>> = vec![cloud.clone()];
         let mut q = Queue::default();
         q.push(1, expr("k8s"));
         q.push(2, expr("windows"));
         q.push(3, expr("linux"));
         q.push(4, expr("linux"));
+        q.push(5, expr("k8s"));
+        q.push(6, expr("k8s"));
         let d = q.dispatch(&mut n, &clouds);
+        let c: Arc<dyn Cloud> = cloud.clone();
         assert_eq!(
             d,
-            vec![Decision::Provision { build: 1, cloud: 0 }, Decision::Run { build: 3, node: "a".into() }]
+            vec![
+                Decision::Provision { build: 1, cloud: c.clone(), node: "k8s-1".into() },
+                Decision::Run { build: 3, node: "a".into() },
+                Decision::Provision { build: 5, cloud: c.clone(), node: "k8s-2".into() },
+            ]
         );
-        // Asked once: the next pass does not ask again, and a label a node has (busy) is not
-        // sent to the cloud.
+        // The reserved nodes are added (offline) for their agents to connect as.
+        assert!(n.contains_key("k8s-1") && n.contains_key("k8s-2"));
+        // Asked once: the next pass does not ask again for 1 and 5; 6 finds the cap.
         assert_eq!(q.dispatch(&mut n, &clouds), vec![]);
-        assert_eq!(q.why(1, &n, &clouds).unwrap(), "waiting for cloud 'test' to start an agent for 'k8s'");
+        assert_eq!(cloud.made.lock().unwrap().len(), 2);
+        assert_eq!(
+            q.why(1, &n, &clouds).unwrap(),
+            "waiting for cloud 'test' to start an agent for 'k8s' (pod k8s-1)"
+        );
+        assert_eq!(q.why(6, &n, &clouds).unwrap(), "waiting for cloud 'test': at its cap of 2");
         assert_eq!(q.why(2, &n, &clouds).unwrap(), "no node has label 'windows'");
         assert_eq!(
             q.why(4, &n, &clouds).unwrap(),
             "all executors busy on the 1 online node matching 'linux' (2 builds ahead in the queue)"
         );
+    }
+
+    #[test]
+    fn a_build_that_takes_a_pod_reserved_for_a_later_one_hands_over_its_reservation() {
+        let mut n = Nodes::default();
+        let cloud = TestCloud::new("k8s", 5);
+        let clouds: Vec<Arc<dyn Cloud>> = vec![cloud.clone()];
+        let mut q = Queue::default();
+        q.push(1, expr("k8s"));
+        q.push(2, expr("k8s"));
+        q.dispatch(&mut n, &clouds);
+        // k8s-2 (reserved for 2) connects first: the older build 1 takes it, and 2 now waits
+        // for k8s-1.
+        let (tx, _rx) = smol::channel::bounded(1);
+        n.update("k8s-2", |x| x.conn = Some(Arc::new(Session::new(1, "k8s-2", "test", tx))));
+        assert_eq!(q.dispatch(&mut n, &clouds), vec![Decision::Run { build: 1, node: "k8s-2".into() }]);
+        assert_eq!(q.take_reserved("k8s-1"), Some(2));
+        assert_eq!(q.take_reserved("k8s-2"), None);
     }
 }

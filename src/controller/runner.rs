@@ -221,7 +221,10 @@ async fn wait_step(
             }
         }
         let grace_end = match ctl.offline_since(node) {
-            None => return StepEnd::Lost(format!("node '{node}' was removed")),
+            None => {
+                let why = ctl.gone_reason(node).unwrap_or_else(|| format!("node '{node}' was removed"));
+                return StepEnd::Lost(why);
+            }
             Some(since) => since.map(|t| t + grace),
         };
         let wake_at = [grace_end, cancel_deadline].into_iter().flatten().min();

@@ -62,7 +62,7 @@ pub struct StepEnd<'a> {
 }
 
 /// The schema this code writes (kept in the `meta` table under `schema`).
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Store errors carry the SQLite message.
 pub type Result<T> = std::result::Result<T, rusqlite::Error>;
@@ -103,7 +103,8 @@ impl Store {
                 build INTEGER NOT NULL, idx INTEGER NOT NULL, name TEXT NOT NULL,
                 state TEXT NOT NULL, exit TEXT NOT NULL DEFAULT '', code INTEGER,
                 bytes INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (build, idx));
-             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS clouds (name TEXT PRIMARY KEY, file TEXT NOT NULL, applied INTEGER NOT NULL);",
         )?;
         let version: Option<u32> = db
             .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| r.get::<_, String>(0))
@@ -111,7 +112,8 @@ impl Store {
             .and_then(|v| v.parse().ok());
         match version {
             // A store made before the schema was versioned (version 1): nodes had no origin.
-            None | Some(1) => {
+            // Version 3 added the clouds table (created above when missing).
+            None | Some(1) | Some(2) => {
                 let has_origin = db
                     .prepare("SELECT 1 FROM pragma_table_info('nodes') WHERE name = 'origin'")?
                     .exists([])?;
@@ -142,6 +144,31 @@ impl Store {
             params![n.name, n.labels.join(" "), n.executors, n.websocket, n.work_dir, now(), n.origin],
         )?;
         Ok(())
+    }
+
+    /// Keep the file each cloud was applied from, by cloud name (one transaction).
+    pub fn put_clouds(&mut self, rows: &[(String, String)]) -> Result<()> {
+        let tx = self.db.transaction()?;
+        for (name, file) in rows {
+            tx.execute(
+                "INSERT INTO clouds (name, file, applied) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name) DO UPDATE SET file = excluded.file, applied = excluded.applied",
+                params![name, file, now()],
+            )?;
+        }
+        tx.commit()
+    }
+
+    /// Every cloud's name and the file it was applied from, in the order they were first applied.
+    pub fn clouds(&self) -> Result<Vec<(String, String)>> {
+        let mut q = self.db.prepare("SELECT name, file FROM clouds ORDER BY rowid")?;
+        let rows = q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect()
+    }
+
+    /// Forget a cloud; true if it existed.
+    pub fn remove_cloud(&self, name: &str) -> Result<bool> {
+        Ok(self.db.execute("DELETE FROM clouds WHERE name = ?1", [name])? > 0)
     }
 
     /// Delete a node; true if it existed.

@@ -257,6 +257,62 @@ pub struct BuildList {
     pub builds: Vec<BuildRecord>,
 }
 
+/// A cloud as `wisp clouds` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CloudView {
+    /// Its name.
+    pub name: String,
+    /// `kubernetes` or `podman`.
+    pub kind: String,
+    /// Namespace (Kubernetes).
+    pub namespace: Option<String>,
+    /// Most pods at once (0: no cap).
+    pub container_cap: u32,
+    /// Pods it has now (starting, running, idle or kept).
+    pub pods: u32,
+    /// Its templates.
+    pub templates: Vec<TemplateView>,
+    /// Whether its backend answers, or why not.
+    pub status: String,
+}
+
+/// A template as `wisp templates` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TemplateView {
+    /// The cloud it belongs to.
+    pub cloud: String,
+    /// Its name.
+    pub name: String,
+    /// The labels it serves.
+    pub label: String,
+    /// Its parents.
+    pub inherit_from: String,
+    /// Most pods at once, if capped.
+    pub instance_cap: Option<u32>,
+    /// Minutes a pod waits for another build.
+    pub idle_minutes: u32,
+    /// Retention as configured.
+    pub pod_retention: String,
+    /// Pods of it now (not counting kept ones).
+    pub pods: u32,
+    /// `ok`, or why it starts no pods.
+    pub status: String,
+}
+
+/// `POST /api/clouds`: the clouds the file declared, all applied.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CloudsApplied {
+    /// Their names.
+    pub applied: Vec<String>,
+}
+
+/// `DELETE /api/clouds/NAME`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CloudRemoved {
+    /// The cloud's name.
+    pub removed: String,
+}
+
 /// `POST /api/builds` without `?wait=`: the new build's number.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Submitted {
