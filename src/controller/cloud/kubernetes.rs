@@ -20,14 +20,15 @@ use smol::Timer;
 use std::future::Future;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Longest one API call may take before it fails: a hung API server must not hang the cloud.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// A watch that reports nothing for this long starts again with a fresh list, so a stream that
 /// went dead without an error (a proxy that stopped forwarding) costs at most this much.
 pub const WATCH_SILENCE: Duration = Duration::from_secs(300);
-/// Backoff after a failed watch, doubling up to [`BACKOFF_MAX`]; reset once a list succeeds.
+/// Backoff after a failed watch, doubling up to [`BACKOFF_MAX`]; reset after a run of the watch
+/// that lasted at least that long (a server that lists but fails every watch is not hammered).
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// The longest pause between two tries of a failing watch.
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -256,7 +257,6 @@ impl Kubernetes {
         labels: &str,
         selector: &Selector,
         on: &mut (dyn FnMut(PodEvent) + Send + '_),
-        listed: &mut bool,
     ) -> WatchEnd {
         let config = watcher::Config::default().labels(labels);
         let mut stream = std::pin::pin!(watcher(self.pods(), config));
@@ -294,7 +294,6 @@ impl Kubernetes {
                 }
                 watcher::Event::InitDone => {
                     in_list = false;
-                    *listed = true;
                     on(PodEvent::Listed(std::mem::take(&mut init)));
                 }
                 watcher::Event::Apply(pod) => {
@@ -414,15 +413,15 @@ impl PodBackend for Kubernetes {
             };
             let mut backoff = BACKOFF_MIN;
             loop {
-                let mut listed = false;
-                let end = self.watch_once(&labels, selector, &mut *on, &mut listed).await;
-                if listed {
+                let started = Instant::now();
+                let end = self.watch_once(&labels, selector, &mut *on).await;
+                if started.elapsed() >= BACKOFF_MAX {
                     backoff = BACKOFF_MIN;
                 }
                 match end {
                     WatchEnd::Silent => {
                         log::debug!(
-                            "kubernetes: no pod changes {labels} for {} s; listing again",
+                            "kubernetes: no change to pods {labels} for {} s; listing them again",
                             self.watch_silence.as_secs()
                         );
                     }
