@@ -5,7 +5,8 @@
 #   WISP_FUZZ_SECONDS   seconds per fuzz target (default 20; four targets)
 #   WISP_SKIP_STATIC=1  skip the static-binary, image and ARM tests (for quick local runs)
 # Some tests need root: network namespaces and iptables (tests/faults.rs), a small tmpfs for the
-# full-disk test (tests/controller.rs) and a PID namespace (tests/agent.rs).
+# full-disk test (tests/controller.rs) and a PID namespace (tests/agent.rs). tests/kube_backend.rs
+# runs kmock, an in-memory Kubernetes API emulator from PyPI (no real API server installs here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -23,6 +24,16 @@ section "packages the tests start"
 # iproute2 for the network partitions of tests/faults.rs, mount (tmpfs) and util-linux (unshare) for
 # the full-disk and PID 1 tests. Installed only if missing.
 apt_ensure nginx haproxy iptables iproute2 mount util-linux
+# kmock (PyPI), the Kubernetes API emulator of tests/kube_backend.rs, in a venv under the target
+# dir; the test's helper (tests/common/kmock.rs) makes the same venv when it is missing.
+apt_ensure python3 python3-venv
+KMOCK_VENV=${CARGO_TARGET_DIR:-target}/kmock-venv
+if [ ! -e "$KMOCK_VENV/.kmock-0.8" ]; then
+    rm -rf "$KMOCK_VENV"
+    python3 -m venv "$KMOCK_VENV"
+    "$KMOCK_VENV/bin/python" -m pip install -q --disable-pip-version-check kmock==0.8
+    touch "$KMOCK_VENV/.kmock-0.8"
+fi
 
 section "cargo fmt --check"
 cargo fmt --check

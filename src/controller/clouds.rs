@@ -199,7 +199,7 @@ async fn backend_for(spec: &CloudSpec) -> Result<Arc<dyn PodBackend>, String> {
             Ok(Arc::new(cloud::podman::Podman::new(spec.podman.clone(), spec.network.clone())))
         }
         CloudKind::Kubernetes => {
-            let k = async_compat::Compat::new(cloud::kubernetes::Kubernetes::connect(spec)).await?;
+            let k = async_compat::Compat::new(cloud::kubernetes::Kubernetes::connect(&spec.into())).await?;
             Ok(Arc::new(k))
         }
     }
