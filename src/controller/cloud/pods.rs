@@ -233,6 +233,9 @@ impl PodCloud {
     /// React to one event of the watch.
     fn on_event(&self, ev: PodEvent, host: &Arc<dyn Host>) {
         let mut actions: Vec<Action> = Vec::new();
+        // Read before the cloud's lock: the controller's lock is never taken inside it (dispatch
+        // takes them the other way round).
+        let nodes: std::collections::HashSet<String> = host.nodes_of(&self.name).into_iter().collect();
         {
             let mut inner = self.lock();
             match ev {
@@ -251,13 +254,13 @@ impl PodCloud {
                         actions.extend(gone_action(&mut inner, &n, format!("pod {n} no longer exists")));
                     }
                     for p in list {
-                        actions.extend(self.seen(&mut inner, p, host));
+                        actions.extend(self.seen(&mut inner, p, &nodes));
                     }
                     // Nodes of this cloud with no pod at all (it vanished while the controller
                     // was down).
                     actions.push(Action::Vanished(names));
                 }
-                PodEvent::Changed(p) => actions.extend(self.seen(&mut inner, p, host)),
+                PodEvent::Changed(p) => actions.extend(self.seen(&mut inner, p, &nodes)),
                 PodEvent::Deleted { name, .. } => {
                     actions.extend(gone_action(&mut inner, &name, format!("pod {name} was deleted")));
                 }
@@ -283,7 +286,7 @@ impl PodCloud {
                 }
                 Action::Vanished(listed) => {
                     let known: Vec<String> = self.lock().pods.keys().cloned().collect();
-                    for n in host.nodes_of(&self.name) {
+                    for n in nodes.iter().cloned() {
                         if !listed.contains(&n) && !known.contains(&n) {
                             let why =
                                 format!("pod {n} no longer exists (it went while the controller was away)");
@@ -297,10 +300,10 @@ impl PodCloud {
     }
 
     /// A pod's state as the watch reports it: adopt it, record it, or find it orphaned or failed.
-    fn seen(&self, inner: &mut Inner, p: PodInfo, host: &Arc<dyn Host>) -> Option<Action> {
+    fn seen(&self, inner: &mut Inner, p: PodInfo, nodes: &std::collections::HashSet<String>) -> Option<Action> {
         let name = p.name.clone();
         let Some(e) = inner.pods.get_mut(&name) else {
-            if !host.is_node(&name) {
+            if !nodes.contains(&name) {
                 return Some(Action::Orphan(name));
             }
             // A pod from before a restart whose node still exists: adopt it.
