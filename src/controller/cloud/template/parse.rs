@@ -29,7 +29,8 @@ const DEFAULT_POD_LABELS: [(&str, &str); 1] = [("jenkins", "slave")];
 
 pub(super) fn parse_clouds(text: &str) -> Result<Vec<CloudSpec>, ConfigError> {
     check_size_and_depth(text, "the file")?;
-    let file: Option<File> = serde_yaml_ng::from_str(text).map_err(|e| from_yaml(&e))?;
+    let file: Option<File> =
+        serde_yaml_ng::from_str(text).map_err(|e| locate_in_block(text, from_yaml(&e)))?;
     let Some(file) = file else {
         return Err(ConfigError {
             line: None,
@@ -76,7 +77,44 @@ pub(crate) fn from_yaml(e: &serde_yaml_ng::Error) -> ConfigError {
             (line, column) = (Some(loc.line()), Some(loc.column()));
         }
     }
-    ConfigError { line, column, message: suggest(&text) }
+    ConfigError { line, column, message: suggest(&join_index(&text)) }
+}
+
+/// `clouds: [1]: ...` (a list's own error naming an element) as `clouds[1]: ...`.
+fn join_index(text: &str) -> String {
+    if let Some(i) = text.find(": [") {
+        let rest = &text[i + 2..];
+        if let Some(end) = rest.find("]: ") {
+            if end > 1 && rest[1..end].bytes().all(|b| b.is_ascii_digit()) && !text[..i].contains(' ') {
+                return format!("{}{rest}", &text[..i]);
+            }
+        }
+    }
+    text.to_string()
+}
+
+/// Where an error inside a template's Pod YAML is in the file: when the YAML is a block scalar
+/// (`yaml: |`) at `(line, column)`, its line L, column C is the file's line `line + L`, column
+/// `indent + C`. Other forms of string keep the YAML's own position in the message.
+fn locate_in_block(text: &str, mut e: ConfigError) -> ConfigError {
+    const MARK: &str = " (at its line ";
+    let (Some(line), Some(column)) = (e.line, e.column) else { return e };
+    let Some(at) = e.message.rfind(MARK) else { return e };
+    let inner = e.message[at + MARK.len()..].trim_end_matches(')');
+    let Some((l, c)) = inner.split_once(", column ") else { return e };
+    let (Ok(l), Ok(c)) = (l.parse::<usize>(), c.parse::<usize>()) else { return e };
+    let mut lines = text.lines().skip(line - 1);
+    let Some(head) = lines.next() else { return e };
+    if !matches!(head.chars().nth(column - 1), Some('|' | '>')) {
+        return e;
+    }
+    let Some(indent) = lines.find(|s| !s.trim().is_empty()).map(|s| s.len() - s.trim_start().len()) else {
+        return e;
+    };
+    e.message.truncate(at);
+    e.line = Some(line + l);
+    e.column = Some(indent + c);
+    e
 }
 
 /// Add "did you mean" to serde's `unknown field `x`, expected one of `a`, `b`` (and the same for
@@ -100,7 +138,10 @@ fn suggest(message: &str) -> String {
         let list = if expected.is_empty() { String::new() } else { format!("; expected one of {list}") };
         return format!("{}unknown {kind} \"{given}\"{hint}{list}", &message[..start]);
     }
-    message.to_string()
+    match message.find("missing field `") {
+        Some(i) => format!("{}missing field \"{}", &message[..i], message[i + 15..].replacen('`', "\"", 1)),
+        None => message.to_string(),
+    }
 }
 
 /// Whether `b` is close enough to `a` to suggest `a`: within one edit for short names, two for
@@ -319,7 +360,7 @@ pub(super) fn check_pod_yaml(s: &str) -> Result<Option<String>, String> {
     let mut unknown = Vec::new();
     let de = serde_yaml_ng::Deserializer::from_str(s);
     let pod: Option<Pod> =
-        serde_ignored::deserialize(de, |path| unknown.push(path.to_string())).map_err(|e| {
+        serde_ignored::deserialize(de, |path| unknown.push(show_path(&path))).map_err(|e| {
             let e = from_yaml(&e);
             format!("the Pod YAML is not a Pod: {}{}", e.message, at(&e))
         })?;
@@ -332,6 +373,22 @@ pub(super) fn check_pod_yaml(s: &str) -> Result<Option<String>, String> {
         return Err("the Pod YAML sets \"status\"; a template describes only metadata and spec".into());
     }
     Ok(Some(s.to_string()))
+}
+
+/// A path serde_ignored reports, written as wisp writes paths: `spec.containers[0].imagee`.
+fn show_path(p: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match p {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", show_path(parent)),
+        Path::Map { parent, key } => match show_path(parent) {
+            s if s.is_empty() => key.clone(),
+            s => format!("{s}.{key}"),
+        },
+        Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => {
+            show_path(parent)
+        }
+    }
 }
 
 /// A list of strings, or one string split on whitespace (the plugin's `command: 'cat'`).
@@ -431,42 +488,62 @@ fn de_pod_yaml<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Err
     Ok(opt_text(d, check_pod_yaml, "the YAML of a Pod, as a string (yaml: |)")?.flatten())
 }
 
-/// A count that must not be negative: 0 or more, up to `u32::MAX`.
-fn count<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    let n = i64::deserialize(d)?;
-    if n < 0 {
-        return Err(de::Error::custom(format!("is {n}; it must be 0 or more")));
+/// A count that must not be negative, up to its field's limit; checked in the visitor so that
+/// the error is positioned at the number.
+struct Count(u64);
+
+impl<'de> Visitor<'de> for Count {
+    type Value = u64;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a whole number from 0 to {}", self.0)
     }
-    Ok(n as u64)
+    fn visit_i64<E: de::Error>(self, n: i64) -> Result<u64, E> {
+        if n < 0 {
+            return Err(E::custom(format!("is {n}; it must be 0 or more")));
+        }
+        self.visit_u64(n as u64)
+    }
+    fn visit_u64<E: de::Error>(self, n: u64) -> Result<u64, E> {
+        if n > self.0 {
+            return Err(E::custom(format!("is {n}; the limit is {}", self.0)));
+        }
+        Ok(n)
+    }
+}
+
+/// [`Count`], or `None` for null.
+struct OptCount(u64);
+
+impl<'de> Visitor<'de> for OptCount {
+    type Value = Option<u64>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        Count(self.0).expecting(f)
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(Count(self.0)).map(Some)
+    }
 }
 
 fn de_u32<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
-    let n = count(d)?;
-    u32::try_from(n).map_err(|_| de::Error::custom(format!("is {n}; the limit is {}", u32::MAX)))
+    Ok(d.deserialize_any(Count(u32::MAX.into()))? as u32)
 }
 
 fn de_opt_u32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
-    let n: Option<i64> = Option::deserialize(d)?;
-    match n {
-        None => Ok(None),
-        Some(n) if n < 0 => Err(de::Error::custom(format!("is {n}; it must be 0 or more"))),
-        Some(n) => u32::try_from(n)
-            .map(Some)
-            .map_err(|_| de::Error::custom(format!("is {n}; the limit is {}", u32::MAX))),
-    }
+    Ok(d.deserialize_option(OptCount(u32::MAX.into()))?.map(|n| n as u32))
 }
 
 fn de_u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    count(d)
+    d.deserialize_any(Count(i64::MAX as u64))
 }
 
 fn de_opt_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    let n: Option<i64> = Option::deserialize(d)?;
-    match n {
-        None => Ok(None),
-        Some(n) if n < 0 => Err(de::Error::custom(format!("is {n}; it must be 0 or more"))),
-        Some(n) => Ok(Some(n as u64)),
-    }
+    d.deserialize_option(OptCount(i64::MAX as u64))
 }
 
 /// A `{key: value}` map or the JCasC list form `[{key: k, value: v}]`, keys and values checked,
@@ -687,7 +764,7 @@ fn de_words<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::E
 /// `resources`: checked strictly against k8s-openapi's `ResourceRequirements`, kept as JSON.
 fn de_resources<'de, D: Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
     let mut unknown = Vec::new();
-    let r: Option<ResourceRequirements> = serde_ignored::deserialize(d, |p| unknown.push(p.to_string()))?;
+    let r: Option<ResourceRequirements> = serde_ignored::deserialize(d, |p| unknown.push(show_path(&p)))?;
     if let Some(p) = unknown.first() {
         return Err(de::Error::custom(format!(
             "unknown field {p:?}; resources has \"limits\", \"requests\" and \"claims\""
@@ -1064,8 +1141,8 @@ impl Named for ContainerTemplate {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawContainer {
-    #[serde(default, deserialize_with = "de_opt_container_name")]
-    name: Option<String>,
+    #[serde(deserialize_with = "de_container_name")]
+    name: String,
     #[serde(default, deserialize_with = "de_opt_image")]
     image: Option<String>,
     #[serde(default, deserialize_with = "de_words")]
@@ -1083,10 +1160,8 @@ struct RawContainer {
 impl<'de> Deserialize<'de> for ContainerTemplate {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let r = RawContainer::deserialize(d)?;
-        let name =
-            r.name.ok_or_else(|| de::Error::custom("missing field \"name\" (the container's name)"))?;
         Ok(ContainerTemplate {
-            name,
+            name: r.name,
             image: r.image,
             command: r.command,
             args: r.args,
