@@ -1182,6 +1182,41 @@ steps:
     }
 
     #[test]
+    fn agent_takes_an_inline_pod_template() {
+        let yaml = "name: a\nagent:\n  label: maven\n  kubernetes:\n    containers:\n      - {name: build, image: maven}\n    \
+                    envVars: {K: v}\n    yaml: 'spec: {hostname: h}'\nsteps: [{sh: make}]";
+        let p = parse(yaml).unwrap();
+        assert_eq!(p.label.as_deref(), Some("maven"));
+        let t = p.kubernetes.as_ref().unwrap();
+        assert_eq!(t.name, "", "the name is optional inline");
+        assert_eq!(t.containers[0].image.as_deref(), Some("maven"));
+        assert_eq!(t.env_vars, pairs(&[("K", "v")]));
+        assert_eq!(t.yaml, ["spec: {hostname: h}".to_string()]);
+        assert_eq!(serde_json::to_value(&p).unwrap()["kubernetes"]["containers"][0]["name"], "build");
+        let p = parse("name: a\nagent: {kubernetes: {name: inline}}\nsteps: [{sh: make}]").unwrap();
+        assert_eq!((p.label, p.kubernetes.map(|t| t.name)), (None, Some("inline".to_string())));
+        let p = parse("name: a\nagent: {label: x}\nsteps: [{sh: make}]").unwrap();
+        assert!(p.kubernetes.is_none());
+        assert!(serde_json::to_value(&p).unwrap().get("kubernetes").is_none());
+    }
+
+    #[test]
+    fn inline_template_errors_carry_the_pipelines_path_and_position() {
+        assert_eq!(
+            err("name: a\nagent:\n  kubernetes:\n    containers:\n      - {name: Build}\nsteps: [{sh: make}]"),
+            "pipeline: line 5 column 16: agent.kubernetes.containers[0].name: container name \"Build\" has 'B' at \
+             column 1; use lower-case letters, digits and '-', starting and ending with a letter or digit"
+        );
+        let e = err("name: a\nagent:\n  kubernetes:\n    imagee: x\nsteps: [{sh: make}]");
+        assert!(e.starts_with("pipeline: line 4 column 5: agent.kubernetes: unknown field `imagee`"), "{e}");
+        let e =
+            err("name: a\nagent:\n  kubernetes:\n    yaml: 'spec: {containerz: []}'\nsteps: [{sh: make}]");
+        assert!(e.contains("agent.kubernetes.yaml: the Pod YAML has a field Kubernetes' Pod does not have: spec.containerz"), "{e}");
+        assert!(err("name: a\nagent: {kubernetes: [x]}\nsteps: [{sh: make}]")
+            .contains("agent.kubernetes: invalid type"));
+    }
+
+    #[test]
     fn label_precedence_and_name_matching_carry_through() {
         let p = parse("name: a\nagent: {label: \"a || b && !c\"}\nsteps: [{sh: make}]").unwrap();
         assert!(p.label_expr.matches(&["b".into()]));

@@ -35,7 +35,8 @@ fn container_fields_fall_back_to_the_parents() {
     assert_eq!(names, ["a", "only-parent", "only-child"], "parent's order, then the child's new ones");
     let a = container(&t, "a");
     // (field, combined, expected)
-    let table: [(&str, Option<Vec<String>>, Option<Vec<String>>); 4] = [
+    type Words = Option<Vec<String>>;
+    let table: [(&str, Words, Words); 4] = [
         ("image", a.image.clone().map(|i| vec![i]), words(&["img"])),
         ("command", a.command.clone(), words(&["cat"])),
         ("args", a.args.clone(), words(&["x"])),
