@@ -503,6 +503,9 @@ fn client_command(cmd: Cmd) -> i32 {
                             }
                             other => other,
                         })?;
+                    for w in r.warnings {
+                        eprintln!("warning: {w}");
+                    }
                     for name in r.applied {
                         println!("cloud '{name}' applied");
                     }

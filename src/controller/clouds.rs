@@ -10,14 +10,26 @@ use std::sync::Arc;
 
 impl Controller {
     /// Apply a cloud file: every cloud in it is added, or replaces the one of its name (its pods
-    /// stay). Nothing is applied when any part of the file is bad. Returns the names applied.
-    pub async fn apply_clouds(self: &Arc<Self>, text: String) -> Result<Vec<String>, ApiError> {
+    /// stay). Nothing is applied when any part of the file is bad. Returns the names applied and
+    /// warnings about what was applied (an `inheritFrom` that names no template).
+    pub async fn apply_clouds(
+        self: &Arc<Self>,
+        text: String,
+    ) -> Result<(Vec<String>, Vec<String>), ApiError> {
         let specs = template::parse_clouds(&text).map_err(|e| ApiError::new(400, e.to_string()))?;
         if specs.is_empty() {
             return Err(ApiError::new(
                 400,
                 "the file declares no cloud: expected `clouds:` with at least one",
             ));
+        }
+        let mut warnings = Vec::new();
+        for spec in &specs {
+            for t in &spec.templates {
+                for w in template::resolve(t, &spec.templates).1 {
+                    warnings.push(format!("cloud '{}', template '{}': {w}", spec.name, t.name));
+                }
+            }
         }
         let mut made = Vec::new();
         for spec in &specs {
@@ -33,7 +45,7 @@ impl Controller {
             self.install_cloud(spec, backend);
         }
         self.dispatch();
-        Ok(names)
+        Ok((names, warnings))
     }
 
     /// Load the clouds kept in the store (at start). A cloud that cannot be loaded is logged and

@@ -153,10 +153,9 @@ pub async fn route(
             Err(e) => Err(e),
         },
         (Method::POST, ["api", "clouds"]) => match body_text(req).await {
-            Ok(text) => ctl
-                .apply_clouds(text)
-                .await
-                .map(|applied| json_response(StatusCode::OK, api::CloudsApplied { applied })),
+            Ok(text) => ctl.apply_clouds(text).await.map(|(applied, warnings)| {
+                json_response(StatusCode::OK, api::CloudsApplied { applied, warnings })
+            }),
             Err(e) => Err(e),
         },
         (Method::GET, ["api", "clouds"]) => Ok(json_response(StatusCode::OK, ctl.cloud_views())),

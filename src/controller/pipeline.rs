@@ -3,6 +3,8 @@
 //! ```yaml
 //! name: hello                  # [A-Za-z0-9._-], 1 to 64 characters
 //! agent: {label: "linux && x86_64"}   # optional; see `labels::parse`
+//! # agent: {kubernetes: {containers: [{name: build, image: maven}]}}  # an inline pod template,
+//! #   fields as in a cloud's template (`cloud::template`), `name` optional
 //! env: {GREETING: hi}          # optional; numbers and booleans are kept as written
 //! steps:                       # 1 to 256
 //!   - sh: echo "$GREETING"     # the script, run as `SHELL -c SCRIPT`
@@ -24,8 +26,9 @@
 //! refused by a scan ([`depth`]) before serde_yaml_ng, whose time grows with the square of the
 //! depth, sees the text.
 
-mod depth;
+pub(crate) mod depth;
 
+use super::cloud::template::PodTemplate;
 use super::labels::{self, LabelExpr};
 use crate::proto::MAX_FRAME;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -74,6 +77,9 @@ pub struct Pipeline {
     /// `label` parsed; matches every node when `label` is `None`.
     #[serde(skip)]
     pub label_expr: LabelExpr,
+    /// `agent.kubernetes`: a pod template given inline, as written (not resolved).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<PodTemplate>,
     /// Pipeline-level environment, sorted by name (already merged into each step's `env`).
     pub env: Vec<(String, String)>,
     /// The steps, in order; at least one.
@@ -224,7 +230,7 @@ pub fn parse(yaml: &str) -> Result<Pipeline, PipelineError> {
         Some((text, expr)) => (Some(text), expr),
         None => (None, LabelExpr::default()),
     };
-    Ok(Pipeline { name: raw.name, label, label_expr, env: raw.env, steps })
+    Ok(Pipeline { name: raw.name, label, label_expr, kubernetes: raw.kubernetes, env: raw.env, steps })
 }
 
 /// Parse a duration: whole seconds (`"90"`), or amounts with units `d`, `h`, `m`, `s` in that
@@ -644,6 +650,7 @@ impl<'de> Visitor<'de> for EnvMap {
 struct RawPipeline {
     name: String,
     label: Option<(String, LabelExpr)>,
+    kubernetes: Option<PodTemplate>,
     env: Vec<(String, String)>,
     steps: Vec<RawStep>,
 }
@@ -688,7 +695,7 @@ impl<'de> Visitor<'de> for PipelineMap {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawPipeline, A::Error> {
         const FIELDS: &[&str] = &["name", "agent", "env", "steps"];
         let mut seen = Vec::new();
-        let (mut name, mut label, mut env, mut steps) = (None, None, Vec::new(), None);
+        let (mut name, mut agent, mut env, mut steps) = (None, None, Vec::new(), None);
         while let Some(field) = map.next_key_seed(Field { fields: FIELDS, seen: &mut seen })? {
             match field {
                 "name" => {
@@ -701,7 +708,7 @@ impl<'de> Visitor<'de> for PipelineMap {
                         }
                     }
                 }
-                "agent" => label = map.next_value_seed(Nullable(AgentMap))?.flatten(),
+                "agent" => agent = map.next_value_seed(Nullable(AgentMap))?,
                 "env" => env = map.next_value_seed(EnvSeed)?,
                 "steps" => steps = Some(map.next_value_seed(StepsSeed)?),
                 _ => unreachable!("Field yields only names in FIELDS"),
@@ -713,33 +720,49 @@ impl<'de> Visitor<'de> for PipelineMap {
         let steps = steps.ok_or_else(|| {
             de::Error::custom("missing field \"steps\"; add a list of steps such as \"steps: [{sh: make}]\"")
         })?;
-        Ok(RawPipeline { name, label, env, steps })
+        let (label, kubernetes) = agent.map(|a| (a.label, a.kubernetes)).unwrap_or_default();
+        Ok(RawPipeline { name, label, kubernetes, env, steps })
     }
 }
 
-/// The `agent:` mapping; yields the label expression, if any.
+/// What the `agent:` mapping holds.
+#[derive(Default)]
+struct RawAgent {
+    label: Option<(String, LabelExpr)>,
+    kubernetes: Option<PodTemplate>,
+}
+
+/// The `agent:` mapping: a label expression and an inline pod template, both optional.
 struct AgentMap;
 
 impl<'de> DeserializeSeed<'de> for AgentMap {
-    type Value = Option<(String, LabelExpr)>;
+    type Value = RawAgent;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_map(self)
     }
 }
 
 impl<'de> Visitor<'de> for AgentMap {
-    type Value = Option<(String, LabelExpr)>;
+    type Value = RawAgent;
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a mapping such as {label: \"linux && x86_64\"}")
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut seen = Vec::new();
-        let mut label = None;
-        while map.next_key_seed(Field { fields: &["label"], seen: &mut seen })?.is_some() {
-            let text = Text { expecting: "a label expression", check: check_label };
-            label = map.next_value_seed(Nullable(text))?.flatten();
+        let mut agent = RawAgent::default();
+        while let Some(field) =
+            map.next_key_seed(Field { fields: &["label", "kubernetes"], seen: &mut seen })?
+        {
+            if field == "label" {
+                let text = Text { expecting: "a label expression", check: check_label };
+                agent.label = map.next_value_seed(Nullable(text))?.flatten();
+            } else {
+                // The template's own deserializer checks every field where serde_yaml_ng knows its
+                // position, so its errors carry the path `agent.kubernetes.FIELD` and a line.
+                agent.kubernetes = map.next_value::<Option<PodTemplate>>()?;
+            }
         }
-        Ok(label)
+        Ok(agent)
     }
 }
 
@@ -1018,7 +1041,7 @@ steps:
         let e = err("name: a\nagent: {labels: linux}\nsteps: [{sh: make}]\n");
         assert!(
             e.contains(
-                "agent: unknown field \"labels\" (did you mean \"label\"?); expected one of \"label\""
+                "agent: unknown field \"labels\" (did you mean \"label\"?); expected one of \"label\", \"kubernetes\""
             ),
             "{e}"
         );
@@ -1156,6 +1179,41 @@ steps:
         );
         assert!(err("name: a\nagent: linux\nsteps: [{sh: make}]")
             .contains("agent: invalid type: string \"linux\""));
+    }
+
+    #[test]
+    fn agent_takes_an_inline_pod_template() {
+        let yaml = "name: a\nagent:\n  label: maven\n  kubernetes:\n    containers:\n      - {name: build, image: maven}\n    \
+                    envVars: {K: v}\n    yaml: 'spec: {hostname: h}'\nsteps: [{sh: make}]";
+        let p = parse(yaml).unwrap();
+        assert_eq!(p.label.as_deref(), Some("maven"));
+        let t = p.kubernetes.as_ref().unwrap();
+        assert_eq!(t.name, "", "the name is optional inline");
+        assert_eq!(t.containers[0].image.as_deref(), Some("maven"));
+        assert_eq!(t.env_vars, pairs(&[("K", "v")]));
+        assert_eq!(t.yaml, ["spec: {hostname: h}".to_string()]);
+        assert_eq!(serde_json::to_value(&p).unwrap()["kubernetes"]["containers"][0]["name"], "build");
+        let p = parse("name: a\nagent: {kubernetes: {name: inline}}\nsteps: [{sh: make}]").unwrap();
+        assert_eq!((p.label, p.kubernetes.map(|t| t.name)), (None, Some("inline".to_string())));
+        let p = parse("name: a\nagent: {label: x}\nsteps: [{sh: make}]").unwrap();
+        assert!(p.kubernetes.is_none());
+        assert!(serde_json::to_value(&p).unwrap().get("kubernetes").is_none());
+    }
+
+    #[test]
+    fn inline_template_errors_carry_the_pipelines_path_and_position() {
+        assert_eq!(
+            err("name: a\nagent:\n  kubernetes:\n    containers:\n      - {name: Build}\nsteps: [{sh: make}]"),
+            "pipeline: line 5 column 16: agent.kubernetes.containers[0].name: container name \"Build\" has 'B' at \
+             column 1; use lower-case letters, digits and '-', starting and ending with a letter or digit"
+        );
+        let e = err("name: a\nagent:\n  kubernetes:\n    imagee: x\nsteps: [{sh: make}]");
+        assert!(e.starts_with("pipeline: line 4 column 5: agent.kubernetes: unknown field `imagee`"), "{e}");
+        let e =
+            err("name: a\nagent:\n  kubernetes:\n    yaml: 'spec: {containerz: []}'\nsteps: [{sh: make}]");
+        assert!(e.contains("agent.kubernetes.yaml: the Pod YAML has a field Kubernetes' Pod does not have: spec.containerz"), "{e}");
+        assert!(err("name: a\nagent: {kubernetes: [x]}\nsteps: [{sh: make}]")
+            .contains("agent.kubernetes: invalid type"));
     }
 
     #[test]

@@ -153,7 +153,10 @@ impl Queue {
             let e = &mut self.entries[i];
             let static_match =
                 nodes.values().any(|n| n.rec.origin == STATIC && e.expr.matches(&n.match_labels));
-            if e.reserved.is_none() && !static_match && !clouds.is_empty() {
+            // A build that asks for no label runs on static nodes only, unless it carries its own
+            // pod template.
+            let wants_cloud = e.inline.is_some() || !e.expr.is_any();
+            if e.reserved.is_none() && wants_cloud && !static_match && !clouds.is_empty() {
                 let mut answer = None;
                 {
                     let taken = |name: &str| nodes.contains_key(name);

@@ -304,6 +304,9 @@ pub struct TemplateView {
 pub struct CloudsApplied {
     /// Their names.
     pub applied: Vec<String>,
+    /// What was applied but looks wrong (an `inheritFrom` naming no template, a cycle).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 /// `DELETE /api/clouds/NAME`.

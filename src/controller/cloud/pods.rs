@@ -300,7 +300,12 @@ impl PodCloud {
     }
 
     /// A pod's state as the watch reports it: adopt it, record it, or find it orphaned or failed.
-    fn seen(&self, inner: &mut Inner, p: PodInfo, nodes: &std::collections::HashSet<String>) -> Option<Action> {
+    fn seen(
+        &self,
+        inner: &mut Inner,
+        p: PodInfo,
+        nodes: &std::collections::HashSet<String>,
+    ) -> Option<Action> {
         let name = p.name.clone();
         let Some(e) = inner.pods.get_mut(&name) else {
             if !nodes.contains(&name) {
@@ -313,7 +318,7 @@ impl PodCloud {
                 .templates
                 .iter()
                 .find(|t| label_value(&t.name) == tname)
-                .map(|t| Arc::new(template::resolve(t, &inner.spec.templates)))
+                .map(|t| Arc::new(template::resolve(t, &inner.spec.templates).0))
                 .unwrap_or_else(|| Arc::new(PodTemplate { name: tname, ..Default::default() }));
             log::info!("cloud '{}': pod {name} adopted (template '{}')", self.name, template.name);
             inner.pods.insert(
@@ -351,13 +356,16 @@ impl PodCloud {
     fn template_for(&self, spec: &CloudSpec, want: &Want<'_>) -> Option<PodTemplate> {
         match want.inline {
             Some(inline) => {
-                let mut t = template::resolve(inline, &spec.templates);
+                let (mut t, warnings) = template::resolve(inline, &spec.templates);
+                for w in warnings {
+                    log::warn!("build {}: its inline pod template: {w}", want.build);
+                }
                 if t.name.is_empty() {
                     t.name = format!("build-{}", want.build);
                 }
                 Some(t)
             }
-            None => spec.template_for(want.expr).map(|t| template::resolve(t, &spec.templates)),
+            None => spec.template_for(want.expr).map(|t| template::resolve(t, &spec.templates).0),
         }
     }
 }

@@ -14,14 +14,14 @@
 /// Where the scan found the text nesting too deeply: 1-based line and column (in characters) of
 /// the bracket, brace or indented entry that opened one level too many.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct TooDeep {
+pub(crate) struct TooDeep {
     pub line: usize,
     pub column: usize,
 }
 
 /// What a scan saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Depths {
+pub(crate) struct Depths {
     /// Deepest flow nesting (`[` and `{` open at once).
     pub flow: usize,
     /// Deepest nesting of flow and block levels together.
@@ -30,7 +30,7 @@ pub(super) struct Depths {
 
 /// Scan `yaml` and refuse it at the first place where flow and block levels together exceed
 /// `limit`; otherwise say how deep it went (up to where libyaml would stop with an error).
-pub(super) fn scan(yaml: &str, limit: usize) -> Result<Depths, TooDeep> {
+pub(crate) fn scan(yaml: &str, limit: usize) -> Result<Depths, TooDeep> {
     let mut s = Scanner {
         s: yaml.as_bytes(),
         // libyaml's reader drops a leading byte order mark before it counts columns.
