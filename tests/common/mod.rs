@@ -2,6 +2,8 @@
 //! temporary data dirs; everything is killed and removed on drop.
 #![allow(dead_code)]
 
+pub mod images;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};

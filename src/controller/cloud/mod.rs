@@ -4,6 +4,7 @@
 //! agent connects. No cloud is implemented here (the Kubernetes and podman clouds come later).
 
 pub mod backend;
+pub mod podman;
 pub mod template;
 
 use super::labels::LabelExpr;
