@@ -21,8 +21,9 @@ section "packages the tests start"
 . scripts/static-common.sh
 # Real peers: nginx and haproxy as reverse proxies (tests/proxy.rs, tests/faults.rs), iptables and
 # iproute2 for the network partitions of tests/faults.rs, mount (tmpfs) and util-linux (unshare) for
-# the full-disk and PID 1 tests. Installed only if missing.
-apt_ensure nginx haproxy iptables iproute2 mount util-linux
+# the full-disk and PID 1 tests, podman, runc and busybox-static for the real containers of
+# tests/podman_backend.rs (which also writes podman's settings itself). Installed only if missing.
+apt_ensure nginx haproxy iptables iproute2 mount util-linux podman runc busybox-static
 
 section "cargo fmt --check"
 cargo fmt --check

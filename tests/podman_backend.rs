@@ -466,3 +466,20 @@ fn agent_image_builds_and_runs_as_uid_1000() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&user.stdout).trim(), "1000:1000");
 }
+
+#[test]
+fn a_container_whose_command_is_missing_fails_create_naming_it() {
+    let run = Run::new("exec");
+    let spec = r#"
+  restartPolicy: Never
+  containers:
+  - name: jnlp
+    image: BUSYBOX
+    command: ["/no/such/agent"]
+"#;
+    let e = block(podman().create(&run.pod("x", &[], spec))).expect_err("create must fail");
+    eprintln!("create failed, as it must: {e}");
+    assert!(e.contains(&format!("{}-jnlp", run.name("x"))), "{e}");
+    assert!(e.contains("/no/such/agent"), "{e}");
+    assert!(list(&run, &[]).is_empty(), "the pod is removed");
+}

@@ -19,7 +19,8 @@
 //! - `hostNetwork: true` is honoured, and so is `kube play --network host` (the default here):
 //!   agents reach a controller on 127.0.0.1. Without either, pods join `podman-default-kube-network`.
 //! - `restartPolicy: Never` is honoured: an exited container stays exited with its exit code. With
-//!   no `restartPolicy` podman restarts containers, as Kubernetes' default `Always` does.
+//!   no `restartPolicy` podman restarts an exited container at once, again and again (35 times in
+//!   3 s), as Kubernetes' default `Always` would with no backoff: the generator must emit `Never`.
 //! - Init containers run, in order, while the pod starts (`kube play` or `pod start` waits for
 //!   them); one that fails fails the start ("init container ID exited with code 1"). By default
 //!   podman then removes them, so nothing could report their state: this backend sets the pod
@@ -42,9 +43,9 @@
 //! - `activeDeadlineSeconds` is accepted and ignored (a pod outlives it): the life cycle has to
 //!   enforce it itself. Image pulls happen in `kube play`; a registry that cannot be reached fails
 //!   it at once ("initializing source docker://...: no such host") and leaves a pod in state
-//!   `Created` behind, which [`Podman::create`] removes.
+//!   `Created` behind, which `create` removes.
 //! - `podman pod rm -f` waits 10 s for a container that ignores SIGTERM (a shell as PID 1 does);
-//!   [`PodBackend::delete`] passes `-t 0`.
+//!   `delete` passes `-t 0`.
 //! - `podman events --until 1s` means one second from now (it streams until then); an absolute
 //!   time in the past gives nothing. Filters of one key are OR-ed, of different keys AND-ed
 //!   (`container=` and `pod=` together match nothing); a container's `died` event carries
