@@ -2,6 +2,7 @@
 //! temporary data dirs; everything is killed and removed on drop.
 #![allow(dead_code)]
 
+pub mod images;
 pub mod kmock;
 
 use std::io::{Read, Write};
