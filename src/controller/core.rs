@@ -247,7 +247,11 @@ impl Controller {
             live.mark_recovered();
             if b.state != BuildState::Running {
                 let mut st = self.state();
-                st.queue.push(b.id, live.pipeline.label_expr.clone());
+                st.queue.push_with(
+                    b.id,
+                    live.pipeline.label_expr.clone(),
+                    live.pipeline.kubernetes.clone().map(Arc::new),
+                );
                 st.builds.insert(b.id, live);
                 log::info!("build {}: queued again after restart", b.id);
                 continue;
@@ -566,7 +570,7 @@ impl Controller {
         log::info!("build {id}: queued ({}, label '{}')", p.name, p.label.as_deref().unwrap_or(""));
         {
             let mut st = self.state();
-            st.queue.push(id, p.label_expr.clone());
+            st.queue.push_with(id, p.label_expr.clone(), p.kubernetes.clone().map(Arc::new));
             st.builds.insert(id, Arc::new(LiveBuild::new(id, p)));
         }
         self.dispatch();

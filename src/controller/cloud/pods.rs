@@ -557,11 +557,9 @@ impl Cloud for PodCloud {
 
     fn launch(self: Arc<Self>, node: String, build: u64, host: Arc<dyn Host>) -> CloudFuture<()> {
         Box::pin(async move {
-            let Some((template, spec)) =
-                self.lock().pods.get(&node).map(|e| e.template.clone()).zip(Some(self.spec()))
-            else {
-                return;
-            };
+            let template = self.lock().pods.get(&node).map(|e| e.template.clone());
+            let Some(template) = template else { return };
+            let spec = self.spec();
             let Some(dial) = host.dial() else {
                 return self.fail_start(&node, "the controller does not listen yet".into(), &host).await;
             };
@@ -761,7 +759,7 @@ impl Cloud for PodCloud {
                     inherit_from: t.inherit_from.clone().unwrap_or_default(),
                     instance_cap: t.instance_cap,
                     idle_minutes: t.idle_minutes,
-                    pod_retention: format!("{:?}", t.pod_retention).to_lowercase(),
+                    pod_retention: t.pod_retention.as_str().to_string(),
                     pods: inner.pods.values().filter(live).filter(|e| e.template.name == t.name).count()
                         as u32,
                     status,
