@@ -2,7 +2,8 @@
 //!
 //! Decoding borrows from the caller's buffer and never allocates: every length the peer
 //! claims is checked against the bytes actually present before it is used. See
-//! `docs/PROTOCOL.md` for the wire layout.
+//! `docs/PROTOCOL.md` for the wire layout. The same frames carry a forwarded step between the agent
+//! and a step server in a sibling container (`agent::stepserver`).
 
 use std::fmt;
 use std::time::Duration;
