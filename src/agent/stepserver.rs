@@ -355,7 +355,11 @@ async fn serve(ex: Rc<LocalExecutor<'static>>, opts: Options) -> i32 {
                     }
                     Ok(Ok(st)) => {
                         let code = exit_code(st);
-                        log::info!("the container's command ended ({st:?}): exiting with {code}");
+                        let how = match st {
+                            WaitStatus::Signaled(_, sig, _) => format!("was killed by {sig}"),
+                            _ => format!("exited with {code}"),
+                        };
+                        log::info!("the container's command {how}: exiting with {code}");
                         break code;
                     }
                     Ok(Err(_)) => break 1,
