@@ -393,6 +393,7 @@ mod tests {
                 shell: "/bin/sh",
                 script: &script,
                 env,
+                container: "",
             };
             w.send(&Frame::StepStart(start)).await.unwrap();
             assert_eq!(r.next().await.unwrap(), Some(Frame::StepStart(start)));

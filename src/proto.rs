@@ -2,7 +2,8 @@
 //!
 //! Decoding borrows from the caller's buffer and never allocates: every length the peer
 //! claims is checked against the bytes actually present before it is used. See
-//! `docs/PROTOCOL.md` for the wire layout.
+//! `docs/PROTOCOL.md` for the wire layout. The same frames carry a forwarded step between the agent
+//! and a step server in a sibling container (`agent::stepserver`).
 
 use std::fmt;
 use std::time::Duration;
@@ -32,6 +33,13 @@ pub const MAX_WORKSPACE: usize = 255;
 pub const MAX_PATH: usize = 4096;
 /// Size of the handshake nonces and HMAC proofs.
 pub const NONCE_LEN: usize = 32;
+/// Longest container name a step may name: a DNS-1123 label, as Kubernetes names containers.
+pub const MAX_CONTAINER: usize = 63;
+
+/// `Hello` capability bit: the agent can run a step in a sibling container through that
+/// container's step server (`StepStart::container`). A controller sends such a step only to an
+/// agent that sets it; older agents send 0 and would not know the frame.
+pub const CAP_CONTAINER_STEPS: u32 = 1 << 0;
 
 /// How long a peer has to answer each handshake exchange before the attempt is given up: a
 /// stalled peer (or a slowloris) holds a connection for no longer.
@@ -250,6 +258,22 @@ pub struct StepStart<'a> {
     pub script: &'a str,
     /// Extra environment variables.
     pub env: EnvList<'a>,
+    /// The sibling container to run the step in, through its step server; "" for the agent's own
+    /// container. Always "" or a valid name ([`valid_container_name`]) once decoded.
+    pub container: &'a str,
+}
+
+/// Whether `name` is a DNS-1123 label, as Kubernetes requires of container names:
+/// `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most `MAX_CONTAINER` bytes. Such a name is also one safe
+/// path component (no `/`, no `.`, never empty).
+pub fn valid_container_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    let inner = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !b.is_empty()
+        && b.len() <= MAX_CONTAINER
+        && inner(&b[0])
+        && inner(&b[b.len() - 1])
+        && b.iter().all(|c| inner(c) || *c == b'-')
 }
 
 /// One protocol frame. Borrowed from the buffer it was decoded from.
@@ -266,7 +290,7 @@ pub enum Frame<'a> {
     Welcome { proof: [u8; NONCE_LEN], ping_interval_ms: u32 },
     /// Either way: refused, with a code and a sentence to print. The sender closes after it.
     Reject { code: RejectCode, message: &'a str },
-    /// Controller → agent: run a step.
+    /// Controller → agent: run a step (type 10, or 19 when it names a container).
     StepStart(StepStart<'a>),
     /// Agent → controller: output bytes of a step starting at byte `offset` of its output.
     Output { build: u64, step: u32, offset: u64, data: &'a [u8] },
@@ -308,6 +332,11 @@ const T_ACK: u8 = 15;
 const T_RUNNING: u8 = 16;
 const T_RESUME: u8 = 17;
 const T_ABANDON: u8 = 18;
+/// A `StepStart` that names a container: the fields of type 10, then `container str`. A step for
+/// the agent's own container keeps type 10 and its layout, so agents that predate containers
+/// decode every step they can run; a controller sends type 19 only to an agent with
+/// [`CAP_CONTAINER_STEPS`].
+const T_STEP_START_IN: u8 = 19;
 const T_PING: u8 = 20;
 const T_PONG: u8 = 21;
 
@@ -408,7 +437,7 @@ pub fn decode(buf: &[u8]) -> Result<Frame<'_>, CodecError> {
             let code = RejectCode::from_u8(r.u8()?).ok_or(CodecError::BadField("reject code"))?;
             Frame::Reject { code, message: r.short_str("message", MAX_MESSAGE)? }
         }
-        T_STEP_START => {
+        t @ (T_STEP_START | T_STEP_START_IN) => {
             let build = r.u64()?;
             let step = r.u32()?;
             let timeout_secs = r.u32()?;
@@ -424,6 +453,16 @@ pub fn decode(buf: &[u8]) -> Result<Frame<'_>, CodecError> {
                 r.str()?;
             }
             let raw = &start[..start.len() - r.buf.len()];
+            let container = if t == T_STEP_START_IN {
+                // Never "": a step for the agent itself has its own type, so each frame has one encoding.
+                let c = r.short_str("container", MAX_CONTAINER)?;
+                if !valid_container_name(c) {
+                    return Err(CodecError::BadField("container"));
+                }
+                c
+            } else {
+                ""
+            };
             Frame::StepStart(StepStart {
                 build,
                 step,
@@ -434,6 +473,7 @@ pub fn decode(buf: &[u8]) -> Result<Frame<'_>, CodecError> {
                 shell,
                 script,
                 env: EnvList { count, raw },
+                container,
             })
         }
         T_OUTPUT => {
@@ -551,7 +591,10 @@ pub fn encode(frame: &Frame<'_>, buf: &mut [u8]) -> Result<usize, CodecError> {
             w.short_str(message, "message", MAX_MESSAGE)?;
         }
         Frame::StepStart(s) => {
-            w.u8(T_STEP_START)?;
+            if !s.container.is_empty() && !valid_container_name(s.container) {
+                return Err(CodecError::BadField("container"));
+            }
+            w.u8(if s.container.is_empty() { T_STEP_START } else { T_STEP_START_IN })?;
             w.u64(s.build)?;
             w.u32(s.step)?;
             w.u32(s.timeout_secs)?;
@@ -562,6 +605,9 @@ pub fn encode(frame: &Frame<'_>, buf: &mut [u8]) -> Result<usize, CodecError> {
             w.bytes(s.script.as_bytes())?;
             w.u16(s.env.count)?;
             w.put(s.env.raw)?;
+            if !s.container.is_empty() {
+                w.bytes(s.container.as_bytes())?;
+            }
         }
         Frame::Output { build, step, offset, data } => {
             if data.len() > MAX_OUTPUT_CHUNK {
@@ -710,6 +756,19 @@ mod tests {
             shell: "/bin/sh",
             script: "echo hi",
             env,
+            container: "",
+        }));
+        round_trip(Frame::StepStart(StepStart {
+            build: 7,
+            step: 2,
+            timeout_secs: 0,
+            credit: 1,
+            workspace: "hello",
+            dir: "/abs/dir",
+            shell: "/bin/sh",
+            script: "make",
+            env,
+            container: "build-1",
         }));
         round_trip(Frame::Output { build: 1, step: 2, offset: 3, data: b"\0\xffabc" });
         // The in-place header matches what encode makes of the whole frame.
@@ -748,6 +807,49 @@ mod tests {
         assert_eq!(decode(&buf[..n]), Err(CodecError::BadField("reject code")));
         assert!(RejectCode::Overloaded.is_retryable() && RejectCode::TryLater.is_retryable());
         assert!(!RejectCode::WrongSecret.is_retryable() && !RejectCode::ProtocolError.is_retryable());
+    }
+
+    #[test]
+    fn a_step_for_the_agent_itself_keeps_the_old_layout_and_container_names_are_checked() {
+        let mut envbuf = [0u8; 64];
+        let env = encode_env([("A", "1")], &mut envbuf).unwrap();
+        let local = StepStart {
+            build: 1,
+            step: 1,
+            timeout_secs: 0,
+            credit: 9,
+            workspace: "w",
+            dir: "",
+            shell: "/bin/sh",
+            script: "true",
+            env,
+            container: "",
+        };
+        let mut buf = [0u8; 256];
+        let n = encode(&Frame::StepStart(local), &mut buf).unwrap();
+        // Type 10, ending with the environment: what agents before containers decode.
+        assert_eq!(buf[0], T_STEP_START);
+        assert!(buf[..n].ends_with(b"\0\0\0\x01A\0\0\0\x011"));
+        let mut inbuild = [0u8; 256];
+        let m = encode(&Frame::StepStart(StepStart { container: "build", ..local }), &mut inbuild).unwrap();
+        assert_eq!((inbuild[0], m), (T_STEP_START_IN, n + 4 + 5));
+        assert_eq!(&inbuild[1..n], &buf[1..n]);
+        for bad in ["Build", "-a", "a-", "a.b", "a/b", "..", &"a".repeat(MAX_CONTAINER + 1)] {
+            assert!(!valid_container_name(bad), "{bad}");
+            let f = Frame::StepStart(StepStart { container: bad, ..local });
+            assert_eq!(encode(&f, &mut [0u8; 512]), Err(CodecError::BadField("container")), "{bad}");
+        }
+        for good in ["a", "build", "b-1", "0", &"a".repeat(MAX_CONTAINER)] {
+            assert!(valid_container_name(good), "{good}");
+        }
+        // Type 19 with an empty or invalid name does not decode: "" has its own type.
+        let mut raw = buf[..n].to_vec();
+        raw[0] = T_STEP_START_IN;
+        let mut empty = raw.clone();
+        empty.extend_from_slice(&[0, 0, 0, 0]);
+        assert_eq!(decode(&empty), Err(CodecError::BadField("container")));
+        raw.extend_from_slice(&[0, 0, 0, 3, b'a', b'/', b'b']);
+        assert_eq!(decode(&raw), Err(CodecError::BadField("container")));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use wisp::auth::{hex, node_secret, ClientHandshake, ClientStep, ServerHandshake, ServerStep};
 use wisp::proto::{
     decode, encode, encode_env, encode_steps, CodecError, ExitStatus, Frame, RejectCode, StepStart,
-    MAX_FRAME, MAX_MESSAGE, MAX_NAME, MAX_OUTPUT_CHUNK, NONCE_LEN, VERSION_MAX, VERSION_MIN,
+    MAX_CONTAINER, MAX_FRAME, MAX_MESSAGE, MAX_NAME, MAX_OUTPUT_CHUNK, NONCE_LEN, VERSION_MAX, VERSION_MIN,
 };
 
 // Limits the codec enforces on StepStart fields (literals in src/proto.rs, not exported).
@@ -35,6 +35,15 @@ fn str_upto(max: usize) -> impl Strategy<Value = String> {
         6 => any_chars,
         1 => Just("x".repeat(max)),
         1 => Just(String::new()),
+    ]
+}
+
+/// "" (the agent's own container) or a DNS-1123 label of 1 to 63 bytes.
+fn container_name() -> impl Strategy<Value = String> {
+    prop_oneof![
+        2 => Just(String::new()),
+        3 => "[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?",
+        1 => Just("a".repeat(MAX_CONTAINER)),
     ]
 }
 
@@ -95,6 +104,7 @@ enum Owned {
         shell: String,
         script: String,
         env: Vec<(String, String)>,
+        container: String,
     },
     Output {
         build: u64,
@@ -162,7 +172,18 @@ impl Owned {
                 Frame::Welcome { proof: *proof, ping_interval_ms: *ping_interval_ms }
             }
             Owned::Reject { code, message } => Frame::Reject { code: *code, message },
-            Owned::StepStart { build, step, timeout_secs, credit, workspace, dir, shell, script, env } => {
+            Owned::StepStart {
+                build,
+                step,
+                timeout_secs,
+                credit,
+                workspace,
+                dir,
+                shell,
+                script,
+                env,
+                container,
+            } => {
                 let env = encode_env(env.iter().map(|(k, v)| (k.as_str(), v.as_str())), envbuf)
                     .expect("environment fits its buffer");
                 Frame::StepStart(StepStart {
@@ -175,6 +196,7 @@ impl Owned {
                     shell,
                     script,
                     env,
+                    container,
                 })
             }
             Owned::Output { build, step, offset, data } => {
@@ -216,10 +238,24 @@ fn owned_frame() -> impl Strategy<Value = Owned> {
         (any::<u64>(), any::<u32>(), any::<u32>(), any::<u32>()),
         (str_upto(MAX_WORKSPACE), str_upto(MAX_PATH), str_upto(MAX_PATH), str_upto(2048)),
         prop::collection::vec((str_upto(32), str_upto(96)), 0..8),
+        container_name(),
     )
-        .prop_map(|((build, step, timeout_secs, credit), (workspace, dir, shell, script), env)| {
-            Owned::StepStart { build, step, timeout_secs, credit, workspace, dir, shell, script, env }
-        });
+        .prop_map(
+            |((build, step, timeout_secs, credit), (workspace, dir, shell, script), env, container)| {
+                Owned::StepStart {
+                    build,
+                    step,
+                    timeout_secs,
+                    credit,
+                    workspace,
+                    dir,
+                    shell,
+                    script,
+                    env,
+                    container,
+                }
+            },
+        );
     let data = prop_oneof![
         8 => prop::collection::vec(any::<u8>(), 0..256),
         1 => prop::collection::vec(any::<u8>(), MAX_OUTPUT_CHUNK..=MAX_OUTPUT_CHUNK),
@@ -434,7 +470,7 @@ proptest! {
 
     #[test]
     fn known_type_byte_then_arbitrary_bytes_never_panic(
-        t in prop::sample::select(vec![1u8, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, 20, 21]),
+        t in prop::sample::select(vec![1u8, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]),
         tail in prop::collection::vec(any::<u8>(), 0..600),
     ) {
         let mut bytes = vec![t];

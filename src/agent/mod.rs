@@ -7,13 +7,19 @@
 //! reconnect the agent reports its steps (`Running`), the controller answers each with `Resume`
 //! (replay from what it has) or `Abandon`, and the output continues with nothing lost or doubled.
 //!
+//! A step whose `StepStart` names a container is forwarded to that container's step server
+//! ([`forward`], [`stepserver`]) and otherwise goes through the same code as a local one.
+//!
 //! Nothing here is process-wide: an agent is the value [`run`] builds, stopped by the
-//! [`Shutdown`] it is given, so several agents can run in one process.
+//! [`Shutdown`] it is given, so several agents can run in one process. (Where step servers'
+//! sockets are is read from the environment at start: `WISP_STEP_SOCKETS`, `WISP_STEP_SOCKET_WAIT`.)
 
+pub mod forward;
 pub mod jnlp;
 pub mod process;
 pub mod scrub;
 pub mod spool;
+pub mod stepserver;
 
 use crate::auth::{self, ClientHandshake, ClientStep};
 pub use crate::dial::Mode;
@@ -461,6 +467,7 @@ pub async fn run_on(
     mut shutdown: Shutdown,
 ) -> Result<(), AgentError> {
     let target = dial::parse_url(&cfg.url).map_err(|e| AgentError::Config(e.to_string()))?;
+    let step_sockets = forward::StepSockets::from_env().map_err(AgentError::Config)?;
     let tls = if target.tls { Some(dial::Tls::new(&cfg.trust).map_err(AgentError::Config)?) } else { None };
     cfg.work_dir = absolute_work_dir(&cfg.work_dir)?;
     // As PID 1 (a container's init) the agent also reaps the orphans the kernel hands it.
@@ -471,6 +478,7 @@ pub async fn run_on(
     log::debug!("work dir {}", cfg.work_dir.display());
     let agent = Rc::new(Agent {
         cfg,
+        step_sockets,
         ex,
         reaper: reaper.clone(),
         steps: RefCell::new(HashMap::new()),
@@ -641,6 +649,8 @@ async fn send_output_on(link: &Link, out: &mut OutputBuf, key: (u64, u32), offse
 
 struct Agent {
     cfg: Config,
+    /// Where the step servers of sibling containers are.
+    step_sockets: forward::StepSockets,
     ex: Rc<LocalExecutor<'static>>,
     reaper: Rc<Reaper>,
     steps: RefCell<HashMap<(u64, u32), Rc<StepCtl>>>,
@@ -739,7 +749,9 @@ impl Agent {
     }
 
     async fn handshake(&self, reader: &mut LinkReader, writer: &Writer) -> Result<u32, End> {
-        let (mut hs, hello) = ClientHandshake::new(&self.cfg.name, &self.cfg.secret, auth::random_nonce(), 0);
+        let caps = proto::CAP_CONTAINER_STEPS;
+        let (mut hs, hello) =
+            ClientHandshake::new(&self.cfg.name, &self.cfg.secret, auth::random_nonce(), caps);
         let send_err = |e: LinkError| End::Retry(Setback::link(format!("handshake: {e}")));
         writer.lock().await.send(&hello).await.map_err(send_err)?;
         loop {
@@ -907,8 +919,10 @@ impl Agent {
             log::warn!("build {} step {}: already running, duplicate start ignored", s.build, s.step);
             return;
         }
+        let inside =
+            if s.container.is_empty() { String::new() } else { format!(" in container '{}'", s.container) };
         log::info!(
-            "build {} step {}: starting `{} -c ...` in workspace {}",
+            "build {} step {}: starting `{} -c ...` in workspace {}{inside}",
             s.build,
             s.step,
             s.shell,
@@ -929,8 +943,14 @@ impl Agent {
                     ("WISP_STEP", step.as_str()),
                     ("NODE_NAME", self.cfg.name.as_str()),
                 ];
-                let child =
-                    process::spawn_shell(s.shell, s.script, &dir, extra.into_iter().chain(s.env.iter()))?;
+                let env = extra.into_iter().chain(s.env.iter());
+                let child = if s.container.is_empty() {
+                    let child = process::spawn_shell(s.shell, s.script, &dir, env)?;
+                    let exited = self.reaper.watch(&self.ex, child.pid);
+                    StepChild::Local(child, exited)
+                } else {
+                    StepChild::Remote(forward::Remote::start(&self.ex, &self.step_sockets, s, &dir, env)?)
+                };
                 Ok((spool, child))
             });
         match started {
@@ -954,13 +974,12 @@ impl Agent {
             Ok((spool, child)) => {
                 let ctl = Rc::new(StepCtl::new(s.credit, generation));
                 self.steps.borrow_mut().insert(key, ctl.clone());
-                let exited = self.reaper.watch(&self.ex, child.pid);
                 let deadline = (s.timeout_secs > 0)
                     .then(|| Instant::now() + Duration::from_secs(u64::from(s.timeout_secs)));
                 let agent = self.clone();
                 self.ex
                     .spawn(async move {
-                        run_step(key, child, exited, &ctl, deadline, &agent, spool).await;
+                        run_step(key, child, &ctl, deadline, &agent, spool).await;
                         agent.steps.borrow_mut().remove(&key);
                     })
                     .detach();
@@ -1011,18 +1030,74 @@ fn clip(msg: &str) -> &str {
 /// The agent failed a running step (its output cannot be spooled, read or replayed): kill its
 /// group and say why in the step's `Exit`. The exit status stays what the step's shell ends with
 /// (SIGKILL, if it was still running): the step did start, so this is not `StartFailed`.
-fn fail(pid: i32, (build, step): (u64, u32), fault: &mut bool, what: String, message: &mut String) {
+fn fail(child: &StepChild, (build, step): (u64, u32), fault: &mut bool, what: String, message: &mut String) {
     log::error!("build {build} step {step}: {what}; killing the step");
-    process::kill_group(pid, Signal::SIGKILL);
+    child.kill_group(Signal::SIGKILL);
     if !*fault {
         *message = format!("the agent stopped the step: {what}");
         *fault = true;
     }
 }
 
+/// A step's processes as [`run_step`] drives them.
+enum StepChild {
+    /// A shell this agent started: its pipe, and its exit as the reaper learns it.
+    Local(process::Child, Receiver<WaitStatus>),
+    /// A shell the step server of a sibling container started.
+    Remote(forward::Remote),
+}
+
+impl StepChild {
+    /// Read output (0 at its end); cancel-safe.
+    async fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Local(child, _) => {
+                let mut pipe = &child.output;
+                pipe.read(buf).await
+            }
+            Self::Remote(r) => r.read(buf).await,
+        }
+    }
+
+    /// Signal the step's whole process group.
+    fn kill_group(&self, sig: Signal) {
+        match self {
+            Self::Local(child, _) => process::kill_group(child.pid, sig),
+            Self::Remote(r) => r.kill_group(sig),
+        }
+    }
+
+    /// How the shell ended, with what to say about it when there is something. Delivered once;
+    /// a second wait never completes.
+    async fn exited(&self) -> (ExitStatus, String) {
+        let got = match self {
+            Self::Local(_, rx) => rx.recv().await.ok().map(|st| {
+                let status = match st {
+                    WaitStatus::Exited(_, code) => ExitStatus::Code(code),
+                    WaitStatus::Signaled(_, sig, _) => ExitStatus::Signal(sig as i32),
+                    _ => ExitStatus::Code(-1),
+                };
+                (status, String::new())
+            }),
+            Self::Remote(r) => r.ended().recv().await.ok(),
+        };
+        match got {
+            Some(end) => end,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The step is over and delivered: let its processes go.
+    fn release(self) {
+        if let Self::Remote(r) = self {
+            r.release();
+        }
+    }
+}
+
 enum Ev {
     Read(std::io::Result<usize>),
-    Exited(WaitStatus),
+    Exited((ExitStatus, String)),
     Wake,
     Timer,
 }
@@ -1032,8 +1107,7 @@ enum Ev {
 /// wait for the controller to acknowledge it. Returns when the step is acknowledged or abandoned.
 async fn run_step(
     key: (u64, u32),
-    mut child: process::Child,
-    exited: Receiver<WaitStatus>,
+    child: StepChild,
     ctl: &StepCtl,
     deadline: Option<Instant>,
     agent: &Agent,
@@ -1053,7 +1127,7 @@ async fn run_step(
     let mut logged_end = false;
     loop {
         if ctl.abandoned.get() {
-            process::kill_group(child.pid, Signal::SIGKILL);
+            child.kill_group(Signal::SIGKILL);
             log::info!("build {build} step {step}: abandoned; process group killed, output dropped");
             return;
         }
@@ -1065,7 +1139,7 @@ async fn run_step(
                     spool.acked(),
                     spool.produced()
                 );
-                fail(child.pid, key, &mut fault, what, &mut message);
+                fail(&child, key, &mut fault, what, &mut message);
                 eof = true;
                 spool.release(spool.produced());
                 sent = spool.produced();
@@ -1082,7 +1156,7 @@ async fn run_step(
         spool.release(ctl.stored.get().min(sent));
         if ctl.exit_acked.get() && exit_sent_on != 0 {
             log::info!("build {build} step {step}: done; spool peak {} bytes", spool.peak());
-            return;
+            return child.release();
         }
         if reason.is_none() && ctl.cancelled.get() {
             reason = Some(ExitStatus::Cancelled);
@@ -1094,13 +1168,13 @@ async fn run_step(
         // Stop the group when the step was cancelled or timed out, and clear out leftover
         // background processes once the shell itself has exited.
         if (reason.is_some() || status.is_some()) && term_at.is_none() {
-            process::kill_group(child.pid, Signal::SIGTERM);
+            child.kill_group(Signal::SIGTERM);
             term_at = Some(Instant::now());
         }
         let link = agent.link_for(ctl.generation.get());
         if let Some(t) = term_at {
             if !killed && t.elapsed() >= KILL_GRACE {
-                process::kill_group(child.pid, Signal::SIGKILL);
+                child.kill_group(Signal::SIGKILL);
                 killed = true;
             } else if killed
                 && !eof
@@ -1127,7 +1201,7 @@ async fn run_step(
                     }
                     Err(e) => {
                         let what = format!("reading the output spool: {e}");
-                        fail(child.pid, key, &mut fault, what, &mut message);
+                        fail(&child, key, &mut fault, what, &mut message);
                         eof = true;
                         sent = spool.produced();
                     }
@@ -1172,16 +1246,13 @@ async fn run_step(
             if eof || limit == 0 {
                 std::future::pending().await
             }
-            Ev::Read(child.output.read(&mut out.space()[..limit]).await)
+            Ev::Read(child.read(&mut out.space()[..limit]).await)
         };
         let exit = async {
             if status.is_some() {
                 std::future::pending().await
             }
-            match exited.recv().await {
-                Ok(st) => Ev::Exited(st),
-                Err(_) => std::future::pending().await,
-            }
+            Ev::Exited(child.exited().await)
         };
         let wake = async {
             let _ = ctl.wake_rx.recv().await;
@@ -1201,7 +1272,7 @@ async fn run_step(
                 let at = spool.produced();
                 if let Err(e) = spool.append(&out.space()[..n]) {
                     let what = format!("cannot write the output spool in {}: {e}", spool.dir().display());
-                    fail(child.pid, key, &mut fault, what, &mut message);
+                    fail(&child, key, &mut fault, what, &mut message);
                     eof = true;
                     continue;
                 }
@@ -1219,21 +1290,16 @@ async fn run_step(
             }
             Ev::Read(Err(e)) => {
                 // Nobody would read the pipe any more, so the step would block on its next write.
-                fail(
-                    child.pid,
-                    key,
-                    &mut fault,
-                    format!("reading the step's output failed: {e}"),
-                    &mut message,
-                );
+                fail(&child, key, &mut fault, format!("reading the step's output failed: {e}"), &mut message);
                 eof = true;
             }
-            Ev::Exited(st) => {
-                status = Some(match st {
-                    WaitStatus::Exited(_, code) => ExitStatus::Code(code),
-                    WaitStatus::Signaled(_, sig, _) => ExitStatus::Signal(sig as i32),
-                    _ => ExitStatus::Code(-1),
-                });
+            Ev::Exited((st, why)) => {
+                status = Some(st);
+                // What the agent knows of a forwarded step's end (it could not start there, or
+                // its step server went away), unless the agent has already said why it stopped it.
+                if !why.is_empty() && !fault {
+                    message = why;
+                }
             }
             Ev::Wake | Ev::Timer => {}
         }

@@ -1,5 +1,6 @@
 //! `wisp-agent`: the build agent. Parses arguments and the Jenkins-style environment, scrubs the
-//! secret from what /proc shows of this process, and runs the agent until SIGTERM or SIGINT.
+//! secret from what /proc shows of this process, and runs the agent until SIGTERM or SIGINT. Also
+//! `wisp-agent step-server` and `wisp-agent install`, for steps in a pod's other containers.
 
 /// On musl, dlmalloc instead of musl's malloc: musl returns a page group to the kernel as soon as
 /// it is empty, so each build mapped and unmapped about seven regions (the step's read buffer,
@@ -19,6 +20,12 @@ use wisp::agent::{self, process, AgentError, Mode, Shutdown};
 /// the variables JENKINS_URL, JENKINS_SECRET, JENKINS_AGENT_NAME (or JENKINS_NAME),
 /// JENKINS_WEB_SOCKET, JENKINS_DIRECT_CONNECTION, JENKINS_INSTANCE_IDENTITY, JENKINS_AGENT_WORKDIR, and single-dash
 /// options such as -url, -webSocket, -workDir and -jnlpUrl.
+///
+/// A step with `container: NAME` is forwarded to the step server of that container of the pod,
+/// at $WISP_STEP_SOCKETS/NAME.sock (default /wisp); a missing socket is waited for up to
+/// WISP_STEP_SOCKET_WAIT (default 60s; also e.g. 2s, 500ms). In those containers:
+/// `wisp-agent install DEST` (an init container copies the agent into the shared volume) and
+/// `wisp-agent step-server --socket /wisp/NAME.sock [-- CMD ARGS...]`; each has --help.
 #[derive(FromArgs)]
 struct Args {
     /// controller URL, e.g. http://ci.example.com:8080/ (or JENKINS_URL)
@@ -127,13 +134,51 @@ fn raise_open_file_limit() {
     }
 }
 
+/// `wisp-agent step-server ...`: serve steps in this container until stopped; never returns.
+fn step_server(args: &[String]) -> ! {
+    let opts = match agent::stepserver::parse_args(args) {
+        Ok(Some(o)) => o,
+        Ok(None) => {
+            println!("{}", agent::stepserver::USAGE);
+            std::process::exit(0);
+        }
+        Err(e) => fail(&e),
+    };
+    wisp::logger::init();
+    std::process::exit(agent::stepserver::run(opts));
+}
+
+/// `wisp-agent install DEST`: copy this binary to DEST; never returns.
+fn install(args: &[String]) -> ! {
+    match args {
+        [h] if h == "--help" || h == "-h" => {
+            println!("{}", agent::stepserver::INSTALL_USAGE);
+            std::process::exit(0);
+        }
+        [dest] => match agent::stepserver::install(std::path::Path::new(dest)) {
+            Ok(path) => {
+                println!("installed {}", path.display());
+                std::process::exit(0);
+            }
+            Err(e) => fail(&e),
+        },
+        _ => fail("usage: wisp-agent install DEST (a file, or a directory to put wisp-agent in)"),
+    }
+}
+
 fn main() {
     // First, while this is the only thread (threads started later inherit the mask): SIGTERM,
     // SIGINT and SIGCHLD are blocked and read from signalfds.
     if let Err(e) = process::block_signals() {
         fail(&format!("cannot set up signal handling: {e}"));
     }
-    let argv: Vec<String> = std::env::args().map(jenkins_compat).collect();
+    let raw: Vec<String> = std::env::args().collect();
+    match raw.get(1).map(String::as_str) {
+        Some("step-server") => step_server(&raw[2..]),
+        Some("install") => install(&raw[2..]),
+        _ => {}
+    }
+    let argv: Vec<String> = raw.into_iter().map(jenkins_compat).collect();
     let strs: Vec<&str> = argv.iter().map(String::as_str).collect();
     let args = match Args::from_args(&strs[..1], &strs[1..]) {
         Ok(a) => a,

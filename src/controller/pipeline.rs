@@ -13,7 +13,19 @@
 //!     env: {A: "1"}            # merged over the pipeline's env
 //!     dir: sub/dir             # relative to the workspace
 //!     shell: /bin/bash         # default /bin/sh
+//!     container: build         # run in the pod's `build` container (see below)
 //! ```
+//!
+//! `container: NAME` runs the step in a sibling container of the agent's pod instead of in the
+//! agent's own: NAME is a container name (a DNS-1123 label: lowercase letters, digits and `-`, not
+//! starting or ending with `-`, at most 63 characters), and `jnlp`, the agent's own container, means
+//! the agent itself. A step without it runs where the pipeline's default container says (a pod
+//! template's `defaultContainer`), else in the agent. The container runs the agent's step server
+//! (`wisp-agent step-server --socket /wisp/NAME.sock`) on a volume it shares with the agent; the
+//! step then behaves as an `sh` step in the agent does (process group, timeout, cancel, exit code,
+//! output byte for byte) and runs in the same workspace directory, which the pod mounts at the
+//! same path in every container. An agent too old to forward steps fails such a step with a
+//! message saying so.
 //!
 //! Parsing goes through hand-written serde visitors rather than derived structs so that every
 //! check runs while serde_yaml_ng still knows where it is: errors then carry the field's path and
@@ -63,9 +75,12 @@ const MAX_COMPONENT: usize = 255;
 /// Longest `dir` or `shell`, in bytes: the protocol refuses longer ones.
 const MAX_PATH: usize = 4096;
 /// Bytes of a `StepStart` frame besides dir, shell, script and env: type, build, step, timeout and
-/// credit, four length prefixes, the env count, and a workspace name at the protocol's limit of
-/// 255 bytes (so how the controller names workspaces can never push a step over).
-const FRAME_FIXED: usize = 1 + 8 + 4 + 4 + 4 + 4 * 4 + 2 + 255;
+/// credit, four length prefixes, the env count, a workspace name at the protocol's limit of 255
+/// bytes (so how the controller names workspaces can never push a step over), and a container
+/// name at its limit with its length prefix (so a default container set later cannot either).
+const FRAME_FIXED: usize = 1 + 8 + 4 + 4 + 4 + 4 * 4 + 2 + 255 + 4 + crate::proto::MAX_CONTAINER;
+/// The container name that means the agent's own container (the Kubernetes plugin's name for it).
+pub const AGENT_CONTAINER: &str = "jnlp";
 
 /// A checked pipeline, ready to queue.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -84,6 +99,21 @@ pub struct Pipeline {
     pub env: Vec<(String, String)>,
     /// The steps, in order; at least one.
     pub steps: Vec<Step>,
+    /// The container a step runs in when it names none (a pod template's `defaultContainer`);
+    /// `None` (what [`parse`] gives) or [`AGENT_CONTAINER`] for the agent's own.
+    pub default_container: Option<String>,
+}
+
+impl Pipeline {
+    /// The container `step` (one of this pipeline's) runs in, as its `StepStart` names it: "" for the agent's own
+    /// container, else a valid container name. The step's own `container:` wins over
+    /// `default_container`, and `jnlp` is the agent itself.
+    pub fn container_of<'a>(&'a self, step: &'a Step) -> &'a str {
+        match step.container.as_deref().or(self.default_container.as_deref()) {
+            None | Some(AGENT_CONTAINER) => "",
+            Some(c) => c,
+        }
+    }
 }
 
 /// One `sh` step of a pipeline, with defaults filled in and its environment merged.
@@ -101,6 +131,8 @@ pub struct Step {
     pub dir: String,
     /// Absolute path of the shell program.
     pub shell: String,
+    /// The container named by the step's `container:` (a DNS-1123 label), if any.
+    pub container: Option<String>,
 }
 
 /// Why a pipeline was refused: where, what, and what to do. Displays as `pipeline: line L column
@@ -224,13 +256,22 @@ pub fn parse(yaml: &str) -> Result<Pipeline, PipelineError> {
             env,
             dir: s.dir,
             shell: s.shell,
+            container: s.container,
         });
     }
     let (label, label_expr) = match raw.label {
         Some((text, expr)) => (Some(text), expr),
         None => (None, LabelExpr::default()),
     };
-    Ok(Pipeline { name: raw.name, label, label_expr, kubernetes: raw.kubernetes, env: raw.env, steps })
+    Ok(Pipeline {
+        name: raw.name,
+        label,
+        label_expr,
+        kubernetes: raw.kubernetes,
+        env: raw.env,
+        steps,
+        default_container: None,
+    })
 }
 
 /// Parse a duration: whole seconds (`"90"`), or amounts with units `d`, `h`, `m`, `s` in that
@@ -441,6 +482,17 @@ fn check_shell(s: &str) -> Result<String, String> {
         return Err(format!("is {} bytes long; the limit is {MAX_PATH}", s.len()));
     }
     Ok(s.to_string())
+}
+
+fn check_container(s: &str) -> Result<String, String> {
+    if crate::proto::valid_container_name(s) {
+        return Ok(s.to_string());
+    }
+    let max = crate::proto::MAX_CONTAINER;
+    Err(format!(
+        "{s:?} is not a container name: use lowercase letters, digits and \"-\", starting and ending \
+         with a letter or digit, at most {max} characters (a Kubernetes container name such as \"build\")"
+    ))
 }
 
 fn check_env_value(s: &str) -> Result<String, String> {
@@ -662,6 +714,7 @@ struct RawStep {
     env: Vec<(String, String)>,
     dir: String,
     shell: String,
+    container: Option<String>,
 }
 
 struct PipelineSeed;
@@ -821,7 +874,7 @@ impl<'de> Visitor<'de> for StepMap {
         f.write_str("a step: a mapping such as {sh: make}")
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawStep, A::Error> {
-        const FIELDS: &[&str] = &["sh", "name", "timeout", "env", "dir", "shell"];
+        const FIELDS: &[&str] = &["sh", "name", "timeout", "env", "dir", "shell", "container"];
         let mut seen = Vec::new();
         let mut step = RawStep {
             script: String::new(),
@@ -830,6 +883,7 @@ impl<'de> Visitor<'de> for StepMap {
             env: Vec::new(),
             dir: String::new(),
             shell: DEFAULT_SHELL.to_string(),
+            container: None,
         };
         let mut script = None;
         while let Some(field) = map.next_key_seed(Field { fields: FIELDS, seen: &mut seen })? {
@@ -862,6 +916,10 @@ impl<'de> Visitor<'de> for StepMap {
                     if let Some(shell) = map.next_value_seed(Nullable(text))? {
                         step.shell = shell;
                     }
+                }
+                "container" => {
+                    let text = Text { expecting: "a container name such as build", check: check_container };
+                    step.container = map.next_value_seed(Nullable(text))?;
                 }
                 _ => unreachable!("Field yields only names in FIELDS"),
             }
@@ -1286,6 +1344,7 @@ steps:
         let env =
             proto::encode_env(s.env.iter().map(|(k, v)| (k.as_str(), v.as_str())), &mut envbuf).unwrap();
         let workspace = "w".repeat(255);
+        let container = "c".repeat(proto::MAX_CONTAINER);
         let frame = Frame::StepStart(StepStart {
             build: u64::MAX,
             step: u32::MAX,
@@ -1296,6 +1355,7 @@ steps:
             shell: &s.shell,
             script: &s.script,
             env,
+            container: &container,
         });
         let mut buf = vec![0u8; MAX_FRAME];
         assert_eq!(proto::encode(&frame, &mut buf).unwrap(), MAX_FRAME, "the size estimate is exact");
@@ -1436,6 +1496,37 @@ steps:
             err(&one_step("    shell: /bin/bash -e\n")).contains("must be a program path without arguments")
         );
         assert!(err(&one_step("    shell: \"\"\n")).contains("steps[0].shell: is empty"));
+    }
+
+    #[test]
+    fn containers_are_checked_and_the_step_wins_over_the_default() {
+        let yaml = "name: a\nsteps:\n  - sh: make\n    container: build\n  - sh: test\n  - sh: x\n    container: jnlp\n";
+        let mut p = parse(yaml).unwrap();
+        assert_eq!(p.default_container, None);
+        assert_eq!(p.steps[0].container.as_deref(), Some("build"));
+        assert_eq!(p.steps[1].container, None);
+        let names = |p: &Pipeline| p.steps.iter().map(|s| p.container_of(s).to_string()).collect::<Vec<_>>();
+        assert_eq!(names(&p), ["build", "", ""]);
+        p.default_container = Some("tools".into());
+        assert_eq!(names(&p), ["build", "tools", ""], "jnlp is the agent itself");
+        p.default_container = Some(AGENT_CONTAINER.into());
+        assert_eq!(names(&p), ["build", "", ""]);
+        assert_eq!(parse(&one_step("    container: ~\n")).unwrap().steps[0].container, None);
+        assert_eq!(
+            err(&one_step("    container: Build\n")),
+            "pipeline: line 4 column 16: steps[0].container: \"Build\" is not a container name: use \
+             lowercase letters, digits and \"-\", starting and ending with a letter or digit, at most 63 \
+             characters (a Kubernetes container name such as \"build\")"
+        );
+        for bad in ["../x", "a/b", "-a", "a-", "\"\"", "a_b", &"c".repeat(64)] {
+            assert!(
+                err(&one_step(&format!("    container: {bad}\n"))).contains("is not a container name"),
+                "{bad}"
+            );
+        }
+        assert!(parse(&one_step(&format!("    container: {}\n", "c".repeat(63)))).is_ok());
+        assert!(err(&one_step("    container: [a]\n")).contains("steps[0].container: invalid type: sequence"));
+        assert!(err(&one_step("    contianer: a\n")).contains("(did you mean \"container\"?)"));
     }
 
     #[test]

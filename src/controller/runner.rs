@@ -202,8 +202,36 @@ async fn wait_step(
                 return StepEnd::Exit(ExitStatus::Cancelled, "cancelled before it started".into());
             }
             if let Some(s) = &session {
-                let start =
-                    Out::Start { build: id, step, workspace: workspace.to_string(), spec: spec.clone() };
+                // The step's own `container:`, else the pipeline's default, else the default of
+                // the pod template its node was made from.
+                let node_default = ctl.default_container(node);
+                let container = match build.pipeline.container_of(spec) {
+                    "" if spec.container.is_none() && build.pipeline.default_container.is_none() => {
+                        match node_default.as_deref() {
+                            None | Some(pipeline::AGENT_CONTAINER) => "",
+                            Some(c) => c,
+                        }
+                    }
+                    c => c,
+                };
+                if !container.is_empty() && !crate::proto::valid_container_name(container) {
+                    return StepEnd::Lost(format!(
+                        "bad container name {container:?} (the pod template's defaultContainer)"
+                    ));
+                }
+                if !container.is_empty() && !s.runs_container_steps() {
+                    return StepEnd::Lost(format!(
+                        "the step runs in container '{container}', but the agent of node '{node}' cannot run \
+                         steps in other containers (it is older than that): upgrade its wisp-agent"
+                    ));
+                }
+                let start = Out::Start {
+                    build: id,
+                    step,
+                    workspace: workspace.to_string(),
+                    container: container.to_string(),
+                    spec: spec.clone(),
+                };
                 // Marked started first: the agent may answer before the send returns.
                 handle.slot.set_started(true);
                 if s.tx.send(start).await.is_err() {
@@ -376,6 +404,63 @@ mod tests {
             };
             assert_eq!(b.state, BuildState::Failure);
             assert!(b.message.contains("agent lost: no contact with node 'n'"), "{}", b.message);
+        }));
+        ctl.shutdown();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_container_step_goes_only_to_an_agent_that_can_forward_it() {
+        let (ctl, ex, dir) = setup("container", AGENT_GRACE);
+        smol::block_on(ex.run(async {
+            let (s, rx) = add_node(&ctl).await;
+            let yaml = "name: k\nagent: {label: l}\nsteps:\n  - sh: a\n  - sh: b\n    container: build\n";
+            let finished = |id| {
+                let ctl = ctl.clone();
+                async move {
+                    loop {
+                        let b = ctl.build(id).await.unwrap();
+                        if b.state.is_final() {
+                            return b;
+                        }
+                        smol::Timer::after(Duration::from_millis(5)).await;
+                    }
+                }
+            };
+            // An agent without the capability bit runs the local step and never sees the other.
+            let id = ctl.submit(yaml.into()).await.unwrap();
+            match rx.recv().await.unwrap() {
+                Out::Start { step: 1, container, .. } => assert_eq!(container, ""),
+                other => panic!("{other:?}"),
+            }
+            agent_runs(&ctl, id, 1, b"", 0).await;
+            let b = finished(id).await;
+            assert_eq!(b.state, BuildState::Failure);
+            assert!(
+                b.message.contains(
+                    "step 2 (b) failed: the step runs in container 'build', but the agent of node 'n' cannot \
+                     run steps in other containers"
+                ),
+                "{}",
+                b.message
+            );
+            assert!(rx.try_recv().is_err(), "nothing more went to the agent");
+            // An agent that sets it gets the container in the step's start.
+            ctl.detach(&s, "test: a newer agent");
+            let (tx, rx) = smol::channel::bounded(64);
+            let caps = crate::proto::CAP_CONTAINER_STEPS;
+            let newer =
+                Arc::new(Session { capabilities: caps, ..Session::new(ctl.session_id(), "n", "t", tx) });
+            assert!(ctl.attach(&newer, None));
+            let id = ctl.submit(yaml.into()).await.unwrap();
+            assert_eq!(next_start(&rx).await, (id, 1));
+            agent_runs(&ctl, id, 1, b"", 0).await;
+            match rx.recv().await.unwrap() {
+                Out::Start { step: 2, container, .. } => assert_eq!(container, "build"),
+                other => panic!("{other:?}"),
+            }
+            agent_runs(&ctl, id, 2, b"in build\n", 0).await;
+            assert_eq!(finished(id).await.state, BuildState::Success);
         }));
         ctl.shutdown();
         let _ = std::fs::remove_dir_all(&dir);

@@ -61,6 +61,8 @@ pub enum Out {
         step: u32,
         /// Workspace directory name.
         workspace: String,
+        /// The container to run it in ("" for the agent's own; see `Pipeline::container_of`).
+        container: String,
         /// The step.
         spec: super::pipeline::Step,
     },
@@ -90,6 +92,8 @@ pub struct Session {
     pub closing: AtomicBool,
     /// Fires when `closing` is set.
     pub close: Event,
+    /// The capability bits the agent's `Hello` set (`proto::CAP_*`).
+    pub capabilities: u32,
 }
 
 impl Session {
@@ -106,7 +110,13 @@ impl Session {
             silent: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             close: Event::new(),
+            capabilities: 0,
         }
+    }
+
+    /// Whether the agent can run steps in sibling containers (`proto::CAP_CONTAINER_STEPS`).
+    pub fn runs_container_steps(&self) -> bool {
+        self.capabilities & proto::CAP_CONTAINER_STEPS != 0
     }
 
     /// Ask the link to close.
@@ -197,7 +207,13 @@ enum Handshake {
     Failed(String),
 }
 
-async fn handshake(ctl: &Controller, reader: &mut LinkReader, writer: &mut LinkWriter) -> Handshake {
+/// The handshake with a new link; `capabilities` gets the bits of the agent's `Hello`.
+async fn handshake(
+    ctl: &Controller,
+    reader: &mut LinkReader,
+    writer: &mut LinkWriter,
+    capabilities: &mut u32,
+) -> Handshake {
     let ping_ms = ctl.timing.ping_interval.as_millis().min(u32::MAX as u128) as u32;
     let mut hs = ServerHandshake::new(auth::random_nonce(), ping_ms);
     loop {
@@ -212,6 +228,9 @@ async fn handshake(ctl: &Controller, reader: &mut LinkReader, writer: &mut LinkW
                 };
             }
         };
+        if let Frame::Hello { capabilities: c, .. } = frame {
+            *capabilities = c;
+        }
         let step = match hs.on_frame(&frame) {
             ServerStep::LookupNode(name) => {
                 let secret = ctl.secret_if_known(name);
@@ -238,7 +257,9 @@ async fn handshake(ctl: &Controller, reader: &mut LinkReader, writer: &mut LinkW
 /// Serve one agent link from its first frame to its end.
 pub async fn serve(ctl: Arc<Controller>, mut reader: LinkReader, mut writer: LinkWriter, peer: String) {
     let limit = ctl.timing.handshake_timeout;
-    let (name, old) = match timeout(limit, handshake(&ctl, &mut reader, &mut writer)).await {
+    let mut capabilities = 0;
+    let (name, old) = match timeout(limit, handshake(&ctl, &mut reader, &mut writer, &mut capabilities)).await
+    {
         None => {
             ctl.noisy.warn(
                 "handshake-timeout",
@@ -328,7 +349,7 @@ pub async fn serve(ctl: Arc<Controller>, mut reader: LinkReader, mut writer: Lin
         }
     };
     let (tx, rx) = bounded(OUT_QUEUE);
-    let session = Arc::new(Session::new(ctl.session_id(), &name, &peer, tx));
+    let session = Arc::new(Session { capabilities, ..Session::new(ctl.session_id(), &name, &peer, tx) });
     let told = ctl.reconcile(&name, &held);
     let ping = ctl.timing.ping_interval;
     let alarm = ctl.deadlines.coarse_until(Instant::now() + ping, keepalive_grid(ping));
@@ -400,7 +421,7 @@ async fn write_loop(
         let Some(out) = next else { break };
         let result = match &out {
             Out::Frame(f) => writer.send(f).await,
-            Out::Start { build, step, workspace, spec } => {
+            Out::Start { build, step, workspace, container, spec } => {
                 let vars = spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str()));
                 match proto::encode_env(vars, &mut env) {
                     Ok(env) => {
@@ -414,6 +435,7 @@ async fn write_loop(
                             shell: &spec.shell,
                             script: &spec.script,
                             env,
+                            container,
                         });
                         writer.send(&f).await
                     }
