@@ -22,7 +22,9 @@ engine=$(container_engine)
 apt_ensure busybox-static
 ctx=$(mktemp -d "${TMPDIR:-/tmp}/wisp-busybox.XXXXXX")
 trap 'rm -rf "$ctx"' EXIT
-mkdir -p "$ctx/rootfs/bin" "$ctx/rootfs/tmp" "$ctx/rootfs/home/jenkins/agent"
+# No /home/jenkins/agent: podman copies what an image has at a volume's mount point into the
+# volume, with the image's owner and mode, which would take the shared workspace from the agent.
+mkdir -p "$ctx/rootfs/bin" "$ctx/rootfs/tmp"
 cp /bin/busybox "$ctx/rootfs/bin/busybox"
 for applet in $(/bin/busybox --list); do
     [ "$applet" = busybox ] || ln -s busybox "$ctx/rootfs/bin/$applet"
