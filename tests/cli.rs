@@ -429,3 +429,43 @@ fn every_api_answer_reads_into_its_type_unchanged() {
     let (_, body) = call("POST", "/api/token/rotate", b"");
     same_through::<api::TokenRotated>(&body);
 }
+
+/// `wisp cloud apply` loads clouds from a file without a restart; `wisp clouds` and
+/// `wisp templates` list them; a bad file is refused with its line and column and changes
+/// nothing already loaded; the clouds are kept across a restart.
+#[test]
+fn cloud_apply_lists_and_refuses_a_bad_file_keeping_what_was_loaded() {
+    let mut c = Controller::start_on_fixed_ports(&[]);
+    let f = c.data.path().join("cloud.yaml");
+    let apply = |text: &str| {
+        std::fs::write(&f, text).unwrap();
+        c.wisp(&["cloud", "apply", f.to_str().unwrap()])
+    };
+    let good = "clouds:\n  - podman:\n      name: edge\n      containerCap: 4\n      templates:\n        - {name: base}\n        - name: maven\n          label: \"maven java\"\n          inheritFrom: base nosuch\n          instanceCap: 2\n          idleMinutes: 5\n          podRetention: onFailure\n";
+    let out = apply(good);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "cloud 'edge' applied\n");
+    assert!(text(&out.stderr).contains("nosuch"), "an unknown parent is warned about: {}", text(&out.stderr));
+    let clouds = text(&c.wisp(&["clouds"]).stdout);
+    assert!(clouds.starts_with("edge\tpodman\tpods 0\tcap 4\ttemplates 2\t"), "{clouds}");
+    let templates = text(&c.wisp(&["templates"]).stdout);
+    assert!(
+        templates.contains("edge\tmaven\tmaven java\tpods 0\tcap 2\tidle 5m\tonFailure\tok"),
+        "{templates}"
+    );
+    // A typo on line 6: refused with its place, and the loaded cloud stays as it was.
+    let bad = good.replace("          instanceCap: 2", "          instanceCapp: 2");
+    let out = apply(&bad);
+    assert_eq!(out.status.code(), Some(3));
+    let err = text(&out.stderr);
+    assert!(err.contains("cloud.yaml: line 10, column 11"), "{err}");
+    assert!(err.contains("instanceCapp") && err.contains("instanceCap"), "{err}");
+    let out = apply("clouds: [{podman: {name: edge, templates: [{name: Bad_Name}]}}]\n");
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert_eq!(text(&c.wisp(&["templates"]).stdout), templates, "nothing already loaded is lost");
+    c.restart();
+    assert_eq!(text(&c.wisp(&["templates"]).stdout), templates, "kept across a restart");
+    let out = c.wisp(&["cloud", "rm", "edge"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&c.wisp(&["clouds"]).stdout), "");
+}

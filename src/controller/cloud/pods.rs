@@ -81,6 +81,23 @@ struct PodEntry {
     build_failed: bool,
     /// Bumped whenever an idle period starts; an idle timer acts only on its own period.
     idle_gen: u64,
+    /// When it was reserved, when the backend was asked to create it, and when the backend
+    /// answered (the timings its connect reports).
+    times: Times,
+}
+
+/// When a pod was reserved, asked for and created.
+#[derive(Debug, Clone, Copy)]
+struct Times {
+    reserved: Instant,
+    create_call: Option<Instant>,
+    created: Option<Instant>,
+}
+
+impl Times {
+    fn now() -> Self {
+        Self { reserved: Instant::now(), create_call: None, created: None }
+    }
 }
 
 /// A run of pod failures of one template.
@@ -332,6 +349,7 @@ impl PodCloud {
                     failed: None,
                     build_failed: false,
                     idle_gen: 0,
+                    times: Times::now(),
                 },
             );
             return None;
@@ -550,6 +568,7 @@ impl Cloud for PodCloud {
                 failed: None,
                 build_failed: false,
                 idle_gen: 0,
+                times: Times::now(),
             },
         );
         Reserve::Node(rec)
@@ -589,11 +608,15 @@ impl Cloud for PodCloud {
                 self.backend().kind()
             );
             let backend = self.backend();
+            if let Some(e) = self.lock().pods.get_mut(&node) {
+                e.times.create_call = Some(Instant::now());
+            }
             if let Err(e) = with_timeout(backend.create(&pod)).await {
                 return self.fail_start(&node, e, &host).await;
             }
             if let Some(e) = self.lock().pods.get_mut(&node) {
                 e.created = true;
+                e.times.created = Some(Instant::now());
             }
             let timeout = Duration::from_secs(template.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT));
             let deadline = Instant::now() + timeout;
@@ -636,11 +659,32 @@ impl Cloud for PodCloud {
         }
         e.life = Life::Online;
         e.idle_gen += 1;
+        let times = e.times;
         let tname = e.template.name.clone();
         inner.streaks.remove(&tname);
         drop(inner);
         self.changed.notify(usize::MAX);
         let _ = host;
+        // Where the time to a running agent went: wisp's own share (reservation to the create
+        // call), the backend's create, and the wait for the agent once the pod was created.
+        let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1000.0;
+        let now = Instant::now();
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        match (times.create_call, times.created) {
+            (Some(call), Some(created)) => log::info!(
+                "cloud '{}': pod {node} online {:.1} ms after it was reserved: {:.2} ms to the create call,                  {:.1} ms in {}'s create, {:.1} ms from then to the agent's connect (online at unix ms {unix_ms})",
+                self.name,
+                ms(times.reserved, now),
+                ms(times.reserved, call),
+                ms(call, created),
+                self.backend().kind(),
+                ms(created, now),
+            ),
+            _ => log::info!("cloud '{}': pod {node} online (at unix ms {unix_ms})", self.name),
+        }
     }
 
     fn build_ended(&self, node: &str, failed: bool) -> AfterBuild {

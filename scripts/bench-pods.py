@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Pod builds under podman: where the time from submit to first output goes, and the controller's
+CPU per pod. Driven by scripts/bench-pods.sh, which builds what it needs; prints a Markdown section.
+
+  bench-pods.py WISP AGENT_IMAGE BUSYBOX RUNS BURST
+
+1. RUNS pod builds one after another (`echo first` in a fresh pod each): submit to the first output
+   line as `wisp log --follow` prints it, split with the controller's own per-pod timings (its log
+   line "pod X online ...") and the agent container's start time from `podman inspect`:
+   - wisp, decision to create call: from the build's reservation to the backend's create call;
+   - podman's create: `podman kube play` and `pod start` as the backend runs them;
+   - wisp, agent process start to online: the jnlp container's StartedAt to the agent's connect.
+2. The same Pod manifest run by podman alone (`podman kube play` of it, then `pod rm`), RUNS times.
+3. BURST builds at once with containerCap BURST: the controller's CPU (utime+stime of its process,
+   and separately of the podman commands it ran) over the burst, per pod.
+"""
+import datetime
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+WISP, AGENT_IMAGE, BUSYBOX, RUNS, BURST = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+TICK = os.sysconf("SC_CLK_TCK")
+work = tempfile.mkdtemp(prefix="wisp-bench-pods.")
+data = os.path.join(work, "data")
+log_path = os.path.join(work, "controller.log")
+
+
+def wisp(*args, check=True):
+    r = subprocess.run([WISP, *args, "--data", data], capture_output=True, text=True)
+    if check and r.returncode != 0:
+        sys.exit(f"wisp {' '.join(args)} failed: {r.stderr}")
+    return r.stdout
+
+
+def cpu(pid):
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    # fields after the name: state is [0]; utime [11], stime [12], cutime [13], cstime [14]
+    return (int(f[11]) + int(f[12])) / TICK, (int(f[13]) + int(f[14])) / TICK
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+TEMPLATE = f"""clouds:
+  - podman:
+      name: bench
+      containerCap: {BURST}
+      agentImage: {AGENT_IMAGE}
+      templates:
+        - name: bench
+          label: bench
+          containers:
+            - name: build
+              image: {BUSYBOX}
+          yaml: |
+            spec:
+              containers:
+                - name: jnlp
+                  volumeMounts: [{{name: sh, mountPath: /bin/sh}}]
+              volumes:
+                - name: sh
+                  hostPath: {{path: /bin/busybox, type: File}}
+"""
+# The step prints `first`, then when the agent (PID 1 of the jnlp container) started, in clock ticks
+# since boot (/proc/PID/stat field 22), with shell builtins only.
+PIPELINE = ("name: bench\nagent: {label: bench}\nsteps:\n  - container: jnlp\n    sh: |\n      echo first\n"
+            "      read -r s < /proc/1/stat; set -- $s; echo agentstart=${22}\n")
+# Boot time in unix seconds to 10 ms (/proc/stat's btime is whole seconds).
+BOOT = time.time() - float(open("/proc/uptime").read().split()[0])
+
+ctl = subprocess.Popen(
+    [WISP, "serve", "--data", data, "--http-port", "0", "--agent-port", "0", "--bind", "127.0.0.1"],
+    stdout=subprocess.DEVNULL, stderr=open(log_path, "w"))
+try:
+    for _ in range(200):
+        if os.path.exists(os.path.join(data, "listening")):
+            break
+        time.sleep(0.05)
+    cloud = os.path.join(work, "cloud.yaml")
+    open(cloud, "w").write(TEMPLATE)
+    wisp("cloud", "apply", cloud)
+    pipe = os.path.join(work, "p.yaml")
+    open(pipe, "w").write(PIPELINE)
+    # A first build to warm podman's caches (image layers, the pause image), not counted.
+    wisp("run", pipe, "--wait")
+
+    online = re.compile(r"pod (\S+) online ([\d.]+) ms after it was reserved: ([\d.]+) ms to the create call, "
+                        r"([\d.]+) ms in podman's create, ([\d.]+) ms from then to the agent's connect "
+                        r"\(online at unix ms (\d+)\)")
+    totals, decide, create, agent_up = [], [], [], []
+    for _ in range(RUNS):
+        t0 = time.time()
+        bid = wisp("run", pipe).strip()
+        f = subprocess.Popen([WISP, "log", bid, "--follow", "--data", data], stdout=subprocess.PIPE, text=True)
+        for line in f.stdout:
+            if line.strip() == "first":
+                totals.append((time.time() - t0) * 1000)
+                break
+        text = open(log_path).read()
+        m = [x for x in online.finditer(text)][-1]
+        decide.append(float(m.group(3)))
+        create.append(float(m.group(4)))
+        online_ms = int(m.group(6))
+        rest = f.stdout.read()
+        f.wait()
+        ticks = re.search(r"agentstart=(\d+)", rest)
+        if ticks:
+            started_ms = (BOOT + int(ticks.group(1)) / TICK) * 1000
+            agent_up.append(online_ms - started_ms)
+
+    # podman alone: the same kind of pod (agent image, busybox container, the shared volumes).
+    manifest = os.path.join(work, "alone.yaml")
+    open(manifest, "w").write(f"""apiVersion: v1
+kind: Pod
+metadata: {{name: bench-alone}}
+spec:
+  restartPolicy: Never
+  containers:
+    - {{name: jnlp, image: {AGENT_IMAGE}, args: [--version]}}
+    - {{name: build, image: {BUSYBOX}, command: [sleep, "30"]}}
+""")
+    alone = []
+    for _ in range(RUNS):
+        t0 = time.time()
+        subprocess.run(["podman", "kube", "play", "--network", "host", manifest], capture_output=True, check=True)
+        alone.append((time.time() - t0) * 1000)
+        subprocess.run(["podman", "pod", "rm", "-f", "-t", "0", "bench-alone"], capture_output=True)
+
+    # The burst: BURST builds at once.
+    time.sleep(2)
+    own0, kids0 = cpu(ctl.pid)
+    t0 = time.time()
+    threads = [threading.Thread(target=wisp, args=("run", pipe, "--wait")) for _ in range(BURST)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    burst_s = time.time() - t0
+    # Their pods are deleted after the builds: wait for that, so its cost is counted too.
+    for _ in range(300):
+        left = subprocess.run(["podman", "pod", "ps", "-q", "--filter", "label=wisp.dev/cloud=bench"],
+                              capture_output=True, text=True).stdout.split()
+        if not left:
+            break
+        time.sleep(0.1)
+    own1, kids1 = cpu(ctl.pid)
+    per_pod_own = (own1 - own0) * 1000 / BURST
+    per_pod_kids = (kids1 - kids0) * 1000 / BURST
+
+    wisp_share = [d + a for d, a in zip(decide, agent_up)]
+    version = subprocess.run(["podman", "--version"], capture_output=True, text=True).stdout.strip()
+    print(f"Pod builds under {version}, the controller a release build with TLS (its default).")
+    print()
+    print(f"| measure ({RUNS} pod builds one after another; median, min–max) | ms |")
+    print("|---|---|")
+    fmt = lambda xs: f"{median(xs):.1f} ({min(xs):.1f}–{max(xs):.1f})" if xs else "n/a"
+    print(f"| submit to first output line (`wisp run`, `wisp log --follow`) | {fmt(totals)} |")
+    print(f"| wisp: decision (reservation) to the create call | {fmt(decide)} |")
+    print(f"| podman: `kube play` + `pod start` as the backend runs them | {fmt(create)} |")
+    print(f"| wisp: agent container started to agent online | {fmt(agent_up)} |")
+    print(f"| **wisp's share** (the two wisp rows; goal ≤ 50 ms) | **{fmt(wisp_share)}** |")
+    print(f"| podman alone: `podman kube play` of a like pod | {fmt(alone)} |")
+    print()
+    print(f"{BURST} pod builds at once (containerCap {BURST}): {burst_s:.1f} s wall; controller CPU "
+          f"**{per_pod_own:.2f} ms per pod** (its own process; goal ≤ 2 ms), plus {per_pod_kids:.1f} ms per pod "
+          f"in the podman commands it ran (`kube play`, `pod start`, `pod rm`, `pod ps`, `inspect`: podman's "
+          f"own CPU, counted apart).")
+finally:
+    ctl.terminate()
+    ctl.wait()
+    subprocess.run(["bash", "-c", "podman pod ps -q --filter label=wisp.dev/cloud=bench | xargs -r podman pod rm -f -t 0"],
+                   capture_output=True)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Pod builds under podman (issue 15): submit to first output split into wisp's own share and
+# podman's, podman alone in the same run, and the controller's CPU per pod for a burst of pod
+# builds. Builds the release controller, the static agent and both images itself.
+#
+#   scripts/bench-pods.sh [--write] [RUNS [BURST]]      (defaults: 20 runs, a burst of 20)
+#
+# --write puts the section into BENCHMARKS.md between <!-- pods:begin --> and <!-- pods:end -->.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/static-common.sh
+write=0
+[ "${1:-}" != --write ] || { write=1; shift; }
+runs=${1:-20} burst=${2:-20}
+cmdline="scripts/bench-pods.sh${*:+ $*}"
+[ "$(id -u)" = 0 ] || die "run as root: podman runs the pods rootful here"
+cargo build --release --quiet --bin wisp
+bash scripts/build-static.sh "$(uname -m)-unknown-linux-musl" >/dev/null
+bash scripts/build-image.sh >/dev/null
+bash scripts/build-busybox-image.sh >/dev/null
+out=$(python3 scripts/bench-pods.py "${CARGO_TARGET_DIR:-target}/release/wisp" localhost/wisp-agent:dev \
+    localhost/wisp-busybox:dev "$runs" "$burst")
+section=$(printf '%s\n\n%s\n\nMade by `%s` on %s (%s cores), %s.\n' "### Pod builds under podman" "$out" \
+    "$cmdline" "$(hostname)" "$(nproc)" "$(date -u '+%Y-%m-%d %H:%M UTC')")
+printf '%s\n' "$section"
+if [ "$write" = 1 ]; then
+    python3 - "$section" <<'PY'
+import sys, re
+s = sys.argv[1]
+t = open("BENCHMARKS.md").read()
+block = "<!-- pods:begin -->\n" + s + "\n<!-- pods:end -->"
+if "<!-- pods:begin -->" in t:
+    t = re.sub(r"<!-- pods:begin -->.*?<!-- pods:end -->", lambda _: block, t, flags=re.S)
+else:
+    t = t.rstrip() + "\n\n" + block + "\n"
+open("BENCHMARKS.md", "w").write(t)
+PY
+fi
