@@ -44,15 +44,17 @@ impl Drop for Cleanup {
     }
 }
 
-/// A controller with the cloud `body` (templates, indented for a `podman:` cloud) applied.
-fn controller_with(cloud: &str) -> (Controller, Cleanup) {
+/// A controller with the cloud file `cloud` applied, and the guard that removes its pods. Bind
+/// them as `let (_clean, c)`: the controller, declared last, is dropped (killed) first, so it
+/// cannot start a pod after the clean-up.
+fn controller_with(cloud: &str) -> (Cleanup, Controller) {
     require_podman();
     agent_image();
     busybox_image();
     let c = Controller::start_tls(&[]);
     let cleanup = Cleanup(controller_id(&c));
     apply(&c, cloud);
-    (c, cleanup)
+    (cleanup, c)
 }
 
 fn apply(c: &Controller, cloud: &str) {
@@ -109,7 +111,7 @@ fn log(c: &Controller, id: u64) -> String {
 /// the pod is deleted after it (retention `never`) and its node goes with it.
 #[test]
 fn a_build_runs_in_both_containers_of_its_pod_and_the_pod_goes_after() {
-    let (c, _clean) = controller_with(&cloud("", &template("both", "")));
+    let (_clean, c) = controller_with(&cloud("", &template("both", "")));
     let (code, out) = c.run(
         "name: both\nagent: {label: both}\nsteps:\n  - sh: echo from-jnlp > j.txt; echo \"jnlp sees $(cat /proc/1/cmdline | tr '\\0' ' ')\"\n    container: jnlp\n  - sh: echo \"build reads $(cat j.txt)\"; ls /bin/busybox\n",
     );
@@ -125,7 +127,7 @@ fn a_build_runs_in_both_containers_of_its_pod_and_the_pod_goes_after() {
 /// Cancel of a step in the sibling container kills its whole process group there.
 #[test]
 fn cancel_of_a_step_in_the_build_container_kills_its_processes() {
-    let (c, _clean) = controller_with(&cloud("", &template("cancel", "")));
+    let (_clean, c) = controller_with(&cloud("", &template("cancel", "")));
     let id = c.submit(
         "name: cancel\nagent: {label: cancel}\nsteps:\n  - sh: sleep 4242 & sleep 4243; echo never\n",
     );
@@ -150,7 +152,7 @@ fn retention_never_on_failure_and_always() {
         template("always", "          podRetention: always\n"),
     ]
     .concat();
-    let (c, _clean) = controller_with(&cloud("", &templates));
+    let (_clean, c) = controller_with(&cloud("", &templates));
     let run = |label: &str, ok: bool| -> String {
         let script = if ok { "true" } else { "exit 3" };
         let id = c.submit(&format!(
@@ -182,7 +184,7 @@ fn retention_never_on_failure_and_always() {
 /// `idleMinutes` keeps a pod for the next matching build: two builds in a row, one pod.
 #[test]
 fn idle_minutes_reuse_the_pod_for_the_next_build() {
-    let (c, _clean) = controller_with(&cloud("", &template("idle", "          idleMinutes: 1\n")));
+    let (_clean, c) = controller_with(&cloud("", &template("idle", "          idleMinutes: 1\n")));
     let node_of = |id: u64| {
         c.wait_build_state_tls(id, Duration::from_secs(90));
         log(&c, id).lines().find_map(|l| l.strip_prefix("node=").map(str::to_string)).unwrap()
@@ -197,7 +199,7 @@ fn idle_minutes_reuse_the_pod_for_the_next_build() {
 /// sees a fourth pod (in podman or among the controller's nodes), and all 100 complete.
 #[test]
 fn one_hundred_builds_against_a_cap_of_three_never_see_a_fourth_pod() {
-    let (c, _clean) = controller_with(&cloud("", &template("cap", "          instanceCap: 3\n")));
+    let (_clean, c) = controller_with(&cloud("", &template("cap", "          instanceCap: 3\n")));
     let id = controller_id(&c);
     let stop = Arc::new(AtomicBool::new(false));
     let most = Arc::new(AtomicUsize::new(0));
@@ -261,7 +263,7 @@ fn one_hundred_builds_against_a_cap_of_three_never_see_a_fourth_pod() {
 #[test]
 fn an_unpullable_image_fails_fast_with_the_reason_and_the_template_stops_after_three() {
     let t = "        - name: nopull\n          label: nopull\n          containers:\n            - {name: build, image: registry.invalid/nope:1}\n";
-    let (c, _clean) = controller_with(&cloud("", t));
+    let (_clean, c) = controller_with(&cloud("", t));
     let started = Instant::now();
     let mut messages = Vec::new();
     for _ in 0..4 {
@@ -284,7 +286,7 @@ fn an_unpullable_image_fails_fast_with_the_reason_and_the_template_stops_after_t
 #[test]
 fn an_agent_that_never_connects_fails_the_build_after_the_connect_timeout() {
     let port = common::free_port();
-    let (c, _clean) = controller_with(&cloud(
+    let (_clean, c) = controller_with(&cloud(
         &format!("      jenkinsUrl: https://127.0.0.1:{port}/\n"),
         &template("noconn", "").replace("connectTimeout: 60", "connectTimeout: 8"),
     ));
@@ -302,7 +304,7 @@ fn an_agent_that_never_connects_fails_the_build_after_the_connect_timeout() {
 /// the agent grace of 300 s), saying the pod was deleted.
 #[test]
 fn a_pod_removed_under_a_running_build_fails_it_at_once() {
-    let (c, _clean) = controller_with(&cloud("", &template("rmpod", "")));
+    let (_clean, c) = controller_with(&cloud("", &template("rmpod", "")));
     let id = c.submit("name: rm\nagent: {label: rmpod}\nsteps: [{sh: 'echo started; sleep 600'}]\n");
     let pod = wait_for("the pod", Duration::from_secs(60), || pods_of(&c).into_iter().next());
     wait_for("the step to run", Duration::from_secs(60), || log(&c, id).contains("started").then_some(()));
@@ -320,7 +322,7 @@ fn a_pod_removed_under_a_running_build_fails_it_at_once() {
 #[test]
 fn an_orphan_pod_left_by_a_killed_controller_is_removed_after_restart() {
     let port = common::free_port();
-    let (mut c, _clean) = controller_with(&cloud(
+    let (_clean, mut c) = controller_with(&cloud(
         &format!("      jenkinsUrl: https://127.0.0.1:{port}/\n"),
         &template("orphan", ""),
     ));

@@ -665,25 +665,32 @@ impl Cloud for PodCloud {
         drop(inner);
         self.changed.notify(usize::MAX);
         let _ = host;
-        // Where the time to a running agent went: wisp's own share (reservation to the create
-        // call), the backend's create, and the wait for the agent once the pod was created.
+        // Where the time to a running agent went: wisp's own share up to the create call, then
+        // the backend's (which may still be answering when the agent connects: podman's
+        // `pod start` returns after the containers run).
         let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1000.0;
         let now = Instant::now();
-        let unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or(0);
-        match (times.create_call, times.created) {
-            (Some(call), Some(created)) => log::info!(
-                "cloud '{}': pod {node} online {:.1} ms after it was reserved: {:.2} ms to the create call,                  {:.1} ms in {}'s create, {:.1} ms from then to the agent's connect (online at unix ms {unix_ms})",
+        let unix_ms = |at: Instant| {
+            let wall = std::time::SystemTime::now() - now.saturating_duration_since(at);
+            wall.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0)
+        };
+        match times.create_call {
+            Some(call) => log::info!(
+                "cloud '{}': pod {node} online {:.1} ms after it was reserved: {:.2} ms to the create call, \
+                 {:.1} ms from the create call to the agent's connect{} (create call at unix ms {:.1}, online at \
+                 unix ms {:.1})",
                 self.name,
                 ms(times.reserved, now),
                 ms(times.reserved, call),
-                ms(call, created),
-                self.backend().kind(),
-                ms(created, now),
+                ms(call, now),
+                match times.created {
+                    Some(c) => format!("; {}'s create took {:.1} ms", self.backend().kind(), ms(call, c)),
+                    None => format!(", before {}'s create returned", self.backend().kind()),
+                },
+                unix_ms(call),
+                unix_ms(now),
             ),
-            _ => log::info!("cloud '{}': pod {node} online (at unix ms {unix_ms})", self.name),
+            None => log::info!("cloud '{}': pod {node} online", self.name),
         }
     }
 
