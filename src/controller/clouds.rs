@@ -64,6 +64,10 @@ impl Controller {
                 }
             };
             let Some(spec) = spec else { continue };
+            // Applied while this load ran: the newer file is in force already.
+            if self.pod_cloud(&name).is_some() {
+                continue;
+            }
             match backend_for(&spec).await {
                 Ok(b) => self.install_cloud(spec, b),
                 Err(e) => log::error!("cloud '{name}': {e}"),
@@ -72,20 +76,24 @@ impl Controller {
         self.dispatch();
     }
 
-    /// Add or replace a cloud and (re)start its watch.
+    /// Add or replace a cloud and (re)start its watch. The look-up and the insertion are one step
+    /// under the clouds' lock: two clouds of one name would each take the other's pods for
+    /// orphans.
     fn install_cloud(self: &Arc<Self>, spec: CloudSpec, backend: Arc<dyn PodBackend>) {
         let name = spec.name.clone();
-        let existing = self.pod_cloud(&name);
-        let c = match existing {
-            Some(c) => {
-                c.update(spec, backend);
-                c
-            }
-            None => {
-                let c = PodCloud::new(spec, backend);
-                self.state().clouds.push(c.clone());
-                self.pod_clouds.lock().unwrap_or_else(|e| e.into_inner()).push(c.clone());
-                c
+        let c = {
+            let mut clouds = self.pod_clouds.lock().unwrap_or_else(|e| e.into_inner());
+            match clouds.iter().find(|c| c.name() == name).cloned() {
+                Some(c) => {
+                    c.update(spec, backend);
+                    c
+                }
+                None => {
+                    let c = PodCloud::new(spec, backend);
+                    clouds.push(c.clone());
+                    self.state().clouds.push(c.clone());
+                    c
+                }
             }
         };
         let host: Arc<dyn Host> = self.clone();

@@ -86,6 +86,8 @@ const DEBOUNCE: Duration = Duration::from_millis(50);
 const DEBOUNCE_MAX: Duration = Duration::from_millis(500);
 /// Interval of the full list that catches whatever the event stream missed.
 const RESYNC: Duration = Duration::from_secs(30);
+/// How soon a pod missing from one listing is looked for again.
+const RECHECK: Duration = Duration::from_millis(300);
 /// Backoff after a failed watch, doubled up to [`BACKOFF_MAX`], reset after a healthy [`RESYNC`].
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// Longest backoff between watch attempts.
@@ -682,8 +684,16 @@ impl Podman {
             // the controller's CPU per pod.
             let mut args = vec!["container", "inspect", "--format", INSPECT_FORMAT];
             args.extend(ids);
-            // A container removed since the listing makes podman fail for it, and print the others.
-            self.json_lines::<Inspected>(&args).await?
+            // A container removed since the listing makes podman fail for it, and print the others;
+            // when all are gone the pods are taken as they are listed (no container states), not
+            // as an error that would restart the watch.
+            match self.json_lines::<Inspected>(&args).await {
+                Ok(v) => v,
+                Err(e) => {
+                    log::debug!("podman watch: {e}");
+                    Vec::new()
+                }
+            }
         };
         Ok(assemble(pods, inspected, selector))
     }
@@ -926,6 +936,7 @@ impl Podman {
         }
         on(PodEvent::Listed(seen.into_iter().map(|s| s.info).collect()));
         let mut resync_at = Instant::now() + RESYNC;
+        let mut missing: HashSet<String> = HashSet::new();
 
         loop {
             let next = async { Some(lines.next().await) }
@@ -978,12 +989,26 @@ impl Podman {
                 }
                 now.insert(s.info.name.clone(), s.info);
             }
-            for (name, info) in std::mem::replace(&mut known, now) {
-                if !known.contains_key(&name) {
-                    on(PodEvent::Deleted { name, labels: info.labels });
+            resync_at = Instant::now() + RESYNC;
+            // A pod missing from one listing is reported deleted only when the next one (soon)
+            // misses it too: a listing taken while podman creates or removes other pods has been
+            // seen to leave out one that is there.
+            for (name, info) in std::mem::take(&mut known) {
+                match now.entry(name) {
+                    std::collections::btree_map::Entry::Occupied(e) => {
+                        missing.remove(e.key());
+                    }
+                    std::collections::btree_map::Entry::Vacant(e) if missing.remove(e.key()) => {
+                        on(PodEvent::Deleted { name: e.key().clone(), labels: info.labels });
+                    }
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        missing.insert(e.key().clone());
+                        e.insert(info);
+                        resync_at = Instant::now() + RECHECK;
+                    }
                 }
             }
-            resync_at = Instant::now() + RESYNC;
+            known = now;
             if ended {
                 let status = child.status().await.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
                 return Err(format!("`{} events` ended ({status})", self.program));

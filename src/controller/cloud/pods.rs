@@ -30,6 +30,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
+/// How long after a list that missed a pod it is looked for again.
+pub const CONFIRM_AFTER: Duration = Duration::from_secs(1);
 /// Pod failures in a row after which a template starts no more pods.
 pub const MAX_FAILURES: u32 = 3;
 /// Seconds an agent has to connect when a template sets no `connectTimeout`.
@@ -117,6 +119,8 @@ struct Inner {
 
 /// A cloud of agent pods.
 pub struct PodCloud {
+    /// This cloud, for tasks started from `&self`.
+    me: std::sync::Weak<PodCloud>,
     name: String,
     backend: RwLock<Arc<dyn PodBackend>>,
     inner: Mutex<Inner>,
@@ -127,7 +131,8 @@ pub struct PodCloud {
 impl PodCloud {
     /// A cloud from `spec`, its pods run by `backend`.
     pub fn new(spec: CloudSpec, backend: Arc<dyn PodBackend>) -> Arc<Self> {
-        Arc::new(Self {
+        Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             name: spec.name.clone(),
             backend: RwLock::new(backend),
             inner: Mutex::new(Inner {
@@ -152,6 +157,10 @@ impl PodCloud {
     /// The spec in force.
     pub fn spec(&self) -> Arc<CloudSpec> {
         self.lock().spec.clone()
+    }
+
+    fn clone_arc(&self) -> Arc<Self> {
+        self.me.upgrade().expect("the cloud is alive while its methods run")
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -260,22 +269,28 @@ impl PodCloud {
                     inner.status = "ok".into();
                     let names: std::collections::HashSet<String> =
                         list.iter().map(|p| p.name.clone()).collect();
-                    // Pods known here but not listed: gone (unless not created yet).
-                    let gone: Vec<String> = inner
+                    // Pods known here but not listed (unless not created yet), and nodes of this
+                    // cloud with no pod known at all (gone while the controller was down): asked
+                    // about once more before their builds fail, since one list can miss a pod
+                    // that is there.
+                    let missing: Vec<String> = inner
                         .pods
                         .iter()
                         .filter(|(n, e)| e.created && !names.contains(n.as_str()))
                         .map(|(n, _)| n.clone())
                         .collect();
-                    for n in gone {
-                        actions.extend(gone_action(&mut inner, &n, format!("pod {n} no longer exists")));
+                    for n in missing {
+                        actions.push(Action::Confirm(n.clone(), format!("pod {n} no longer exists")));
+                    }
+                    for n in nodes.iter().filter(|n| !names.contains(*n) && !inner.pods.contains_key(*n)) {
+                        actions.push(Action::Confirm(
+                            n.clone(),
+                            format!("pod {n} no longer exists (it went while the controller was away)"),
+                        ));
                     }
                     for p in list {
                         actions.extend(self.seen(&mut inner, p, &nodes));
                     }
-                    // Nodes of this cloud with no pod at all (it vanished while the controller
-                    // was down).
-                    actions.push(Action::Vanished(names));
                 }
                 PodEvent::Changed(p) => actions.extend(self.seen(&mut inner, p, &nodes)),
                 PodEvent::Deleted { name, .. } => {
@@ -301,16 +316,35 @@ impl PodCloud {
                     host.node_gone(&n, why);
                     host.redispatch();
                 }
-                Action::Vanished(listed) => {
-                    let known: Vec<String> = self.lock().pods.keys().cloned().collect();
-                    for n in nodes.iter().cloned() {
-                        if !listed.contains(&n) && !known.contains(&n) {
-                            let why =
-                                format!("pod {n} no longer exists (it went while the controller was away)");
-                            log::warn!("cloud '{}': {why}", self.name);
-                            host.node_gone(&n, why);
+                Action::Confirm(n, why) => {
+                    let me = self.clone_arc();
+                    let host = host.clone();
+                    let selector = self.selector(&host);
+                    host.clone().spawn(Box::pin(async move {
+                        smol::Timer::after(CONFIRM_AFTER).await;
+                        let backend = me.backend();
+                        let there = match with_timeout(backend.list(&selector)).await {
+                            Ok(pods) => pods.iter().any(|p| p.name == n),
+                            // Cannot tell: the next list decides.
+                            Err(_) => return,
+                        };
+                        if there {
+                            return;
                         }
-                    }
+                        let action = gone_action(&mut me.lock(), &n, why.clone());
+                        match action {
+                            Some(Action::Gone(n, why)) => {
+                                log::warn!("cloud '{}': {why}", me.name);
+                                host.node_gone(&n, why);
+                                host.redispatch();
+                            }
+                            _ if !me.lock().pods.contains_key(&n) && host.nodes_of(&me.name).contains(&n) => {
+                                log::warn!("cloud '{}': {why}", me.name);
+                                host.node_gone(&n, why);
+                            }
+                            _ => {}
+                        }
+                    }));
                 }
             }
         }
@@ -392,7 +426,8 @@ impl PodCloud {
 enum Action {
     Orphan(String),
     Gone(String, String),
-    Vanished(std::collections::HashSet<String>),
+    /// Not in a list: gone with this reason if a second look does not find it either.
+    Confirm(String, String),
 }
 
 /// Pod `name` is gone: a starting pod failed; a running one's build fails at once.
@@ -478,6 +513,13 @@ pub fn judge(p: &PodInfo) -> Option<String> {
     }
 }
 
+/// Whether a cloud's agents dial over WebSocket: when it says so, and when it asks for neither
+/// that nor a direct connection (one connection on the HTTP port, through any proxy; the agent's
+/// other way, asking the HTTP port for the agent port first, costs a second TLS handshake).
+fn web_socket(spec: &CloudSpec) -> bool {
+    spec.web_socket || !spec.direct_connection
+}
+
 /// `s` as a valid label value: at most 63 of `[A-Za-z0-9._-]`, starting and ending alphanumeric.
 pub fn label_value(s: &str) -> String {
     let mut v: String = s
@@ -553,7 +595,7 @@ impl Cloud for PodCloud {
             name: name.clone(),
             labels,
             executors: 1,
-            websocket: spec.web_socket,
+            websocket: web_socket(&spec),
             work_dir: WORK_DIR.into(),
             origin: self.name.clone(),
         };
@@ -589,7 +631,7 @@ impl Cloud for PodCloud {
                 direct: spec
                     .direct_connection
                     .then(|| spec.jenkins_tunnel.clone().unwrap_or_else(|| dial.agent.clone())),
-                web_socket: spec.web_socket,
+                web_socket: web_socket(&spec),
                 instance_identity: dial.fingerprint.clone().unwrap_or_default(),
                 controller_id: host.controller_id(),
                 agent_image: spec.agent_image.clone().unwrap_or_else(|| DEFAULT_AGENT_IMAGE.to_string()),
