@@ -9,10 +9,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/static-common.sh
+cmdline="scripts/bench-pods.sh${*:+ $*}"
 write=0
 [ "${1:-}" != --write ] || { write=1; shift; }
 runs=${1:-20} burst=${2:-20}
-cmdline="scripts/bench-pods.sh${*:+ $*}"
+
 [ "$(id -u)" = 0 ] || die "run as root: podman runs the pods rootful here"
 cargo build --release --quiet --bin wisp
 bash scripts/build-static.sh "$(uname -m)-unknown-linux-musl" >/dev/null
