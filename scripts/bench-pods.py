@@ -2,7 +2,7 @@
 """Pod builds under podman: where the time from submit to first output goes, and the controller's
 CPU per pod. Driven by scripts/bench-pods.sh, which builds what it needs; prints a Markdown section.
 
-  bench-pods.py WISP AGENT_IMAGE BUSYBOX RUNS BURST
+  bench-pods.py WISP WISP_AGENT AGENT_IMAGE BUSYBOX RUNS BURST
 
 1. RUNS pod builds one after another (`echo first` in a fresh pod each): submit to the first output
    line as `wisp log --follow` prints it, split with the controller's own per-pod timings (its log
@@ -12,7 +12,8 @@ CPU per pod. Driven by scripts/bench-pods.sh, which builds what it needs; prints
    - wisp, agent process start to online: the jnlp container's StartedAt to the agent's connect.
 2. The same Pod manifest run by podman alone (`podman kube play` of it, then `pod rm`), RUNS times.
 3. BURST builds at once with containerCap BURST: the controller's CPU (utime+stime of its process,
-   and separately of the podman commands it ran) over the burst, per pod.
+   and separately of the podman commands it ran) over the burst, per pod; then the same bursts on
+   BURST static agents, per build, for comparison.
 """
 import datetime
 import json
@@ -25,7 +26,8 @@ import tempfile
 import threading
 import time
 
-WISP, AGENT_IMAGE, BUSYBOX, RUNS, BURST = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+WISP, AGENT, AGENT_IMAGE, BUSYBOX = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+RUNS, BURST = int(sys.argv[5]), int(sys.argv[6])
 TICK = os.sysconf("SC_CLK_TCK")
 work = tempfile.mkdtemp(prefix="wisp-bench-pods.")
 data = os.path.join(work, "data")
@@ -164,6 +166,38 @@ spec:
     per_pod_kids = (kids1 - kids0) * 1000 / pods
     burst_s = median(walls)
 
+    # The same bursts on BURST static agents that stay connected: what a build costs the
+    # controller without a pod (the API call, dispatch, the step, the store), for comparison.
+    fp = open(os.path.join(data, "fingerprint")).read().strip()
+    url = [l.split()[1] for l in open(os.path.join(data, "listening")) if l.startswith("url")][0]
+    static = []
+    for i in range(BURST):
+        out = wisp("node", "add", f"static{i}", "--labels", "static")
+        secret = [l.split()[1] for l in out.splitlines() if l.startswith("secret:")][0]
+        d = os.path.join(work, f"static{i}")
+        os.makedirs(d)
+        static.append(subprocess.Popen([AGENT, "--url", url, "--name", f"static{i}", "--secret", secret,
+                                        "--websocket", "--instance-identity", fp, "--work-dir", d],
+                                       stderr=subprocess.DEVNULL))
+    spipe = os.path.join(work, "static.yaml")
+    open(spipe, "w").write("name: static\nagent: {label: static}\nsteps: [{sh: 'echo first'}]\n")
+    for _ in range(100):
+        if wisp("nodes").count("\tonline\t") >= BURST:
+            break
+        time.sleep(0.1)
+    wisp("run", spipe, "--wait")
+    base0, _ = cpu(ctl.pid)
+    for _ in range(ROUNDS):
+        threads = [threading.Thread(target=wisp, args=("run", spipe, "--wait")) for _ in range(BURST)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    base1, _ = cpu(ctl.pid)
+    per_build_static = (base1 - base0) * 1000 / (BURST * ROUNDS)
+    for a in static:
+        a.kill()
+
     wisp_share = [d + a for d, a in zip(decide, agent_up)]
     version = subprocess.run(["podman", "--version"], capture_output=True, text=True).stdout.strip()
     print(f"Pod builds under {version}, the controller a release build with TLS (its default).")
@@ -181,7 +215,8 @@ spec:
     print(f"{BURST} pod builds at once (containerCap {BURST}), {ROUNDS} times: {burst_s:.1f} s wall (median); controller CPU "
           f"**{per_pod_own:.2f} ms per pod** (its own process; goal ≤ 2 ms), plus {per_pod_kids:.1f} ms per pod "
           f"in the podman commands it ran (`kube play`, `pod start`, `pod rm`, `pod ps`, `inspect`: podman's "
-          f"own CPU, counted apart).")
+          f"own CPU, counted apart). The same bursts on {BURST} static agents, connected throughout: "
+          f"{per_build_static:.2f} ms per build.")
 finally:
     ctl.terminate()
     ctl.wait()

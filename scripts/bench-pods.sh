@@ -15,11 +15,12 @@ write=0
 runs=${1:-20} burst=${2:-20}
 
 [ "$(id -u)" = 0 ] || die "run as root: podman runs the pods rootful here"
-cargo build --release --quiet --bin wisp
+cargo build --release --quiet --bin wisp --bin wisp-agent
 bash scripts/build-static.sh "$(uname -m)-unknown-linux-musl" >/dev/null
 bash scripts/build-image.sh >/dev/null
 bash scripts/build-busybox-image.sh >/dev/null
-out=$(python3 scripts/bench-pods.py "${CARGO_TARGET_DIR:-target}/release/wisp" localhost/wisp-agent:dev \
+rel=${CARGO_TARGET_DIR:-target}/release
+out=$(python3 scripts/bench-pods.py "$rel/wisp" "$rel/wisp-agent" localhost/wisp-agent:dev \
     localhost/wisp-busybox:dev "$runs" "$burst")
 section=$(printf '%s\n\n%s\n\nMade by `%s` on %s (%s cores), %s.\n' "### Pod builds under podman" "$out" \
     "$cmdline" "$(hostname)" "$(nproc)" "$(date -u '+%Y-%m-%d %H:%M UTC')")
