@@ -11,7 +11,7 @@
 
 mod common;
 use common::kmock::Kmock;
-use common::{wait_for, Controller, Proc, TempDir, AGENT};
+use common::{try_http, wait_for, Controller, Proc, TempDir, AGENT};
 use serde_json::json;
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
@@ -103,40 +103,22 @@ impl Drop for Bridge {
     }
 }
 
-/// Minimal HTTP to kmock from the bridge thread.
+/// kmock's API from the bridge thread, which must not panic (a failed call is tried again at the
+/// next poll).
 struct KmockHttp(String);
 impl KmockHttp {
-    fn req(&self, method: &str, path: &str, ctype: &str, body: &[u8]) -> (u16, Vec<u8>) {
-        use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect(&self.0) else { return (0, Vec::new()) };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-        let head = format!(
-            "{method} {path} HTTP/1.0\r\nHost: {}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n",
-            self.0,
-            body.len()
-        );
-        let _ = s.write_all(head.as_bytes());
-        let _ = s.write_all(body);
-        let mut resp = Vec::new();
-        let _ = s.read_to_end(&mut resp);
-        let Some(split) = resp.windows(4).position(|w| w == b"\r\n\r\n") else { return (0, Vec::new()) };
-        let status = String::from_utf8_lossy(&resp[..split])
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        (status, resp[split + 4..].to_vec())
-    }
     fn get(&self, path: &str) -> serde_json::Value {
-        let (_, body) = self.req("GET", path, "application/json", b"");
+        let (_, body) = try_http(&self.0, "GET", path, &[], b"").unwrap_or_default();
         serde_json::from_slice(&body).unwrap_or_default()
     }
     fn patch_status(&self, name: &str, status: serde_json::Value) {
         let body = json!({ "status": status }).to_string();
-        self.req(
+        let path = format!("/api/v1/namespaces/{NS}/pods/{name}/status");
+        let _ = try_http(
+            &self.0,
             "PATCH",
-            &format!("/api/v1/namespaces/{NS}/pods/{name}/status"),
-            "application/merge-patch+json",
+            &path,
+            &[("Content-Type", "application/merge-patch+json")],
             body.as_bytes(),
         );
     }
@@ -208,7 +190,9 @@ fn builds_get_pods_through_the_api_and_pods_are_deleted_or_kept_per_retention() 
     let (code, out) = c.run("name: k\nagent: {label: kept}\nsteps: [{sh: 'echo on $NODE_NAME'}]\n");
     assert_eq!(code, 0, "{out}");
     let kept = out.lines().find_map(|l| l.strip_prefix("on ")).unwrap().to_string();
-    std::thread::sleep(Duration::from_secs(2));
+    wait_for("the pod's retention", Duration::from_secs(20), || {
+        c.log_text().contains(&format!("pod {kept} kept (podRetention)")).then_some(())
+    });
     let pod = kmock.pod(NS, &kept).expect("an `always` pod is kept");
     assert_eq!(pod["metadata"]["labels"]["wisp.dev/controller"], controller_id(&c).as_str());
     assert_eq!(pod["metadata"]["labels"]["jenkins"], "slave");

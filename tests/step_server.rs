@@ -282,14 +282,18 @@ fn a_step_server_killed_mid_step_fails_the_step_and_a_new_one_serves_the_next() 
     assert!(exit.contains(&want), "{exit}\n{}", pod.logs(&[&server]));
     assert_eq!(String::from_utf8(pod.ctl.step_log(id, 1)).unwrap(), "started\n");
     // The next step waits for the new server (its socket replaces the dead one's) and runs on it.
+    let waiting = "waiting up to 30 s for the step server of container 'build'";
+    let before = pod.agent.log_text().matches(waiting).count();
     let id =
         pod.ctl.submit("name: next\nagent: {label: pod}\nsteps:\n  - sh: echo again\n    container: build\n");
-    std::thread::sleep(Duration::from_millis(700));
+    wait_for("the step to wait for a step server", Duration::from_secs(20), || {
+        (pod.agent.log_text().matches(waiting).count() > before).then_some(())
+    });
     let fresh = pod.server("build", &[]);
     let b = pod.ctl.wait_build_state(id, Duration::from_secs(40));
     assert_eq!(b["state"], "success", "{b}\n{}", pod.logs(&[&fresh]));
     assert_eq!(pod.ctl.step_log(id, 1), b"again\n");
-    assert!(pod.agent.log_text().contains("waiting up to 30 s for the step server of container 'build'"));
+    assert!(pod.agent.log_text().contains(waiting));
 }
 
 #[test]

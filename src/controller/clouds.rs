@@ -160,8 +160,7 @@ impl Controller {
                 .detach();
         }
         if let Some(c) = cloud {
-            let host: Arc<dyn Host> = self.clone();
-            c.connected(node, &host);
+            c.connected(node);
         }
     }
 
@@ -236,10 +235,6 @@ impl Host for Controller {
 
     fn controller_id(&self) -> String {
         self.id.clone()
-    }
-
-    fn is_node(&self, name: &str) -> bool {
-        self.state().nodes.contains_key(name)
     }
 
     fn is_busy(&self, name: &str) -> bool {

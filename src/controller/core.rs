@@ -585,7 +585,7 @@ impl Controller {
     /// Why a queued build waits or a running one stalls, for people; None if it does neither.
     pub fn waiting(&self, id: u64) -> Option<String> {
         let st = self.state();
-        if let Some(why) = st.queue.why(id, &st.nodes, &st.clouds) {
+        if let Some(why) = st.queue.why(id, &st.nodes) {
             return Some(why);
         }
         st.builds.get(&id).and_then(|b| b.stalled())

@@ -151,12 +151,15 @@ impl Queue {
                 full.push(e.expr.clone());
             }
             let e = &mut self.entries[i];
-            let static_match =
-                nodes.values().any(|n| n.rec.origin == STATIC && e.expr.matches(&n.match_labels));
             // A build that asks for no label runs on static nodes only, unless it carries its own
-            // pod template.
+            // pod template; one that a static node matches waits for it. (The scan of the nodes
+            // comes last: only builds a cloud may take pay for it.)
             let wants_cloud = e.inline.is_some() || !e.expr.is_any();
-            if e.reserved.is_none() && wants_cloud && !static_match && !clouds.is_empty() {
+            if e.reserved.is_none()
+                && wants_cloud
+                && !clouds.is_empty()
+                && !nodes.values().any(|n| n.rec.origin == STATIC && e.expr.matches(&n.match_labels))
+            {
                 let mut answer = None;
                 {
                     let taken = |name: &str| nodes.contains_key(name);
@@ -201,11 +204,10 @@ impl Queue {
     }
 
     /// Why build `id` waits, for people; None if it is not queued.
-    pub fn why(&self, id: u64, nodes: &Nodes, clouds: &[Arc<dyn Cloud>]) -> Option<String> {
+    pub fn why(&self, id: u64, nodes: &Nodes) -> Option<String> {
         let e = self.entries.iter().find(|e| e.id == id)?;
         let label = if e.expr.is_any() { "any node".to_string() } else { format!("'{}'", e.expr) };
         if let Some((c, node)) = &e.reserved {
-            let _ = clouds;
             return Some(format!("waiting for cloud '{c}' to start an agent for {label} (pod {node})"));
         }
         if let Some(note) = &e.note {
@@ -307,7 +309,7 @@ mod tests {
         assert_eq!(runs, vec![(1, "a"), (2, "b"), (3, "a"), (4, "b")]);
         assert_eq!(q.len(), 1);
         assert!(q.contains(5));
-        assert_eq!(q.why(5, &n, &[]).unwrap(), "all executors busy on the 2 online nodes matching 'linux'");
+        assert_eq!(q.why(5, &n).unwrap(), "all executors busy on the 2 online nodes matching 'linux'");
         // A freed executor takes the build that waited.
         n.update("b", |x| x.busy -= 1);
         assert_eq!(q.dispatch(&mut n, &[]), vec![Decision::Run { build: 5, node: "b".into() }]);
@@ -321,8 +323,8 @@ mod tests {
         q.push(1, expr("windows"));
         q.push(2, expr("linux"));
         assert_eq!(q.dispatch(&mut n, &[]), vec![Decision::Run { build: 2, node: "a".into() }]);
-        assert_eq!(q.why(1, &n, &[]).unwrap(), "no node has label 'windows'");
-        assert_eq!(q.why(2, &n, &[]), None, "no longer queued");
+        assert_eq!(q.why(1, &n).unwrap(), "no node has label 'windows'");
+        assert_eq!(q.why(2, &n), None, "no longer queued");
     }
 
     #[test]
@@ -333,17 +335,11 @@ mod tests {
         q.push(2, expr("linux"));
         q.push(3, expr("mac || windows"));
         q.push(4, expr(""));
-        assert_eq!(
-            q.why(1, &n, &[]).unwrap(),
-            "waiting for an agent: a match 'linux && arm64' but it is offline"
-        );
-        assert_eq!(
-            q.why(2, &n, &[]).unwrap(),
-            "waiting for an agent: a, b match 'linux' but all are offline"
-        );
-        assert_eq!(q.why(3, &n, &[]).unwrap(), "no node matches 'mac || windows'");
+        assert_eq!(q.why(1, &n).unwrap(), "waiting for an agent: a match 'linux && arm64' but it is offline");
+        assert_eq!(q.why(2, &n).unwrap(), "waiting for an agent: a, b match 'linux' but all are offline");
+        assert_eq!(q.why(3, &n).unwrap(), "no node matches 'mac || windows'");
         let empty = Nodes::default();
-        assert_eq!(q.why(4, &empty, &[]).unwrap(), "no node exists: add one with `wisp node add NAME`");
+        assert_eq!(q.why(4, &empty).unwrap(), "no node exists: add one with `wisp node add NAME`");
     }
 
     #[test]
@@ -373,14 +369,11 @@ mod tests {
         // Asked once: the next pass does not ask again for 1 and 5; 6 finds the cap.
         assert_eq!(q.dispatch(&mut n, &clouds), vec![]);
         assert_eq!(cloud.made.lock().unwrap().len(), 2);
+        assert_eq!(q.why(1, &n).unwrap(), "waiting for cloud 'test' to start an agent for 'k8s' (pod k8s-1)");
+        assert_eq!(q.why(6, &n).unwrap(), "waiting for cloud 'test': at its cap of 2");
+        assert_eq!(q.why(2, &n).unwrap(), "no node has label 'windows'");
         assert_eq!(
-            q.why(1, &n, &clouds).unwrap(),
-            "waiting for cloud 'test' to start an agent for 'k8s' (pod k8s-1)"
-        );
-        assert_eq!(q.why(6, &n, &clouds).unwrap(), "waiting for cloud 'test': at its cap of 2");
-        assert_eq!(q.why(2, &n, &clouds).unwrap(), "no node has label 'windows'");
-        assert_eq!(
-            q.why(4, &n, &clouds).unwrap(),
+            q.why(4, &n).unwrap(),
             "all executors busy on the 1 online node matching 'linux' (2 builds ahead in the queue)"
         );
     }

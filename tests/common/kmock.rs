@@ -3,8 +3,7 @@
 //! a venv under the target dir (`target/kmock-venv`) the first time a test needs it.
 
 use super::TempDir;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Mutex;
@@ -124,21 +123,7 @@ impl Kmock {
 
     /// One HTTP/1.0 request to the emulator's own API (not through the backend): status, body.
     pub fn http(&self, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, Vec<u8>) {
-        let mut s = TcpStream::connect(&self.addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let head = format!(
-            "{method} {path} HTTP/1.0\r\nHost: {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
-            self.addr,
-            body.len()
-        );
-        s.write_all(head.as_bytes()).unwrap();
-        s.write_all(body).unwrap();
-        let mut resp = Vec::new();
-        s.read_to_end(&mut resp).unwrap();
-        let split = resp.windows(4).position(|w| w == b"\r\n\r\n").expect("http head");
-        let head = String::from_utf8_lossy(&resp[..split]).into_owned();
-        let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-        (status, resp[split + 4..].to_vec())
+        super::try_http(&self.addr, method, path, &[("Content-Type", content_type)], body).unwrap()
     }
 
     /// `http` with a JSON body, answering JSON; panics unless the status is 2xx.

@@ -83,8 +83,6 @@ pub trait Host: Send + Sync + 'static {
     fn dial(&self) -> Option<Dial>;
     /// A stable id of this controller (labels its pods).
     fn controller_id(&self) -> String;
-    /// Whether a node named `name` exists.
-    fn is_node(&self, name: &str) -> bool;
     /// Whether node `name` has a build on it.
     fn is_busy(&self, name: &str) -> bool;
     /// The nodes whose origin is the cloud `cloud`.
@@ -119,7 +117,7 @@ pub trait Cloud: Send + Sync {
     fn launch(self: Arc<Self>, node: String, build: u64, host: Arc<dyn Host>) -> CloudFuture<()>;
 
     /// Node `node`'s agent connected.
-    fn connected(&self, node: &str, host: &Arc<dyn Host>);
+    fn connected(&self, node: &str);
 
     /// Under the controller's state lock: a build on `node` ended (`failed` when it did not
     /// succeed). Must not call the host.
@@ -202,7 +200,7 @@ pub mod testing {
             self.launched.lock().unwrap().push((node, build));
             Box::pin(async {})
         }
-        fn connected(&self, _: &str, _: &Arc<dyn Host>) {}
+        fn connected(&self, _: &str) {}
         fn build_ended(&self, _: &str, _: bool) -> AfterBuild {
             AfterBuild::Release
         }

@@ -191,7 +191,7 @@ impl PodCloud {
     /// Pod `node` failed before its agent connected: diagnose, delete or keep it, count the
     /// failure, fail its build.
     async fn fail_start(&self, node: &str, reason: String, host: &Arc<dyn Host>) {
-        let (build, template, keep) = {
+        let (build, template, keep, created) = {
             let mut inner = self.lock();
             let cloud_retention = inner.spec.pod_retention;
             let Some(e) = inner.pods.get_mut(node) else { return };
@@ -199,9 +199,8 @@ impl PodCloud {
             let evicted = e.info.as_ref().is_some_and(|i| i.reason == "Evicted");
             let keep = e.created && e.template.pod_retention.keeps(cloud_retention, true, true, evicted);
             e.life = if keep { Life::Kept } else { Life::Deleting };
-            (e.build, e.template.clone(), keep)
+            (e.build, e.template.clone(), keep, e.created)
         };
-        let created = self.lock().pods.get(node).is_some_and(|e| e.created);
         let mut message =
             format!("pod {node} (template '{}') could not start an agent: {reason}", template.name);
         if created {
@@ -693,7 +692,7 @@ impl Cloud for PodCloud {
         })
     }
 
-    fn connected(&self, node: &str, host: &Arc<dyn Host>) {
+    fn connected(&self, node: &str) {
         let mut inner = self.lock();
         let Some(e) = inner.pods.get_mut(node) else { return };
         if e.life != Life::Starting {
@@ -706,7 +705,6 @@ impl Cloud for PodCloud {
         inner.streaks.remove(&tname);
         drop(inner);
         self.changed.notify(usize::MAX);
-        let _ = host;
         // Where the time to a running agent went: wisp's own share up to the create call, then
         // the backend's (which may still be answering when the agent connects: podman's
         // `pod start` returns after the containers run).
