@@ -356,6 +356,15 @@ fn an_orphan_pod_left_by_a_killed_controller_is_removed_after_restart() {
     ));
     let _id = c.submit("name: o\nagent: {label: orphan}\nsteps: [{sh: 'true'}]\n");
     let pod = wait_for("the pod", Duration::from_secs(60), || pods_of(&c).into_iter().next());
+    // Killed once podman has started the pod: a `podman kube play` cut off by the kill could
+    // leave podman's locks to a `pod rm` of the same pod (podman 4.3 was seen to hang so).
+    wait_for("the pod to run", Duration::from_secs(60), || {
+        let out = Command::new("podman")
+            .args(["pod", "ps", "--filter", &format!("name=^{pod}$"), "--filter", "status=running", "-q"])
+            .output()
+            .unwrap();
+        (!out.stdout.is_empty()).then_some(())
+    });
     c.kill();
     assert!(pod_exists(&pod));
     c.launch();
