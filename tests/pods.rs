@@ -337,10 +337,11 @@ fn a_pod_removed_under_a_running_build_fails_it_at_once() {
     assert!(removed.elapsed() < Duration::from_secs(30), "took {:?}", removed.elapsed());
     let m = format!("{}{}", build_message(&c, id), log(&c, id));
     // podman kills the containers before it removes the pod: whichever end is seen first is the
-    // reason given (the pod's deletion, the agent container's kill, or the build container's
-    // step server going away under the step).
+    // reason given (the pod's deletion, the kill of the agent's or the build's container, or the
+    // build container's step server going away under the step).
     let said = (m.contains(&format!("pod {pod}")) && m.contains("deleted"))
         || m.contains("container jnlp exited with code 137")
+        || m.contains("container build exited with code 137")
         || m.contains("went away mid-step");
     assert!(said, "{m}");
 }
