@@ -80,8 +80,11 @@ impl Drop for Run {
     }
 }
 
-fn podman() -> Podman {
-    Podman::new(None, None)
+/// One backend for all tests of this file, on the podman service it starts (stopped when the
+/// test process ends).
+fn podman() -> &'static Podman {
+    static PODMAN: std::sync::OnceLock<Podman> = std::sync::OnceLock::new();
+    PODMAN.get_or_init(|| Podman::new(None, None, None))
 }
 
 fn block<T>(f: impl std::future::Future<Output = T>) -> T {
@@ -96,7 +99,7 @@ struct Watch {
 }
 
 impl Watch {
-    fn start(backend: Podman, selector: Selector) -> Self {
+    fn start(backend: &'static Podman, selector: Selector) -> Self {
         let (tx, rx) = mpsc::channel();
         let (stop, stopped) = smol::channel::bounded::<()>(1);
         let thread = std::thread::spawn(move || {
@@ -406,16 +409,18 @@ fn delete_removes_a_pod_and_a_pod_already_gone_is_ok() {
     assert!(block(podman().delete("--all")).is_err(), "not a pod name");
 }
 
+/// podman's service killed under a watch: the backend starts it again, and the watch lists
+/// again and goes on with a new event stream.
 #[test]
-fn the_watch_lists_again_after_podman_events_dies() {
+fn the_watch_lists_again_after_podmans_service_dies() {
     let run = Run::new("events");
     let dir = TempDir::new("podman-wrapper");
-    let pids = dir.path().join("events.pids");
-    // The backend's program: podman itself, noting the pid of each `podman events` it becomes.
+    let pids = dir.path().join("service.pids");
+    // The backend's program: podman itself, noting the pid of each service it becomes.
     let wrapper = dir.path().join("podman");
     std::fs::write(
         &wrapper,
-        format!("#!/bin/sh\n[ \"$1\" = events ] && echo $$ >> '{}'\nexec podman \"$@\"\n", pids.display()),
+        format!("#!/bin/sh\n[ \"$1\" = system ] && echo $$ >> '{}'\nexec podman \"$@\"\n", pids.display()),
     )
     .unwrap();
     Command::new("chmod").arg("+x").arg(&wrapper).status().unwrap();
@@ -428,7 +433,9 @@ fn the_watch_lists_again_after_podman_events_dies() {
 "#;
     let name = run.name("w");
     block(podman().create(&run.pod("w", &[], spec))).expect("create");
-    let w = Watch::start(Podman::new(Some(wrapper.display().to_string()), None), run.selector());
+    let backend: &'static Podman =
+        Box::leak(Box::new(Podman::new(Some(wrapper.display().to_string()), None, None)));
+    let w = Watch::start(backend, run.selector());
     match w.next("the first Listed", Duration::from_secs(30)) {
         PodEvent::Listed(p) => {
             assert_eq!(p.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), [name.as_str()])
@@ -437,7 +444,7 @@ fn the_watch_lists_again_after_podman_events_dies() {
     }
     let pid = std::fs::read_to_string(&pids).unwrap().trim().to_string();
     assert!(Command::new("kill").args(["-KILL", &pid]).status().unwrap().success());
-    let again = w.until("a new Listed", Duration::from_secs(20), |e| match e {
+    let again = w.until("a new Listed", Duration::from_secs(30), |e| match e {
         PodEvent::Listed(p) => Some(p.clone()),
         _ => None,
     });
@@ -449,7 +456,7 @@ fn the_watch_lists_again_after_podman_events_dies() {
         matches!(e, PodEvent::Deleted { name: n, .. } if *n == name).then_some(())
     });
     let lines = std::fs::read_to_string(&pids).unwrap();
-    assert_eq!(lines.lines().count(), 2, "one new `podman events`: {lines}");
+    assert_eq!(lines.lines().count(), 2, "podman's service started once more: {lines}");
 }
 
 #[test]

@@ -214,9 +214,11 @@ const GONE_KEPT: usize = 256;
 /// The backend a cloud's spec asks for.
 async fn backend_for(spec: &CloudSpec) -> Result<Arc<dyn PodBackend>, String> {
     match spec.kind.unwrap_or(CloudKind::Podman) {
-        CloudKind::Podman => {
-            Ok(Arc::new(cloud::podman::Podman::new(spec.podman.clone(), spec.network.clone())))
-        }
+        CloudKind::Podman => Ok(Arc::new(cloud::podman::Podman::new(
+            spec.podman.clone(),
+            spec.network.clone(),
+            spec.socket.clone(),
+        ))),
         CloudKind::Kubernetes => {
             let k = async_compat::Compat::new(cloud::kubernetes::Kubernetes::connect(&spec.into())).await?;
             Ok(Arc::new(k))

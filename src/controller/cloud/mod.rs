@@ -15,6 +15,7 @@
 pub mod backend;
 pub mod kubernetes;
 pub mod podman;
+pub mod podman_api;
 pub mod pods;
 pub mod template;
 

@@ -1,14 +1,16 @@
 //! The podman backend: Kubernetes Pod manifests run by the local podman (`podman kube play`), for
 //! ARM boxes and edge hosts without a cluster.
 //!
-//! It drives the `podman` program through `smol::process`, not podman's REST API: the CLI needs no
-//! `podman system service` running beside the controller (nothing to start, supervise or find a
-//! socket of), works the same for root and rootless podman, and its errors are the sentences
-//! podman prints, where the API's are JSON to unpick. Every call is bounded in time and in the
-//! bytes read. The watch reads one `podman events` stream (containers and pods) and, after each
-//! burst of events about this selector's pods, lists them again and reports what changed; a full
-//! list every [`RESYNC`] is the safety net, and a dead `podman events` is started again with a
-//! new [`PodEvent::Listed`].
+//! It talks to podman's REST API on a Unix socket ([`super::podman_api`]): the service a user
+//! runs (the cloud's `socket`, e.g. systemd's `podman.socket`) or, by default, a `podman system
+//! service` the controller starts, supervises and stops itself. A process per call (the way this
+//! backend first drove the `podman` program) cost the controller about a millisecond of CPU
+//! each, five or more per pod; a request costs some tens of microseconds. Only a diagnosis (the
+//! events and log lines of a pod that failed, rare) still runs the `podman` program. Every call
+//! is bounded in time and in the bytes read. The watch reads one event stream (containers and
+//! pods) and, after each burst of events about this selector's pods, lists them again and
+//! reports what changed; a full list every [`RESYNC`] is the safety net, and a stream that ends
+//! is opened again with a new [`PodEvent::Listed`].
 //!
 //! What podman 4.3.1 (Debian bookworm) does with a Pod manifest, checked on this kind of machine:
 //! - Labels of the pod are the pod's (`pod ps --filter label=k=v` finds it; several `label`
@@ -25,9 +27,10 @@
 //!   them); one that fails fails the start ("init container ID exited with code 1"). By default
 //!   podman then removes them, so nothing could report their state: this backend sets the pod
 //!   annotation [`INIT_TYPE_ANNOTATION`]` = always`, which keeps them (they would run again on a
-//!   pod restart, which nothing here does). Pod annotations are copied onto every container,
-//!   that one too, and nothing else tells an init container from another: the backend also
-//!   writes the init containers' names into the pod annotation [`INIT_NAMES_ANNOTATION`].
+//!   pod restart, which nothing here does). Nothing else tells an init container from another,
+//!   and the API's container list shows labels, not annotations: the backend writes the init
+//!   containers' names into the pod label [`INIT_NAMES_LABEL`] (which podman copies onto every
+//!   container) and leaves it out of the labels it reports.
 //! - `emptyDir` is a podman *named volume called after the volume*: two pods whose manifests both
 //!   name a volume `workspace` share one directory, each other's files included. `medium: Memory`
 //!   is ignored (still a disk volume). A new volume is chowned to the user of whichever container
@@ -54,23 +57,26 @@
 use super::backend::{
     BackendFuture, ContainerState, Diagnosis, Phase, PodBackend, PodEvent, PodInfo, Selector,
 };
+use super::podman_api::{ApiContainer, ApiDetail, ApiEvent, ApiPod, PodmanApi};
 use crate::text::truncate;
 use k8s_openapi::api::core::v1::Pod;
 use serde::Deserialize;
 use smol::future::FutureExt as _;
-use smol::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
-use smol::process::{Child, ChildStdout, Command, Stdio};
+use smol::io::{AsyncRead, AsyncReadExt};
+use smol::process::{Command, Stdio};
 use smol::Timer;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The pod annotation that keeps init containers after they ran (podman removes them otherwise).
 pub const INIT_TYPE_ANNOTATION: &str = "io.podman.annotations.init.container.type";
-/// The pod annotation (so on every container) that names the pod's init containers, comma
-/// separated: podman keeps no other trace of which containers are init containers.
-pub const INIT_NAMES_ANNOTATION: &str = "wisp.dev/init-containers";
-/// Most a listing, inspection or event query may take: podman answers these in well under a
-/// second; longer means it hangs on its lock.
+/// The pod label (so on every container) that names the pod's init containers, `.` separated
+/// (container names have no dots): podman keeps no other trace of which containers are init
+/// containers.
+pub const INIT_NAMES_LABEL: &str = "wisp.dev/init-containers";
+/// Most a diagnosis' `podman` command may take: podman answers in well under a second; longer
+/// means it hangs on its lock.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most `kube play` (image pulls) or `pod start` (init containers) may take.
 const START_TIMEOUT: Duration = Duration::from_secs(600);
@@ -78,8 +84,6 @@ const START_TIMEOUT: Duration = Duration::from_secs(600);
 const MAX_OUTPUT: usize = 16 << 20;
 /// Most bytes kept of one command's standard error (only its reason is wanted).
 const MAX_STDERR: usize = 64 << 10;
-/// Longest `podman events` line taken (one event is a few hundred bytes; longer ones are skipped).
-const MAX_EVENT_LINE: usize = 64 << 10;
 /// Quiet time that ends a burst of events (a pod's start is some twenty events within ms).
 const DEBOUNCE: Duration = Duration::from_millis(50);
 /// Longest a burst may delay the list that follows it.
@@ -102,20 +106,32 @@ const MAX_LOG_LINES: usize = 10_000;
 const MAX_REASON: usize = 2000;
 
 /// The local podman as a [`PodBackend`].
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Podman {
     program: String,
     network: String,
+    api: PodmanApi,
+    /// What inspections told of terminated containers (it does not change), by id; only the
+    /// containers of the last listing are kept.
+    details: Mutex<HashMap<String, ApiDetail>>,
 }
 
 impl Podman {
-    /// A backend that runs `program` (default `podman`) and puts pods on `network` (default
-    /// `host`, so agents reach a controller listening on 127.0.0.1; anything else is passed to
-    /// `podman kube play --network`).
-    pub fn new(program: Option<String>, network: Option<String>) -> Self {
+    /// A backend for podman's service on `socket` (`unix://PATH` or `PATH`) or, when that is
+    /// unset, for one it starts with `program` (default `podman`). Pods go on `network`
+    /// (default `host`, so agents reach a controller listening on 127.0.0.1; anything else is
+    /// the network `kube play` puts them on). A diagnosis runs `program`.
+    pub fn new(program: Option<String>, network: Option<String>, socket: Option<String>) -> Self {
+        let program = program.filter(|p| !p.is_empty()).unwrap_or_else(|| "podman".into());
+        let api = match socket.filter(|s| !s.is_empty()) {
+            Some(s) => PodmanApi::new(s),
+            None => PodmanApi::own(&program),
+        };
         Self {
-            program: program.filter(|p| !p.is_empty()).unwrap_or_else(|| "podman".into()),
+            program,
             network: network.filter(|n| !n.is_empty()).unwrap_or_else(|| "host".into()),
+            api,
+            details: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -123,42 +139,24 @@ impl Podman {
 /// What one podman command did.
 struct Output {
     success: bool,
-    status: String,
     stdout: Vec<u8>,
-    stdout_over: bool,
     stderr: String,
 }
 
-impl Output {
-    /// Why it failed, in podman's words.
-    fn reason(&self) -> String {
-        let r = podman_reason(&self.stderr);
-        if r.is_empty() {
-            format!("podman exited with {}", self.status)
-        } else {
-            r
-        }
-    }
-}
-
-/// Read `r` to its end, keeping the first `cap` bytes; whether more came.
-async fn read_capped(mut r: impl AsyncRead + Unpin, cap: usize) -> (Vec<u8>, bool) {
+/// Read `r` to its end, keeping the first `cap` bytes.
+async fn read_capped(mut r: impl AsyncRead + Unpin, cap: usize) -> Vec<u8> {
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 16 << 10];
-    let mut over = false;
     loop {
         match r.read(&mut chunk).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 let room = cap - buf.len();
-                if n > room {
-                    over = true;
-                }
                 buf.extend_from_slice(&chunk[..n.min(room)]);
             }
         }
     }
-    (buf, over)
+    buf
 }
 
 /// A pod name podman and Kubernetes both take: a DNS label (also keeps it from reading as an
@@ -172,56 +170,12 @@ fn valid_name(name: &str) -> bool {
         && b[b.len() - 1] != b'-'
 }
 
-/// The reason podman gives on standard error: its `Error:` lines and logged errors, without its
-/// progress lines and noise; else whatever else it printed. One line, bounded.
-fn podman_reason(stderr: &str) -> String {
-    let mut errors = Vec::new();
-    let mut others = Vec::new();
-    for line in stderr.lines().map(str::trim) {
-        if line.is_empty()
-            || line.starts_with("failed to connect to syslog")
-            || line.starts_with("Trying to pull ")
-        {
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("Error: ") {
-            errors.push(rest.to_string());
-        } else if line.starts_with("time=") {
-            if line.contains("level=error") || line.contains("level=fatal") {
-                if let Some(msg) = logged_msg(line) {
-                    errors.push(msg);
-                }
-            }
-        } else {
-            others.push(line.to_string());
-        }
-    }
-    let all = if errors.is_empty() { others } else { errors };
-    truncate(&all.join("; "), MAX_REASON).to_string()
-}
-
-/// `msg="..."` of a logrus line, unescaped.
-fn logged_msg(line: &str) -> Option<String> {
-    let start = line.find("msg=\"")? + 5;
-    let mut out = String::new();
-    let mut chars = line[start..].chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => out.push(chars.next()?),
-            '"' => return Some(out),
-            c => out.push(c),
-        }
-    }
-    Some(out)
-}
-
-/// The image podman was pulling when it failed (`Trying to pull IMAGE...`), if it says so.
-fn pulling(stderr: &str) -> Option<&str> {
-    stderr
-        .lines()
-        .rev()
-        .find_map(|l| l.trim().strip_prefix("Trying to pull "))
-        .map(|i| i.trim_end_matches('.'))
+/// The image podman could not pull, from its message (`... initializing source docker://IMAGE:
+/// ...`), if it says so.
+fn pulling(message: &str) -> Option<&str> {
+    let (_, rest) = message.split_once("initializing source docker://")?;
+    let image = rest.split(": ").next()?;
+    (!image.is_empty()).then_some(image)
 }
 
 /// The manifest as podman is given it, and the names of its emptyDir volumes (see the module
@@ -256,7 +210,8 @@ fn prepare(pod: &Pod) -> Result<(String, Pod, Vec<String>), String> {
     if !init_names.is_empty() {
         let annotations = pod.metadata.annotations.get_or_insert_with(Default::default);
         annotations.entry(INIT_TYPE_ANNOTATION.into()).or_insert_with(|| "always".into());
-        annotations.insert(INIT_NAMES_ANNOTATION.into(), init_names.join(","));
+        let labels = pod.metadata.labels.get_or_insert_with(Default::default);
+        labels.insert(INIT_NAMES_LABEL.into(), init_names.join("."));
     }
     Ok((name, pod, renamed.into_values().collect()))
 }
@@ -266,92 +221,38 @@ fn matches(labels: &BTreeMap<String, String>, selector: &Selector) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
-/// `podman pod ps --format json`, the fields used.
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct PsPod {
-    id: String,
-    name: String,
-    #[serde(default)]
-    labels: Option<BTreeMap<String, String>>,
-    #[serde(default)]
-    infra_id: Option<String>,
-    #[serde(default)]
-    containers: Option<Vec<PsContainer>>,
-}
-
-/// A container of [`PsPod`].
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct PsContainer {
-    id: String,
-}
-
-/// `podman container inspect --format` giving [`Inspected`]'s fields only, one object a line.
-const INSPECT_FORMAT: &str = "{\"Id\":{{json .ID}},\"Name\":{{json .Name}},\"Created\":{{json .Created}},\
-\"State\":{\"Status\":{{json .State.Status}},\"ExitCode\":{{json .State.ExitCode}},\
-\"OOMKilled\":{{json .State.OOMKilled}},\"Error\":{{json .State.Error}}},\
-\"Config\":{\"Annotations\":{{json .Config.Annotations}}}}";
-
-/// `podman container inspect`, the fields used.
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct Inspected {
-    id: String,
-    name: String,
-    #[serde(default)]
-    created: String,
-    state: InspectedState,
-    #[serde(default)]
-    config: Option<InspectedConfig>,
-}
-
-/// Its state.
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct InspectedState {
-    #[serde(default)]
-    status: String,
-    #[serde(default)]
-    exit_code: i32,
-    #[serde(default, rename = "OOMKilled")]
-    oom_killed: bool,
-    #[serde(default)]
-    error: String,
-}
-
-/// Its configuration.
-#[derive(Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct InspectedConfig {
-    #[serde(default)]
-    annotations: Option<BTreeMap<String, String>>,
-}
-
-/// A container's state as Kubernetes names it.
-fn container_state(s: &InspectedState) -> ContainerState {
-    match s.status.as_str() {
+/// A container's state as Kubernetes names it, from its listing (and, once it terminated with
+/// a failure, what its inspection told).
+fn container_state(c: &ApiContainer, detail: Option<&ApiDetail>) -> ContainerState {
+    let (oom, error) = detail.map(|d| (d.oom_killed, d.error.clone())).unwrap_or_default();
+    match c.state.as_str() {
         "running" | "paused" | "stopping" => ContainerState::Running,
         "exited" | "stopped" => ContainerState::Terminated {
-            exit_code: s.exit_code,
-            reason: if s.oom_killed {
+            exit_code: c.exit_code,
+            reason: if oom {
                 "OOMKilled"
-            } else if s.exit_code == 0 {
+            } else if c.exit_code == 0 {
                 "Completed"
             } else {
                 "Error"
             }
             .into(),
-            message: s.error.clone(),
+            message: error,
         },
         "created" | "configured" | "initialized" | "" => ContainerState::Waiting {
-            reason: if s.error.is_empty() { "ContainerCreating" } else { "CreateContainerError" }.into(),
-            message: s.error.clone(),
+            reason: if error.is_empty() { "ContainerCreating" } else { "CreateContainerError" }.into(),
+            message: error,
         },
         other => {
             ContainerState::Waiting { reason: "Unknown".into(), message: format!("podman state {other}") }
         }
     }
+}
+
+/// Whether a container's listing leaves out what an inspection would add (a terminated
+/// container that failed: OOM kill or start error).
+fn wants_detail(c: &ApiContainer) -> bool {
+    matches!(c.state.as_str(), "exited" | "stopped") && c.exit_code != 0
 }
 
 /// A pod's phase from its containers (`init` says which are init containers), as Kubernetes
@@ -391,38 +292,46 @@ struct Seen {
     ids: Vec<String>,
 }
 
-/// Build [`Seen`] pods from a pod listing and the inspection of their containers.
-fn assemble(pods: Vec<PsPod>, inspected: Vec<Inspected>, selector: &Selector) -> Vec<Seen> {
-    let mut by_id: BTreeMap<String, Inspected> = inspected.into_iter().map(|c| (c.id.clone(), c)).collect();
+/// Build [`Seen`] pods from a pod listing, their containers' listing and what inspections
+/// told of some (by container id).
+fn assemble(
+    pods: Vec<ApiPod>,
+    containers: Vec<ApiContainer>,
+    details: &HashMap<String, ApiDetail>,
+    selector: &Selector,
+) -> Vec<Seen> {
+    let mut by_pod: HashMap<String, Vec<ApiContainer>> = HashMap::new();
+    for c in containers {
+        by_pod.entry(c.pod.clone()).or_default().push(c);
+    }
     let mut out = Vec::new();
     for p in pods {
-        let labels = p.labels.unwrap_or_default();
+        let mut labels = p.labels.unwrap_or_default();
         if !matches(&labels, selector) {
             continue;
         }
+        let init_names: HashSet<String> = labels
+            .remove(INIT_NAMES_LABEL)
+            .map(|v| v.split('.').map(str::to_string).collect())
+            .unwrap_or_default();
         let mut ids = vec![p.id.clone()];
         let mut cs = Vec::new();
-        for c in p.containers.unwrap_or_default() {
+        for c in by_pod.remove(&p.id).unwrap_or_default() {
             ids.push(c.id.clone());
-            if p.infra_id.as_deref() == Some(c.id.as_str()) {
-                continue;
-            }
-            if let Some(i) = by_id.remove(&c.id) {
-                cs.push(i);
+            if !c.is_infra {
+                cs.push(c);
             }
         }
         let prefix = format!("{}-", p.name);
-        let short = |c: &Inspected| c.name.strip_prefix(&prefix).unwrap_or(&c.name).to_string();
-        let init_names: HashSet<String> = cs
-            .iter()
-            .find_map(|c| c.config.as_ref()?.annotations.as_ref()?.get(INIT_NAMES_ANNOTATION))
-            .map(|v| v.split(',').map(str::to_string).collect())
-            .unwrap_or_default();
-        let init = |c: &Inspected| init_names.contains(&short(c));
+        let short = |c: &ApiContainer| {
+            let name = c.names.first().map(String::as_str).unwrap_or(&c.id);
+            name.strip_prefix(&prefix).unwrap_or(name).to_string()
+        };
+        let init = |c: &ApiContainer| init_names.contains(&short(c));
         // Init containers first; each kind in the order podman made them (the manifest's).
         cs.sort_by(|a, b| (!init(a), &a.created).cmp(&(!init(b), &b.created)));
         let states: Vec<(bool, String, ContainerState)> =
-            cs.iter().map(|c| (init(c), short(c), container_state(&c.state))).collect();
+            cs.iter().map(|c| (init(c), short(c), container_state(c, details.get(&c.id)))).collect();
         let flags: Vec<(bool, ContainerState)> = states.iter().map(|(i, _, s)| (*i, s.clone())).collect();
         out.push(Seen {
             info: PodInfo {
@@ -439,15 +348,11 @@ fn assemble(pods: Vec<PsPod>, inspected: Vec<Inspected>, selector: &Selector) ->
     out
 }
 
-/// One `podman events --format json` line, the fields used.
+/// One `podman events --format json` line (a diagnosis reads them), the fields used.
 #[derive(Deserialize)]
 struct Event {
     #[serde(rename = "Type", default)]
     kind: String,
-    #[serde(rename = "ID", default)]
-    id: String,
-    #[serde(rename = "PodID", default)]
-    pod_id: Option<String>,
     #[serde(rename = "Name", default)]
     name: String,
     #[serde(rename = "Status", default)]
@@ -456,25 +361,23 @@ struct Event {
     time: String,
     #[serde(rename = "ContainerExitCode", default)]
     exit_code: Option<i64>,
-    #[serde(rename = "Attributes", default)]
-    attributes: Option<BTreeMap<String, serde_json::Value>>,
+}
+
+/// Whether an event of the API's stream may change what a watch of `selector` reports, given
+/// the ids of its pods and their containers.
+fn concerns(e: &ApiEvent, selector: &Selector, ids: &HashSet<String>) -> bool {
+    if e.kind == "pod" {
+        return true; // few, and a new pod's event carries no labels
+    }
+    let attrs = &e.actor.attributes;
+    if ids.contains(&e.actor.id) || attrs.get("podId").is_some_and(|p| ids.contains(p)) {
+        return true;
+    }
+    // A container of a pod not listed yet: it carries the pod's labels.
+    !selector.is_empty() && selector.iter().all(|(k, v)| attrs.get(k) == Some(v))
 }
 
 impl Event {
-    /// Whether it may change what a watch of `selector` reports, given the ids of its pods.
-    fn concerns(&self, selector: &Selector, ids: &HashSet<String>) -> bool {
-        if self.kind == "pod" {
-            return true; // few, and a new pod's event carries no labels
-        }
-        if ids.contains(&self.id) || self.pod_id.as_ref().is_some_and(|p| ids.contains(p)) {
-            return true;
-        }
-        // A container of a pod not listed yet: it carries the pod's labels.
-        let attrs = self.attributes.as_ref();
-        !selector.is_empty()
-            && selector.iter().all(|(k, v)| attrs.and_then(|a| a.get(k)).and_then(|x| x.as_str()) == Some(v))
-    }
-
     /// One line for a diagnosis: `2026-01-02T03:04:05Z container p-jnlp died (exit code 3)`.
     fn line(&self) -> String {
         let time = if self.time.len() >= 19 { format!("{}Z", &self.time[..19]) } else { self.time.clone() };
@@ -486,54 +389,10 @@ impl Event {
     }
 }
 
-/// Lines of a child's output, each at most [`MAX_EVENT_LINE`] bytes; a longer one is an `Err`
-/// (and skipped). Cancel-safe: a line read halfway stays in the reader.
-struct Lines {
-    reader: BufReader<ChildStdout>,
-    buf: Vec<u8>,
-    over: bool,
-}
-
-impl Lines {
-    /// The next line; `None` at the end of the stream.
-    async fn next(&mut self) -> Option<Result<Vec<u8>, String>> {
-        loop {
-            let chunk = match self.reader.fill_buf().await {
-                Ok(c) => c,
-                Err(_) => return None, // a broken pipe: the stream is over
-            };
-            if chunk.is_empty() {
-                return None;
-            }
-            if let Some(i) = chunk.iter().position(|&b| b == b'\n') {
-                let over = std::mem::take(&mut self.over) || self.buf.len() + i > MAX_EVENT_LINE;
-                if !over {
-                    self.buf.extend_from_slice(&chunk[..i]);
-                }
-                self.reader.consume(i + 1);
-                let line = std::mem::take(&mut self.buf);
-                return Some(if over {
-                    Err(format!("an event line over {MAX_EVENT_LINE} bytes was skipped"))
-                } else {
-                    Ok(line)
-                });
-            }
-            let n = chunk.len();
-            if self.over || self.buf.len() + n > MAX_EVENT_LINE {
-                self.over = true;
-                self.buf.clear();
-            } else {
-                self.buf.extend_from_slice(chunk);
-            }
-            self.reader.consume(n);
-        }
-    }
-}
-
 /// Removes a pod whose creation did not finish (the future was dropped: a timeout), from a
-/// thread of its own since a drop cannot wait.
+/// task of its own since a drop cannot wait.
 struct Unfinished {
-    program: String,
+    api: PodmanApi,
     name: String,
     armed: bool,
 }
@@ -543,26 +402,24 @@ impl Drop for Unfinished {
         if !self.armed {
             return;
         }
-        let (program, name) = (self.program.clone(), self.name.clone());
-        let _ = std::thread::Builder::new().name("podman-rm".into()).spawn(move || {
-            let _ = std::process::Command::new(program)
-                .args(["pod", "rm", "-f", "-t", "0", "--ignore", &name])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        });
+        let (api, name) = (self.api.clone(), std::mem::take(&mut self.name));
+        smol::spawn(async move {
+            if let Err(e) = api.remove_pod(&name).await {
+                log::warn!("{e}");
+            }
+        })
+        .detach();
     }
 }
 
 impl Podman {
-    /// Run podman with `args` (and `input` on its standard input), for at most `limit`.
-    async fn run(&self, args: &[&str], input: Option<&[u8]>, limit: Duration) -> Result<Output, String> {
+    /// Run podman with `args`, for at most `limit` (a diagnosis only: the rest is the API).
+    async fn run(&self, args: &[&str], limit: Duration) -> Result<Output, String> {
         let what =
             format!("`{} {}`", self.program, args.iter().take(2).copied().collect::<Vec<_>>().join(" "));
         let mut child = Command::new(&self.program)
             .args(args)
-            .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -572,32 +429,23 @@ impl Podman {
                     "cannot run {what}: {e} (install podman, or name the program in the cloud's `podman` setting)"
                 )
             })?;
-        let stdin = child.stdin.take();
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
         let work = async {
-            let feed = async {
-                if let (Some(mut w), Some(data)) = (stdin, input) {
-                    let _ = w.write_all(data).await;
-                    let _ = w.close().await;
-                }
-            };
             let out = async {
                 match stdout {
                     Some(r) => read_capped(r, MAX_OUTPUT).await,
-                    None => (Vec::new(), false),
+                    None => Vec::new(),
                 }
             };
             let err = async {
                 match stderr {
-                    Some(r) => read_capped(r, MAX_STDERR).await.0,
+                    Some(r) => read_capped(r, MAX_STDERR).await,
                     None => Vec::new(),
                 }
             };
-            let ((), ((stdout, stdout_over), stderr)) =
-                smol::future::zip(feed, smol::future::zip(out, err)).await;
-            let status = child.status().await;
-            (stdout, stdout_over, stderr, status)
+            let (stdout, stderr) = smol::future::zip(out, err).await;
+            (stdout, stderr, child.status().await)
         };
         let done = async { Some(work.await) }
             .or(async {
@@ -605,123 +453,57 @@ impl Podman {
                 None
             })
             .await;
-        let Some((stdout, stdout_over, stderr, status)) = done else {
+        let Some((stdout, stderr, status)) = done else {
             return Err(format!("{what} gave no answer within {}s", limit.as_secs()));
         };
         let status = status.map_err(|e| format!("waiting for {what}: {e}"))?;
         Ok(Output {
             success: status.success(),
-            status: status.to_string(),
             stdout,
-            stdout_over,
             stderr: String::from_utf8_lossy(&stderr).into_owned(),
         })
     }
 
-    /// Run podman and parse its JSON answer, which it may give (for what exists) even when it
-    /// fails (for what does not).
-    async fn json<T: for<'de> Deserialize<'de>>(&self, args: &[&str], partial_ok: bool) -> Result<T, String> {
-        let out = self.run(args, None, CALL_TIMEOUT).await?;
-        let what =
-            format!("`{} {}`", self.program, args.iter().take(2).copied().collect::<Vec<_>>().join(" "));
-        if !out.success && (!partial_ok || out.stdout.is_empty()) {
-            return Err(format!("{what} failed: {}", out.reason()));
-        }
-        if out.stdout_over {
-            return Err(format!("{what} printed more than {MAX_OUTPUT} bytes"));
-        }
-        serde_json::from_slice(&out.stdout)
-            .map_err(|e| format!("{what} printed JSON this backend cannot read: {e}"))
-    }
-
-    /// Run podman and read one JSON value of type `T` per line of its output. A failing run
-    /// that printed something (some of the named objects were gone) gives what it printed.
-    async fn json_lines<T: for<'de> Deserialize<'de>>(&self, args: &[&str]) -> Result<Vec<T>, String> {
-        let out = self.run(args, None, CALL_TIMEOUT).await?;
-        let what =
-            format!("`{} {}`", self.program, args.iter().take(2).copied().collect::<Vec<_>>().join(" "));
-        if !out.success && out.stdout.is_empty() {
-            return Err(format!("{what} failed: {}", out.reason()));
-        }
-        if out.stdout_over {
-            return Err(format!("{what} printed more than {MAX_OUTPUT} bytes"));
-        }
-        out.stdout
-            .split(|&b| b == b'\n')
-            .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
-            .map(|l| {
-                serde_json::from_slice(l)
-                    .map_err(|e| format!("{what} printed JSON this backend cannot read: {e}"))
-            })
-            .collect()
-    }
-
-    /// The pods matching `selector`, with their containers' states.
+    /// The pods matching `selector`, with their containers' states: two requests, and one
+    /// inspection for each container that newly terminated with a failure.
     async fn snapshot(&self, selector: &Selector) -> Result<Vec<Seen>, String> {
-        let mut args = vec!["pod".to_string(), "ps".into(), "--format".into(), "json".into()];
-        for (k, v) in selector {
-            args.push("--filter".into());
-            args.push(format!("label={k}={v}"));
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let pods: Vec<PsPod> = self.json::<Option<Vec<PsPod>>>(&args, false).await?.unwrap_or_default();
-        let pods: Vec<PsPod> = pods
+        let pods: Vec<ApiPod> = self
+            .api
+            .pods(selector)
+            .await?
             .into_iter()
             .filter(|p| matches(p.labels.as_ref().unwrap_or(&BTreeMap::new()), selector))
             .collect();
-        let ids: Vec<&str> = pods
-            .iter()
-            .flat_map(|p| {
-                let infra = p.infra_id.as_deref();
-                p.containers.iter().flatten().map(|c| c.id.as_str()).filter(move |id| Some(*id) != infra)
-            })
-            .collect();
-        let inspected: Vec<Inspected> = if ids.is_empty() {
-            Vec::new()
-        } else {
-            // Only the fields used, one JSON object a line: podman's whole inspect output is some
-            // 10 KiB a container, and reading it for every container at every change was most of
-            // the controller's CPU per pod.
-            let mut args = vec!["container", "inspect", "--format", INSPECT_FORMAT];
-            args.extend(ids);
-            // A container removed since the listing makes podman fail for it, and print the others;
-            // when all are gone the pods are taken as they are listed (no container states), not
-            // as an error that would restart the watch.
-            match self.json_lines::<Inspected>(&args).await {
-                Ok(v) => v,
-                Err(e) => {
-                    log::debug!("podman watch: {e}");
-                    Vec::new()
-                }
+        let ids: Vec<&str> = pods.iter().map(|p| p.id.as_str()).collect();
+        // A container removed since the pod listing is simply not listed.
+        let containers = self.api.containers(&ids).await?;
+        let known: HashSet<String> = self.details.lock().unwrap().keys().cloned().collect();
+        let mut found = Vec::new();
+        for c in containers.iter().filter(|c| wants_detail(c) && !known.contains(&c.id)) {
+            match self.api.container_detail(&c.id).await {
+                Ok(Some(d)) => found.push((c.id.clone(), d)),
+                Ok(None) => {}
+                Err(e) => log::debug!("podman watch: {e}"),
             }
-        };
-        Ok(assemble(pods, inspected, selector))
+        }
+        let mut details = self.details.lock().unwrap();
+        details.extend(found);
+        let listed: HashSet<&str> = containers.iter().map(|c| c.id.as_str()).collect();
+        details.retain(|id, _| listed.contains(id.as_str()));
+        Ok(assemble(pods, containers, &details, selector))
     }
 
     /// Make each volume's directory writable by every UID (Kubernetes' emptyDir mode).
     async fn open_volumes(&self, volumes: &[String]) -> Result<(), String> {
-        if volumes.is_empty() {
-            return Ok(());
-        }
-        #[derive(Deserialize)]
-        #[serde(rename_all = "PascalCase")]
-        struct Volume {
-            name: String,
-            mountpoint: String,
-        }
-        let mut args = vec!["volume", "inspect", "--format", "json"];
-        args.extend(volumes.iter().map(String::as_str));
-        let found: Vec<Volume> = self.json(&args, false).await?;
         for v in volumes {
-            let Some(found) = found.iter().find(|f| &f.name == v) else {
+            let Some(mountpoint) = self.api.volume_mountpoint(v).await? else {
                 return Err(format!("podman made no volume {v} for the pod's emptyDir"));
             };
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&found.mountpoint, std::fs::Permissions::from_mode(0o777)).map_err(|e| {
+            std::fs::set_permissions(&mountpoint, std::fs::Permissions::from_mode(0o777)).map_err(|e| {
                 format!(
-                    "cannot make emptyDir volume {v} writable for every container (chmod 0777 {}): {e}; run the \
-                     controller on the podman host as the user podman runs as",
-                    found.mountpoint
+                    "cannot make emptyDir volume {v} writable for every container (chmod 0777 {mountpoint}): {e}; \
+                     run the controller on the podman host as the user podman runs as"
                 )
             })?;
         }
@@ -733,8 +515,7 @@ impl Podman {
     async fn explain(&self, reason: String) -> String {
         let id = reason.split(|c: char| !c.is_ascii_hexdigit()).find(|w| w.len() == 64).map(str::to_string);
         let Some(id) = id else { return reason };
-        let Ok(out) =
-            self.run(&["container", "inspect", "--format", "{{.Name}}", &id], None, CALL_TIMEOUT).await
+        let Ok(out) = self.run(&["container", "inspect", "--format", "{{.Name}}", &id], CALL_TIMEOUT).await
         else {
             return reason;
         };
@@ -750,47 +531,33 @@ impl Podman {
         truncate(&text, MAX_REASON * 2).to_string()
     }
 
-    /// Remove pod `name` at once; a pod already gone is fine.
-    async fn remove(&self, name: &str) -> Result<(), String> {
-        let out = self.run(&["pod", "rm", "-f", "-t", "0", "--ignore", name], None, CALL_TIMEOUT).await?;
-        if out.success {
-            Ok(())
-        } else {
-            Err(format!("podman could not remove pod {name}: {}", out.reason()))
-        }
-    }
-
     async fn create_pod(&self, pod: &Pod) -> Result<(), String> {
         let (name, pod, volumes) = prepare(pod)?;
         let yaml =
             serde_yaml_ng::to_string(&pod).map_err(|e| format!("cannot write pod {name} as YAML: {e}"))?;
-        let mut unfinished = Unfinished { program: self.program.clone(), name: name.clone(), armed: true };
-        let play = ["kube", "play", "--start=false", "--network", &self.network, "-"];
-        let out = self.run(&play, Some(yaml.as_bytes()), START_TIMEOUT).await?;
-        let failure = if !out.success {
-            Some(match pulling(&out.stderr) {
+        let mut unfinished = Unfinished { api: self.api.clone(), name: name.clone(), armed: true };
+        let failure = match self.api.play_kube(&yaml, &self.network, false, START_TIMEOUT).await {
+            Err(e) => Some(match pulling(&e) {
                 Some(image) => format!(
                     "podman cannot pull image {image} for pod {name}: {}; check the image name and that this host \
                      reaches its registry, or build or load the image here",
-                    out.reason()
+                    e.strip_prefix("playing YAML file: ").unwrap_or(&e)
                 ),
-                None => format!("podman could not create pod {name}: {}", out.reason()),
-            })
-        } else if let Err(e) = self.open_volumes(&volumes).await {
-            Some(e)
-        } else {
-            let out = self.run(&["pod", "start", &name], None, START_TIMEOUT).await?;
-            if out.success {
-                None
-            } else {
-                Some(format!("podman could not start pod {name}: {}", self.explain(out.reason()).await))
-            }
+                None => format!("podman could not create pod {name}: {e}"),
+            }),
+            Ok(()) => match self.open_volumes(&volumes).await {
+                Err(e) => Some(e),
+                Ok(()) => match self.api.start_pod(&name, START_TIMEOUT).await {
+                    Ok(()) => None,
+                    Err(e) => Some(format!("podman could not start pod {name}: {}", self.explain(e).await)),
+                },
+            },
         };
         let Some(failure) = failure else {
             unfinished.armed = false;
             return Ok(());
         };
-        match self.remove(&name).await {
+        match self.api.remove_pod(&name).await {
             Ok(()) => unfinished.armed = false,
             Err(e) => log::warn!("{e}"),
         }
@@ -801,8 +568,7 @@ impl Podman {
     /// merged in time order.
     async fn log_tail(&self, full_name: &str, lines: usize) -> Vec<String> {
         let n = lines.min(MAX_LOG_LINES).to_string();
-        let Ok(out) = self.run(&["logs", "--timestamps", "--tail", &n, full_name], None, CALL_TIMEOUT).await
-        else {
+        let Ok(out) = self.run(&["logs", "--timestamps", "--tail", &n, full_name], CALL_TIMEOUT).await else {
             return Vec::new();
         };
         if !out.success {
@@ -835,7 +601,7 @@ impl Podman {
         }
         let mut since = "24h".to_string();
         let mut names = vec![format!("{name}-{container}")];
-        if let Ok(out) = self.run(&["pod", "inspect", "--format", "json", name], None, CALL_TIMEOUT).await {
+        if let Ok(out) = self.run(&["pod", "inspect", "--format", "json", name], CALL_TIMEOUT).await {
             // podman 4.3 prints one object, later versions an array.
             let one = serde_json::from_slice::<Inspect>(&out.stdout).ok().or_else(|| {
                 serde_json::from_slice::<Vec<Inspect>>(&out.stdout).ok().and_then(|v| v.into_iter().next())
@@ -867,11 +633,8 @@ impl Podman {
         let pod_filter = format!("pod={name}");
         let mut pod_args = base.to_vec();
         pod_args.extend(["--filter", &pod_filter]);
-        let (a, b) = smol::future::zip(
-            self.run(&containers, None, CALL_TIMEOUT),
-            self.run(&pod_args, None, CALL_TIMEOUT),
-        )
-        .await;
+        let (a, b) =
+            smol::future::zip(self.run(&containers, CALL_TIMEOUT), self.run(&pod_args, CALL_TIMEOUT)).await;
         let mut events: Vec<Event> = [a, b]
             .into_iter()
             .flatten()
@@ -887,46 +650,15 @@ impl Podman {
         events.into_iter().skip(skip).map(|e| e.line()).collect()
     }
 
-    /// One watch: start `podman events`, list, then report changes until the stream or a list
-    /// fails.
+    /// One watch: open the event stream, list, then report changes until the stream or a
+    /// list fails.
     async fn watch_once(
         &self,
         selector: &Selector,
         on: &mut (dyn FnMut(PodEvent) + Send + '_),
     ) -> Result<(), String> {
         let since = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        let since = since.saturating_sub(EVENTS_OVERLAP_SECS).to_string();
-        let args = [
-            "events",
-            "--format",
-            "json",
-            "--filter",
-            "type=container",
-            "--filter",
-            "type=pod",
-            "--since",
-            &since,
-        ];
-        let mut std_cmd = std::process::Command::new(&self.program);
-        std_cmd.args(args);
-        // A controller killed outright drops no future: the kernel ends this watch with it, or
-        // it would outlive every controller that started one.
-        #[cfg(target_os = "linux")]
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            std_cmd.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(Some(nix::sys::signal::Signal::SIGKILL))
-                    .map_err(std::io::Error::from)
-            });
-        }
-        // Stdio is set on the converted command: the conversion does not carry it over.
-        let mut cmd = Command::from(std_cmd);
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).kill_on_drop(true);
-        let mut child: Child =
-            cmd.spawn().map_err(|e| format!("cannot run `{} events`: {e}", self.program))?;
-        let stdout = child.stdout.take().ok_or("podman events has no output")?;
-        let mut lines = Lines { reader: BufReader::new(stdout), buf: Vec::new(), over: false };
-
+        let mut lines = self.api.events(since.saturating_sub(EVENTS_OVERLAP_SECS)).await?;
         let seen = self.snapshot(selector).await?;
         let mut known: BTreeMap<String, PodInfo> = BTreeMap::new();
         let mut ids: HashSet<String> = HashSet::new();
@@ -954,7 +686,7 @@ impl Podman {
                     continue;
                 }
                 Some(Some(Ok(line))) => {
-                    if !self.concerns(&line, selector, &ids) {
+                    if !event_concerns(&line, selector, &ids) {
                         continue;
                     }
                     // Let the burst finish, then list once.
@@ -1010,23 +742,22 @@ impl Podman {
             }
             known = now;
             if ended {
-                let status = child.status().await.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
-                return Err(format!("`{} events` ended ({status})", self.program));
+                return Err("podman's event stream ended".into());
             }
         }
     }
+}
 
-    /// Whether an event line may concern the watched pods (an unreadable line is logged).
-    fn concerns(&self, line: &[u8], selector: &Selector, ids: &HashSet<String>) -> bool {
-        match serde_json::from_slice::<Event>(line) {
-            Ok(e) => e.concerns(selector, ids),
-            Err(e) => {
-                log::debug!(
-                    "podman watch: an event this backend cannot read ({e}): {}",
-                    String::from_utf8_lossy(line)
-                );
-                false
-            }
+/// Whether an event line may concern the watched pods (an unreadable line is logged).
+fn event_concerns(line: &[u8], selector: &Selector, ids: &HashSet<String>) -> bool {
+    match serde_json::from_slice::<ApiEvent>(line) {
+        Ok(e) => concerns(&e, selector, ids),
+        Err(e) => {
+            log::debug!(
+                "podman watch: an event this backend cannot read ({e}): {}",
+                String::from_utf8_lossy(line)
+            );
+            false
         }
     }
 }
@@ -1056,7 +787,7 @@ impl PodBackend for Podman {
             if !valid_name(name) {
                 return Err(format!("'{}' is not a pod name", truncate(name, 100)));
             }
-            self.remove(name).await
+            self.api.remove_pod(name).await
         })
     }
 
@@ -1107,33 +838,34 @@ mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{Container, EmptyDirVolumeSource, PodSpec, Volume, VolumeMount};
 
-    fn state(status: &str, code: i32) -> InspectedState {
-        InspectedState { status: status.into(), exit_code: code, oom_killed: false, error: String::new() }
+    fn listed(state: &str, code: i32) -> ApiContainer {
+        serde_json::from_value(serde_json::json!({"Id": "c", "State": state, "ExitCode": code})).unwrap()
     }
 
     #[test]
     fn states_map_to_kubernetes_names() {
-        assert_eq!(container_state(&state("running", 0)), ContainerState::Running);
+        let st = |state, code| container_state(&listed(state, code), None);
+        assert_eq!(st("running", 0), ContainerState::Running);
         assert_eq!(
-            container_state(&state("exited", 3)),
+            st("exited", 3),
             ContainerState::Terminated { exit_code: 3, reason: "Error".into(), message: String::new() }
         );
         assert_eq!(
-            container_state(&state("exited", 0)),
+            st("exited", 0),
             ContainerState::Terminated { exit_code: 0, reason: "Completed".into(), message: String::new() }
         );
-        let mut oom = state("exited", 137);
-        oom.oom_killed = true;
+        assert!(wants_detail(&listed("exited", 137)) && !wants_detail(&listed("exited", 0)));
+        let oom = ApiDetail { oom_killed: true, error: String::new() };
+        assert!(matches!(
+            container_state(&listed("exited", 137), Some(&oom)),
+            ContainerState::Terminated { reason, .. } if reason == "OOMKilled"
+        ));
         assert!(
-            matches!(container_state(&oom), ContainerState::Terminated { reason, .. } if reason == "OOMKilled")
+            matches!(st("created", 0), ContainerState::Waiting { reason, .. } if reason == "ContainerCreating")
         );
-        assert!(
-            matches!(container_state(&state("created", 0)), ContainerState::Waiting { reason, .. } if reason == "ContainerCreating")
-        );
-        let mut failed = state("created", 0);
-        failed.error = "exec: no such file".into();
+        let failed = ApiDetail { oom_killed: false, error: "exec: no such file".into() };
         assert_eq!(
-            container_state(&failed),
+            container_state(&listed("created", 0), Some(&failed)),
             ContainerState::Waiting {
                 reason: "CreateContainerError".into(),
                 message: "exec: no such file".into()
@@ -1157,19 +889,13 @@ mod tests {
     }
 
     #[test]
-    fn reasons_are_podman_sentences_without_noise() {
-        let stderr = "Trying to pull registry.invalid/nope:1...\nError: initializing source \
-                      docker://registry.invalid/nope:1: pinging container registry registry.invalid: no such host\n";
-        assert_eq!(
-            podman_reason(stderr),
-            "initializing source docker://registry.invalid/nope:1: pinging container registry registry.invalid: no such host"
-        );
-        assert_eq!(pulling(stderr), Some("registry.invalid/nope:1"));
-        let logged = "time=\"2026\" level=warning msg=\"ignored\"\ntime=\"2026\" level=error msg=\"Removing \\\"x\\\": busy\"\n\
-                      failed to connect to syslog: Initialization\n";
-        assert_eq!(podman_reason(logged), "Removing \"x\": busy");
-        assert_eq!(podman_reason("something odd\n"), "something odd");
-        assert!(podman_reason(&"x".repeat(10 * MAX_REASON)).len() <= MAX_REASON);
+    fn the_image_that_could_not_be_pulled_is_named() {
+        // podman 4.3.1's answer to a kube play whose image cannot be pulled.
+        let message = "playing YAML file: initializing source docker://registry.invalid/nope:1: pinging container \
+                       registry registry.invalid: Get \"https://registry.invalid/v2/\": dial tcp: no such host";
+        assert_eq!(pulling(message), Some("registry.invalid/nope:1"));
+        assert_eq!(pulling("playing YAML file: something else"), None);
+        assert_eq!(pulling("initializing source docker://: x"), None);
     }
 
     #[test]
@@ -1220,9 +946,8 @@ mod tests {
         assert_eq!(mounts(&spec.containers[1]), "cfg");
         assert_eq!(mounts(&spec.init_containers.as_ref().unwrap()[0]), "p-1-ws");
         assert_eq!(spec.volumes.unwrap()[1].name, "cfg");
-        let annotations = out.metadata.annotations.unwrap();
-        assert_eq!(annotations[INIT_TYPE_ANNOTATION], "always");
-        assert_eq!(annotations[INIT_NAMES_ANNOTATION], "init");
+        assert_eq!(out.metadata.annotations.unwrap()[INIT_TYPE_ANNOTATION], "always");
+        assert_eq!(out.metadata.labels.unwrap()[INIT_NAMES_LABEL], "init");
 
         let mut bad = pod.clone();
         bad.metadata.name = Some("--rm".into());
@@ -1232,56 +957,66 @@ mod tests {
     #[test]
     fn events_concern_the_watched_pods_only() {
         let sel: Selector = [("app".to_string(), "wisp".to_string())].into();
-        let ids: HashSet<String> = ["c1".to_string()].into();
-        let ev = |j: &str| serde_json::from_str::<Event>(j).unwrap();
-        assert!(ev(r#"{"Type":"pod","ID":"p9","Status":"create","Attributes":null}"#).concerns(&sel, &ids));
-        assert!(ev(r#"{"Type":"container","ID":"c1","Status":"died"}"#).concerns(&sel, &ids));
-        assert!(ev(r#"{"Type":"container","ID":"c2","Attributes":{"app":"wisp"}}"#).concerns(&sel, &ids));
-        assert!(!ev(r#"{"Type":"container","ID":"c3","Attributes":{"app":"other"}}"#).concerns(&sel, &ids));
-        assert!(!ev(r#"{"Type":"container","ID":"c4","Attributes":null}"#).concerns(&sel, &ids));
-        let died =
-            ev(r#"{"Type":"container","ID":"c1","Name":"p-jnlp","Status":"died","ContainerExitCode":3,
-                         "Time":"2026-12-01T12:57:40.122438569Z"}"#);
+        let ids: HashSet<String> = ["c1".to_string(), "p1".to_string()].into();
+        let ev = |kind: &str, id: &str, attrs: serde_json::Value| {
+            let line =
+                serde_json::json!({"Type": kind, "Action": "x", "Actor": {"ID": id, "Attributes": attrs}});
+            event_concerns(line.to_string().as_bytes(), &sel, &ids)
+        };
+        assert!(ev("pod", "p9", serde_json::json!({})));
+        assert!(ev("container", "c1", serde_json::json!({})));
+        assert!(ev("container", "c9", serde_json::json!({"podId": "p1"})));
+        assert!(ev("container", "c2", serde_json::json!({"app": "wisp"})));
+        assert!(!ev("container", "c3", serde_json::json!({"app": "other"})));
+        assert!(!ev("container", "c4", serde_json::json!({})));
+        assert!(!event_concerns(b"not json", &sel, &ids));
+        let died: Event = serde_json::from_str(
+            r#"{"Type":"container","ID":"c1","Name":"p-jnlp","Status":"died","ContainerExitCode":3,
+                "Time":"2026-12-01T12:57:40.122438569Z"}"#,
+        )
+        .unwrap();
         assert_eq!(died.line(), "2026-12-01T12:57:40Z container p-jnlp died (exit code 3)");
     }
 
     #[test]
-    fn init_containers_are_the_ones_the_annotation_names() {
-        // As podman 4.3.1 answers: every container has the pod's annotations.
-        let pods: Vec<PsPod> = serde_json::from_str(
-            r#"[{"Id":"p1","Name":"p","InfraId":"i","Labels":{"app":"wisp"},
-                 "Containers":[{"Id":"i"},{"Id":"c2"},{"Id":"c1"},{"Id":"c3"}]},
-                {"Id":"p2","Name":"q","InfraId":"j","Labels":{"app":"other"},"Containers":[{"Id":"j"}]}]"#,
-        )
+    fn init_containers_are_the_ones_the_label_names() {
+        // As podman 4.3.1's API answers: every container but the infra one has the pod's labels.
+        let pods: Vec<ApiPod> = serde_json::from_value(serde_json::json!([
+            {"Id": "p1", "Name": "p", "Labels": {"app": "wisp", INIT_NAMES_LABEL: "setup.prep"}},
+            {"Id": "p2", "Name": "q", "Labels": {"app": "other"}},
+        ]))
         .unwrap();
-        let annotations =
-            format!(r#"{{"{INIT_NAMES_ANNOTATION}":"setup","{INIT_TYPE_ANNOTATION}":"always"}}"#);
-        let c = |id: &str, name: &str, created: &str, state: &str| {
-            format!(
-                r#"{{"Id":"{id}","Name":"{name}","Created":"{created}","State":{state},
-                    "Config":{{"Annotations":{annotations}}}}}"#
-            )
+        let c = |id: &str, name: &str, created: &str, state: &str, code: i32, pod: &str| {
+            serde_json::json!({"Id": id, "Names": [name], "Created": created, "State": state, "ExitCode": code,
+                               "Pod": pod, "IsInfra": name.ends_with("-infra")})
         };
-        let inspected = format!(
-            "[{},{},{}]",
-            c("c1", "p-jnlp", "2026-01-01T00:00:02Z", r#"{"Status":"running"}"#),
-            c("c2", "p-setup", "2026-01-01T00:00:01Z", r#"{"Status":"exited","ExitCode":0}"#),
-            c(
-                "c3",
-                "p-tools",
-                "2026-01-01T00:00:03Z",
-                r#"{"Status":"exited","ExitCode":3,"OOMKilled":false}"#
-            ),
-        );
-        let inspected: Vec<Inspected> = serde_json::from_str(&inspected).unwrap();
+        let containers: Vec<ApiContainer> = serde_json::from_value(serde_json::json!([
+            c("i", "0123-infra", "2026-01-01T00:00:00Z", "running", 0, "p1"),
+            c("c1", "p-jnlp", "2026-01-01T00:00:03Z", "running", 0, "p1"),
+            c("c2", "p-setup", "2026-01-01T00:00:01Z", "exited", 0, "p1"),
+            c("c0", "p-prep", "2026-01-01T00:00:02Z", "exited", 0, "p1"),
+            c("c3", "p-tools", "2026-01-01T00:00:04Z", "exited", 137, "p1"),
+            c("j", "4567-infra", "2026-01-01T00:00:00Z", "running", 0, "p2"),
+        ]))
+        .unwrap();
+        let details: HashMap<String, ApiDetail> =
+            [("c3".to_string(), ApiDetail { oom_killed: true, error: String::new() })].into();
         let sel: Selector = [("app".to_string(), "wisp".to_string())].into();
-        let seen = assemble(pods, inspected, &sel);
+        let seen = assemble(pods, containers, &details, &sel);
         assert_eq!(seen.len(), 1, "the other pod does not match");
         let p = &seen[0].info;
         let names: Vec<&str> = p.containers.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["setup", "jnlp", "tools"]);
+        assert_eq!(names, ["setup", "prep", "jnlp", "tools"]);
         assert_eq!(p.phase, Phase::Running);
-        assert_eq!(seen[0].ids, ["p1", "i", "c2", "c1", "c3"]);
+        assert!(
+            matches!(&p.containers[3].1, ContainerState::Terminated { reason, .. } if reason == "OOMKilled")
+        );
+        assert_eq!(
+            p.labels,
+            Selector::from([("app".to_string(), "wisp".to_string())]),
+            "the init label is ours"
+        );
+        assert_eq!(seen[0].ids, ["p1", "i", "c1", "c2", "c0", "c3"]);
     }
 
     #[test]

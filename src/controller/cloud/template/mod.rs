@@ -215,6 +215,9 @@ pub struct CloudSpec {
     pub podman: Option<String>,
     /// podman: the network pods join (default `host`, so agents reach a controller on loopback).
     pub network: Option<String>,
+    /// podman: the socket of a podman service to use (`unix:///run/podman/podman.sock`); unset,
+    /// the controller runs `podman system service` on a socket of its own.
+    pub socket: Option<String>,
     /// The templates.
     pub templates: Vec<PodTemplate>,
 }

@@ -978,12 +978,15 @@ mod podman {
         podman: Option<String>,
         #[serde(default, deserialize_with = "de_opt_nonempty")]
         network: Option<String>,
+        #[serde(default, deserialize_with = "de_opt_nonempty")]
+        socket: Option<String>,
     }
     impl Raw {
         fn into_spec(mut self) -> Result<CloudSpec, String> {
             let mut spec = self.common(CloudKind::Podman)?;
             spec.podman = self.podman;
             spec.network = self.network;
+            spec.socket = self.socket;
             Ok(spec)
         }
     }
