@@ -28,7 +28,11 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response};
 use serde::Deserialize;
 use smol::future::FutureExt as _;
-use smol::{Task, Timer};
+use hyper::client::conn::http1::Connection;
+use smol::net::unix::UnixStream;
+use smol::Timer;
+use std::future::Future;
+use std::pin::Pin;
 use smol_hyper::rt::FuturesIo;
 use std::collections::BTreeMap;
 use std::io::ErrorKind;
@@ -83,10 +87,10 @@ impl PodmanApi {
     }
 
     /// Connect, waiting for a service of the controller's own that is (re)starting.
-    async fn connect(&self) -> Result<smol::net::unix::UnixStream, String> {
+    async fn connect(&self) -> Result<UnixStream, String> {
         let deadline = Instant::now() + SERVICE_START;
         loop {
-            match smol::net::unix::UnixStream::connect(&self.socket).await {
+            match UnixStream::connect(&self.socket).await {
                 Ok(s) => return Ok(s),
                 Err(e) => {
                     let starting = matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused);
@@ -119,23 +123,21 @@ impl PodmanApi {
         }
     }
 
-    /// Send `METHOD API/PATH` with `body`: the answer's head and body, and the connection's task
-    /// (the body can be read while it lives).
+    /// Send `METHOD API/PATH` with `body`: the answer's head and body, and its connection (which
+    /// the body is read through).
     async fn send(
         &self,
         method: &Method,
         path: &str,
         ctype: &str,
         body: Vec<u8>,
-    ) -> Result<(Response<Incoming>, Task<()>), String> {
+    ) -> Result<(Response<Incoming>, Driven), String> {
         let what = format!("{method} {path}");
         let stream = self.connect().await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(FuturesIo::new(stream))
             .await
             .map_err(|e| format!("podman's service, {what}: {e}"))?;
-        let conn = smol::spawn(async move {
-            let _ = conn.await;
-        });
+        let mut conn = Driven { conn: Some(Box::pin(conn)) };
         let req = Request::builder()
             .method(method)
             .uri(format!("{API}{path}"))
@@ -143,7 +145,8 @@ impl PodmanApi {
             .header("content-type", ctype)
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| format!("podman's service, {what}: {e}"))?;
-        let resp = sender.send_request(req).await.map_err(|e| format!("podman's service, {what}: {e}"))?;
+        let resp =
+            conn.run(sender.send_request(req)).await.map_err(|e| format!("podman's service, {what}: {e}"))?;
         Ok((resp, conn))
     }
 
@@ -158,14 +161,13 @@ impl PodmanApi {
         limit: Duration,
     ) -> Result<(u16, Bytes), String> {
         let run = async {
-            let (resp, conn) = self.send(&method, path, ctype, body).await?;
+            let (resp, mut conn) = self.send(&method, path, ctype, body).await?;
             let status = resp.status().as_u16();
-            let body = Limited::new(resp.into_body(), MAX_ANSWER)
-                .collect()
+            let body = conn
+                .run(Limited::new(resp.into_body(), MAX_ANSWER).collect())
                 .await
                 .map_err(|e| format!("podman's service, {method} {path}: reading the answer: {e}"))?
                 .to_bytes();
-            drop(conn);
             Ok((status, body))
         };
         run.or(async {
@@ -289,10 +291,10 @@ impl PodmanApi {
         let filters = serde_json::json!({ "type": ["container", "pod"] });
         let path = format!("/events?stream=true&since={since}&filters={}", urlencode(&filters.to_string()));
         let open = async {
-            let (resp, conn) = self.send(&Method::GET, &path, "application/json", Vec::new()).await?;
+            let (resp, mut conn) = self.send(&Method::GET, &path, "application/json", Vec::new()).await?;
             if resp.status() != 200 {
                 let status = resp.status().as_u16();
-                let body = Limited::new(resp.into_body(), 64 << 10).collect().await.map(|b| b.to_bytes());
+                let body = conn.run(Limited::new(resp.into_body(), 64 << 10).collect()).await.map(|b| b.to_bytes());
                 return Err(format!(
                     "podman's service refused the event stream ({status}): {}",
                     body.map(|b| error_text(&b)).unwrap_or_default()
@@ -300,7 +302,7 @@ impl PodmanApi {
             }
             Ok(EventStream {
                 body: resp.into_body(),
-                _conn: conn,
+                conn,
                 buf: Vec::new(),
                 pending: Bytes::new(),
                 over: false,
@@ -397,7 +399,7 @@ pub struct ApiActor {
 /// `Err` (and skipped). Cancel-safe: a line read halfway stays here.
 pub struct EventStream {
     body: Incoming,
-    _conn: Task<()>,
+    conn: Driven,
     buf: Vec<u8>,
     pending: Bytes,
     over: bool,
@@ -408,7 +410,7 @@ impl EventStream {
     pub async fn next(&mut self) -> Option<Result<Vec<u8>, String>> {
         loop {
             if self.pending.is_empty() {
-                let frame = match self.body.frame().await? {
+                let frame = match self.conn.run(self.body.frame()).await? {
                     Ok(f) => f,
                     Err(_) => return None,
                 };
@@ -443,6 +445,28 @@ impl EventStream {
             }
             self.pending.advance(n);
         }
+    }
+}
+
+/// A client connection to podman's service, polled by whoever waits on it (no task of its own:
+/// a spawned one would hand every answer from one thread to another).
+pub struct Driven {
+    conn: Option<Pin<Box<Connection<FuturesIo<UnixStream>, Full<Bytes>>>>>,
+}
+
+impl Driven {
+    /// `work`, with the connection driven while it runs. A connection that ends is not polled
+    /// again; what it delivered (or the error its end causes) reaches `work`.
+    async fn run<T>(&mut self, work: impl Future<Output = T>) -> T {
+        let conn = &mut self.conn;
+        work.or(async move {
+            if let Some(c) = conn.as_mut() {
+                let _ = c.as_mut().await;
+                *conn = None;
+            }
+            std::future::pending().await
+        })
+        .await
     }
 }
 
