@@ -138,11 +138,21 @@ impl Store {
 
     /// Add a node; fails if the name is taken.
     pub fn add_node(&self, n: &NodeRecord) -> Result<()> {
-        self.db.execute(
-            "INSERT INTO nodes (name, labels, executors, websocket, work_dir, created, origin)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![n.name, n.labels.join(" "), n.executors, n.websocket, n.work_dir, now(), n.origin],
-        )?;
+        // Cached: a cloud adds (and removes) a node for every pod.
+        self.db
+            .prepare_cached(
+                "INSERT INTO nodes (name, labels, executors, websocket, work_dir, created, origin)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                n.name,
+                n.labels.join(" "),
+                n.executors,
+                n.websocket,
+                n.work_dir,
+                now(),
+                n.origin
+            ])?;
         Ok(())
     }
 
@@ -173,7 +183,7 @@ impl Store {
 
     /// Delete a node; true if it existed.
     pub fn remove_node(&self, name: &str) -> Result<bool> {
-        Ok(self.db.execute("DELETE FROM nodes WHERE name = ?1", [name])? > 0)
+        Ok(self.db.prepare_cached("DELETE FROM nodes WHERE name = ?1")?.execute([name])? > 0)
     }
 
     /// Every node, by name.

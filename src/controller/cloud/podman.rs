@@ -495,12 +495,13 @@ impl Podman {
 
     /// Make each volume's directory writable by every UID (Kubernetes' emptyDir mode).
     async fn open_volumes(&self, volumes: &[String]) -> Result<(), String> {
+        let found = self.api.volume_mountpoints(volumes).await?;
         for v in volumes {
-            let Some(mountpoint) = self.api.volume_mountpoint(v).await? else {
+            let Some(mountpoint) = found.get(v) else {
                 return Err(format!("podman made no volume {v} for the pod's emptyDir"));
             };
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&mountpoint, std::fs::Permissions::from_mode(0o777)).map_err(|e| {
+            std::fs::set_permissions(mountpoint, std::fs::Permissions::from_mode(0o777)).map_err(|e| {
                 format!(
                     "cannot make emptyDir volume {v} writable for every container (chmod 0777 {mountpoint}): {e}; \
                      run the controller on the podman host as the user podman runs as"

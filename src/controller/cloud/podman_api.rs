@@ -25,18 +25,18 @@
 use bytes::{Buf, Bytes};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use hyper::client::conn::http1::Connection;
 use hyper::{Method, Request, Response};
 use serde::Deserialize;
 use smol::future::FutureExt as _;
-use hyper::client::conn::http1::Connection;
 use smol::net::unix::UnixStream;
 use smol::Timer;
-use std::future::Future;
-use std::pin::Pin;
 use smol_hyper::rt::FuturesIo;
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -275,15 +275,23 @@ impl PodmanApi {
         Ok(self.get::<Inspect>(&path, "a container's state").await?.map(|i| i.state))
     }
 
-    /// Where volume `name` keeps its files; `None` when there is no such volume.
-    pub async fn volume_mountpoint(&self, name: &str) -> Result<Option<String>, String> {
+    /// Where each of the volumes `names` that exists keeps its files, by name (one request).
+    pub async fn volume_mountpoints(&self, names: &[String]) -> Result<BTreeMap<String, String>, String> {
         #[derive(Deserialize)]
         #[serde(rename_all = "PascalCase")]
         struct Volume {
+            name: String,
             mountpoint: String,
         }
-        let path = format!("/volumes/{}/json", urlencode(name));
-        Ok(self.get::<Volume>(&path, "a volume").await?.map(|v| v.mountpoint))
+        if names.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let filters = serde_json::json!({ "name": names });
+        let path = format!("/volumes/json?filters={}", urlencode(&filters.to_string()));
+        let found =
+            self.get::<Option<Vec<Volume>>>(&path, "a volume list").await?.flatten().unwrap_or_default();
+        // The name filter matches parts of names too: only the asked-for ones are kept.
+        Ok(found.into_iter().filter(|v| names.contains(&v.name)).map(|v| (v.name, v.mountpoint)).collect())
     }
 
     /// The stream of container and pod events since unix second `since`, as they happen.
@@ -294,7 +302,8 @@ impl PodmanApi {
             let (resp, mut conn) = self.send(&Method::GET, &path, "application/json", Vec::new()).await?;
             if resp.status() != 200 {
                 let status = resp.status().as_u16();
-                let body = conn.run(Limited::new(resp.into_body(), 64 << 10).collect()).await.map(|b| b.to_bytes());
+                let body =
+                    conn.run(Limited::new(resp.into_body(), 64 << 10).collect()).await.map(|b| b.to_bytes());
                 return Err(format!(
                     "podman's service refused the event stream ({status}): {}",
                     body.map(|b| error_text(&b)).unwrap_or_default()
@@ -451,8 +460,11 @@ impl EventStream {
 /// A client connection to podman's service, polled by whoever waits on it (no task of its own:
 /// a spawned one would hand every answer from one thread to another).
 pub struct Driven {
-    conn: Option<Pin<Box<Connection<FuturesIo<UnixStream>, Full<Bytes>>>>>,
+    conn: Option<Pin<Box<Conn>>>,
 }
+
+/// hyper's side of one connection to the service.
+type Conn = Connection<FuturesIo<UnixStream>, Full<Bytes>>;
 
 impl Driven {
     /// `work`, with the connection driven while it runs. A connection that ends is not polled

@@ -155,6 +155,16 @@ fn defaults_apply_when_fields_are_absent() {
     let t = &parse_clouds(&one_template("")).unwrap()[0].templates[0];
     assert_eq!((t.instance_cap, t.connect_timeout, t.pod_retention), (None, None, Retention::Default));
     assert!(t.yaml.is_empty() && t.containers.is_empty());
+    assert_eq!(c.socket, None, "no socket: the controller runs podman's service");
+}
+
+#[test]
+fn a_podman_cloud_may_name_the_service_socket_it_uses() {
+    let c = &parse_clouds("clouds:\n  - podman: {name: a, socket: 'unix:///run/podman/podman.sock'}\n")
+        .unwrap()[0];
+    assert_eq!(c.socket.as_deref(), Some("unix:///run/podman/podman.sock"));
+    let e = parse_clouds("clouds:\n  - kubernetes: {name: a, socket: /x}\n").unwrap_err();
+    assert!(e.message.contains("unknown field \"socket\""), "{e}");
 }
 
 #[test]
