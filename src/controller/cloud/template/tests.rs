@@ -186,7 +186,7 @@ fn errors_carry_the_path_and_position() {
             "line 4, column 7: clouds[0].podman: unknown field \"containrCap\" (did you mean \"containerCap\"?); \
              expected one of \"name\", \"containerCap\", \"podLabels\", \"podRetention\", \"webSocket\", \
              \"directConnection\", \"jenkinsUrl\", \"jenkinsTunnel\", \"agentImage\", \"templates\", \"podman\", \
-             \"network\"",
+             \"network\", \"socket\"",
         ),
         (
             "clouds:\n  - podman:\n      name: a\n      containerCap: -1\n",
