@@ -145,6 +145,10 @@ struct Serve {
     /// serve plain HTTP and TCP without TLS (for tests, or behind a proxy that terminates TLS)
     #[argh(switch)]
     no_tls: bool,
+    /// serve every HTTP path (web page, API, /wsagents/) under this prefix, e.g. /ci behind a
+    /// shared host (default: the root)
+    #[argh(option, default = "String::new()")]
+    prefix: String,
     /// executor threads (default 1; more help only with many TLS agents streaming at once)
     #[argh(option)]
     threads: Option<usize>,
@@ -410,6 +414,7 @@ fn serve(s: Serve) -> i32 {
         tls_cert: s.tls_cert,
         tls_key: s.tls_key,
         no_tls: s.no_tls,
+        prefix: s.prefix,
         threads: s.threads.unwrap_or(ServeConfig::default().threads).clamp(1, 64),
         handshake_budget: s.handshake_budget.unwrap_or(ServeConfig::default().handshake_budget).max(1),
     };

@@ -80,6 +80,16 @@ pub(super) struct State {
     pub(super) gone: std::collections::VecDeque<(String, String)>,
 }
 
+/// The builds queued and running, as the overview shows them.
+pub struct Activity {
+    /// Queued builds (the first ones asked for), oldest first, with why each waits.
+    pub queued: Vec<(u64, Option<String>)>,
+    /// Running builds, by number.
+    pub running: Vec<u64>,
+    /// How many builds are queued in all.
+    pub queue_len: usize,
+}
+
 /// The controller.
 pub struct Controller {
     /// Data directory (absolute).
@@ -121,6 +131,8 @@ pub struct Controller {
     pub stopping: AtomicBool,
     /// Fires when `stopping` is set.
     pub stop: Event,
+    /// The web page's sessions and path prefix.
+    pub web: super::web::Web,
 }
 
 /// Read a secret file, or create it with `make()` and mode 0600.
@@ -222,6 +234,7 @@ impl Controller {
             next_session: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
             stop: Event::new(),
+            web: super::web::Web::default(),
         });
         ctl.recover(unfinished, steps_of)?;
         Ok(ctl)
@@ -391,6 +404,8 @@ impl Controller {
         .await
         .map_err(|e| ApiError::new(500, format!("cannot write {}: {e}", path.display())))?;
         *self.token.lock().unwrap_or_else(|e| e.into_inner()) = new.clone();
+        // Sessions were opened with the old token: they end with it.
+        self.web.close_all();
         log::info!("API token rotated");
         Ok(new)
     }
@@ -617,6 +632,30 @@ impl Controller {
     /// The newest `limit` builds, newest first.
     pub async fn builds(&self, limit: u32) -> Result<Vec<BuildRecord>, ApiError> {
         Ok(self.store.call(move |s| s.builds(limit)).await?)
+    }
+
+    /// What the overview shows live: the first `limit` queued builds and the running ones.
+    pub fn activity(&self, limit: usize) -> Activity {
+        let st = self.state();
+        let queued = st.queue.ids(limit).into_iter().map(|id| (id, st.queue.why(id, &st.nodes))).collect();
+        let mut running: Vec<u64> = st.builds.keys().copied().filter(|id| !st.queue.contains(*id)).collect();
+        running.sort_unstable();
+        Activity { queued, running, queue_len: st.queue.len() }
+    }
+
+    /// A page of final builds (on `node`), newest first, below `before`.
+    pub async fn finished_builds(
+        &self,
+        node: Option<String>,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<BuildRecord>, ApiError> {
+        Ok(self.store.call(move |s| s.finished_builds(node.as_deref(), before, limit)).await?)
+    }
+
+    /// The builds numbered `ids` (those that exist).
+    pub async fn builds_by_id(&self, ids: Vec<u64>) -> Result<Vec<BuildRecord>, ApiError> {
+        Ok(self.store.call(move |s| s.builds_by_id(&ids)).await?)
     }
 
     /// A build's steps.

@@ -29,7 +29,7 @@ pub const MAX_BODY: usize = 1024 * 1024;
 /// A response body.
 pub type Body = BoxBody<Bytes, std::io::Error>;
 
-fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+pub(super) fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
     let mut r = Response::new(Full::new(body.into()).map_err(|never| match never {}).boxed());
     *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_str(content_type).unwrap());
@@ -71,11 +71,12 @@ fn public_url(ctl: &Controller, req: &Request<Incoming>, fp: Option<&str>) -> St
         None if fp.is_some() => "https",
         None => "http",
     };
+    let p = ctl.web.prefix();
     match req.headers().get(header::HOST).and_then(|h| h.to_str().ok()) {
-        Some(h) => format!("{scheme}://{h}/"),
+        Some(h) => format!("{scheme}://{h}{p}/"),
         None => match ctl.addrs.get() {
-            Some((http, _)) => format!("{scheme}://{http}/"),
-            None => format!("{scheme}://127.0.0.1:8080/"),
+            Some((http, _)) => format!("{scheme}://{http}{p}/"),
+            None => format!("{scheme}://127.0.0.1:8080{p}/"),
         },
     }
 }
@@ -93,7 +94,17 @@ pub async fn route(
     peer: SocketAddr,
     fp: Option<&str>,
 ) -> Response<Body> {
-    let path = req.uri().path().to_string();
+    let full_path = req.uri().path().to_string();
+    let prefix = ctl.web.prefix();
+    let path = match full_path.strip_prefix(prefix) {
+        Some(rest) if rest.is_empty() || rest.starts_with('/') => rest.to_string(),
+        _ => {
+            return error(ApiError::new(
+                404,
+                format!("this controller serves under {prefix}/ (its --prefix): {prefix}{full_path} may be what you want"),
+            ))
+        }
+    };
     let Some(decoded) = path.trim_matches('/').split('/').map(decode).collect::<Option<Vec<_>>>() else {
         return error(ApiError::new(400, "the request path is not valid UTF-8 once percent-decoded"));
     };
@@ -107,10 +118,10 @@ pub async fn route(
             }
             return r;
         }
-        (&Method::GET, [""]) => {
-            return full(StatusCode::OK, "text/plain", "wisp controller: see /api/builds\n")
-        }
         _ => {}
+    }
+    if super::web::is_page(req.method(), &segs) {
+        return super::web::page(&ctl, req, &segs, fp).await;
     }
     // An agent holding its node's secret may fetch its own descriptor sealed with that secret.
     if let (&Method::GET, ["computer", name, "jenkins-agent.jnlp" | "slave-agent.jnlp"]) =
@@ -201,7 +212,7 @@ pub async fn route(
 
 /// A build number: digits (a leading `#` allowed). A number too large to be a build is a build
 /// that does not exist (404), not a bad request.
-fn parse_id(s: &str) -> Result<u64, ApiError> {
+pub(super) fn parse_id(s: &str) -> Result<u64, ApiError> {
     let digits = s.trim_start_matches('#');
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return Err(ApiError::new(400, format!("bad build number {s:?}")));
@@ -225,11 +236,17 @@ fn known_node(ctl: &Controller, name: &str) -> Result<(), ApiError> {
 }
 
 async fn body_text(req: Request<Incoming>) -> Result<String, ApiError> {
-    let body = Limited::new(req.into_body(), MAX_BODY)
+    let body = body_bytes(req, MAX_BODY).await?;
+    String::from_utf8(body.to_vec()).map_err(|_| ApiError::new(400, "request body is not UTF-8"))
+}
+
+/// The request's body, at most `max` bytes.
+pub(super) async fn body_bytes(req: Request<Incoming>, max: usize) -> Result<Bytes, ApiError> {
+    let body = Limited::new(req.into_body(), max)
         .collect()
         .await
-        .map_err(|e| ApiError::new(413, format!("request body refused: {e} (limit {MAX_BODY} bytes)")))?;
-    String::from_utf8(body.to_bytes().to_vec()).map_err(|_| ApiError::new(400, "request body is not UTF-8"))
+        .map_err(|e| ApiError::new(413, format!("request body refused: {e} (limit {max} bytes)")))?;
+    Ok(body.to_bytes())
 }
 
 fn ws_upgrade(ctl: Arc<Controller>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
@@ -372,6 +389,16 @@ fn agent_command(ctl: &Controller, url: &str, rec: &NodeRecord, pin: Option<&str
     cmd
 }
 
+/// The agent command line for node `rec` as a caller of `req` would run it.
+pub(super) fn node_command(
+    ctl: &Controller,
+    req: &Request<Incoming>,
+    rec: &NodeRecord,
+    fp: Option<&str>,
+) -> String {
+    agent_command(ctl, &public_url(ctl, req, fp), rec, pin_for(req, fp))
+}
+
 fn node_info(
     ctl: &Controller,
     req: &Request<Incoming>,
@@ -456,7 +483,7 @@ async fn list_builds(ctl: &Controller) -> Result<Response<Body>, ApiError> {
 }
 
 /// The value of query parameter `name`, percent-decoded, if given.
-fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
+pub(super) fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
     req.uri().query()?.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
         (decode(k).as_deref() == Some(name)).then(|| decode(v).map(|v| v.into_owned())).flatten()
@@ -511,7 +538,7 @@ async fn build_record(ctl: &Controller, id: u64, wait: Duration) -> Result<api::
     Ok(api::BuildInfo { build: build_json(ctl, b), steps })
 }
 
-fn stream_response(rx: smol::channel::Receiver<Bytes>, content_type: &str) -> Response<Body> {
+pub(super) fn stream_response(rx: smol::channel::Receiver<Bytes>, content_type: &str) -> Response<Body> {
     let stream = rx.map(|b| Ok::<_, std::io::Error>(hyper::body::Frame::data(b)));
     let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_str(content_type).unwrap());
@@ -550,12 +577,34 @@ async fn step_log(ctl: &Arc<Controller>, id: &str, step: &str) -> Result<Respons
 
 /// The build's log as people read it: each step's output between `==> step N` markers; with
 /// `follow`, it stays open until the build ends.
-async fn log_stream(
+pub(super) async fn log_stream(
     ctl: &Arc<Controller>,
     id: u64,
     follow: bool,
     offset: u64,
 ) -> Result<Response<Body>, ApiError> {
+    let chunks = log_chunks(ctl, id, follow, offset).await?;
+    let (tx, rx) = smol::channel::bounded(4);
+    ctl.ex
+        .spawn(async move {
+            while let Ok((chunk, _)) = chunks.recv().await {
+                if tx.send(chunk).await.is_err() {
+                    return;
+                }
+            }
+        })
+        .detach();
+    Ok(stream_response(rx, "text/plain; charset=utf-8"))
+}
+
+/// The build's log as people read it, in chunks, each marked whether it is part of the log
+/// (counted by `offset`) or a notice of the stream's (why the build waits).
+pub(super) async fn log_chunks(
+    ctl: &Arc<Controller>,
+    id: u64,
+    follow: bool,
+    offset: u64,
+) -> Result<smol::channel::Receiver<(Bytes, bool)>, ApiError> {
     ctl.build(id).await?;
     let (tx, rx) = smol::channel::bounded(4);
     let tx = Tx { tx, skip: offset.into(), resumed: offset > 0 };
@@ -566,12 +615,12 @@ async fn log_stream(
             let _ = follow_log(&ctl, id, follow, &tx).await;
         })
         .detach();
-    Ok(stream_response(rx, "text/plain; charset=utf-8"))
+    Ok(rx)
 }
 
 /// The log stream's sender, which drops the first `skip` bytes it is given (`?offset=`).
 struct Tx {
-    tx: smol::channel::Sender<Bytes>,
+    tx: smol::channel::Sender<(Bytes, bool)>,
     skip: std::sync::atomic::AtomicU64,
     /// An offset was given: the stream goes on from where an earlier one broke.
     resumed: bool,
@@ -588,7 +637,7 @@ async fn send(tx: &Tx, b: impl Into<Bytes>) -> Result<(), ()> {
             return Ok(());
         }
     }
-    tx.tx.send(b).await.map_err(|_| ())
+    tx.tx.send((b, true)).await.map_err(|_| ())
 }
 
 /// Bounds a missed notification while following; one timer per step, not one per wake-up.
@@ -678,7 +727,7 @@ async fn tell_waiting(ctl: &Controller, id: u64, told: &mut Option<String>, tx: 
     if now != *told {
         if let Some(why) = &now {
             let line = format!("==> build #{id} waiting: {why}\n");
-            tx.tx.send(line.into()).await.map_err(|_| ())?;
+            tx.tx.send((line.into(), false)).await.map_err(|_| ())?;
         }
         *told = now;
     }

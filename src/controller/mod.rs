@@ -19,6 +19,7 @@ pub mod server;
 pub mod session;
 pub mod steps;
 pub mod store;
+pub mod web;
 
 pub use self::core::Controller;
 use smol::Executor;
@@ -54,6 +55,8 @@ pub struct ServeConfig {
     pub tls_key: Option<PathBuf>,
     /// Connections per port that may be in the TLS handshake at once; more are closed on accept.
     pub handshake_budget: usize,
+    /// Path prefix every HTTP path is under (`/ci`; "" for the root), as behind a shared host.
+    pub prefix: String,
     /// Plain HTTP and TCP, no TLS on either port (`--no-tls`: tests, or a proxy in front that
     /// terminates TLS).
     pub no_tls: bool,
@@ -73,6 +76,7 @@ impl Default for ServeConfig {
             tls_cert: None,
             tls_key: None,
             no_tls: false,
+            prefix: String::new(),
             handshake_budget: server::MAX_HANDSHAKING,
         }
     }
@@ -155,6 +159,13 @@ pub fn launch(cfg: ServeConfig) -> Result<Server, String> {
         agent_grace: cfg.agent_grace,
     };
     let ctl = Controller::open(cfg.data.clone(), ex.clone(), timing)?;
+    if !cfg.prefix.is_empty() && !valid_prefix(&cfg.prefix) {
+        return Err(format!(
+            "--prefix {:?} is not a path: give one like /ci (letters, digits, '-', '_', '.', '/')",
+            cfg.prefix
+        ));
+    }
+    ctl.web.set_prefix(&cfg.prefix);
     let tls = if cfg.no_tls {
         if cfg.tls_cert.is_some() || cfg.tls_key.is_some() {
             return Err("--no-tls contradicts --tls-cert/--tls-key: choose one".into());
@@ -251,4 +262,11 @@ fn raise_fd_limit() {
             log::warn!("cannot raise the open-file limit from {soft} to {hard}");
         }
     }
+}
+
+/// Whether `p` may be a path prefix: `/`-separated segments of URL-safe characters.
+fn valid_prefix(p: &str) -> bool {
+    p.len() <= 200
+        && p.split('/').all(|seg| seg != "." && seg != "..")
+        && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
 }

@@ -110,6 +110,11 @@ impl Queue {
         self.entries.is_empty()
     }
 
+    /// The first `limit` queued builds, oldest first.
+    pub fn ids(&self, limit: usize) -> Vec<u64> {
+        self.entries.iter().take(limit).map(|e| e.id).collect()
+    }
+
     /// Whether build `id` is queued.
     pub fn contains(&self, id: u64) -> bool {
         self.entries.iter().any(|e| e.id == id)

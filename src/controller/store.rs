@@ -313,6 +313,38 @@ impl Store {
         rows.collect()
     }
 
+    /// A page of final builds (on `node`, when given), newest first, below build `before` when
+    /// given; without their pipelines' text (`yaml` is empty).
+    pub fn finished_builds(
+        &self,
+        node: Option<&str>,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<BuildRecord>> {
+        let mut q = self.db.prepare_cached(
+            "SELECT id, name, '', state, node, message, created, started, finished FROM builds
+             WHERE state NOT IN ('queued', 'running') AND (?1 IS NULL OR node = ?1) AND (?2 IS NULL OR id < ?2)
+             ORDER BY id DESC LIMIT ?3",
+        )?;
+        let before = before.map(|b| b.min(i64::MAX as u64) as i64);
+        let rows = q.query_map(params![node, before, limit], Self::build_row)?;
+        rows.collect()
+    }
+
+    /// The builds numbered `ids` that exist, without their pipelines' text, in no set order.
+    pub fn builds_by_id(&self, ids: &[u64]) -> Result<Vec<BuildRecord>> {
+        let mut q = self.db.prepare_cached(
+            "SELECT id, name, '', state, node, message, created, started, finished FROM builds WHERE id = ?1",
+        )?;
+        let mut out = Vec::with_capacity(ids.len());
+        for &id in ids.iter().filter(|&&id| id <= i64::MAX as u64) {
+            if let Some(b) = q.query_row([id as i64], Self::build_row).optional()? {
+                out.push(b);
+            }
+        }
+        Ok(out)
+    }
+
     /// Builds not yet final, oldest first (for recovery at start).
     pub fn unfinished_builds(&self) -> Result<Vec<BuildRecord>> {
         let mut q = self.db.prepare(

@@ -2,6 +2,7 @@
 //! temporary data dirs; everything is killed and removed on drop.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod images;
 pub mod kmock;
 

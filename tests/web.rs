@@ -1,0 +1,204 @@
+//! The web page in a real Chromium (Debian's `chromium` and `chromedriver`, see
+//! common/browser.rs) against a real controller and agents: log in, a node coming online
+//! without a reload, a build's log growing line by line, cancel, hostile names and log lines
+//! rendered as text, the submit form's errors. Each test saves a screenshot under
+//! `target/web-screenshots/`. The access rules (cookie, CSRF, headers) are checked over plain
+//! HTTP as well, where a browser would hide them.
+
+mod common;
+
+use common::browser::Browser;
+use common::{try_http, Controller, TempDir};
+use std::time::{Duration, Instant};
+
+/// Log `b` in to `c` through the login form; lands on the overview.
+fn log_in(b: &Browser, c: &Controller) {
+    b.goto(&c.url());
+    b.find("#token");
+    assert!(b.url().contains("/login"), "a visitor is sent to the login page: {}", b.url());
+    b.type_into("#token", &c.token());
+    b.click("#login");
+    b.find("#online");
+}
+
+#[test]
+fn log_in_and_see_a_node_come_online_without_a_reload() {
+    let c = Controller::start();
+    let b = Browser::start();
+    // A wrong token is refused with a sentence, on the login page.
+    b.goto(&c.url());
+    b.type_into("#token", "not-the-token");
+    b.click("#login");
+    assert!(b.text("#error").contains("not this controller's API token"), "{}", b.text("#error"));
+    log_in(&b, &c);
+    assert_eq!(b.text("#online"), "0\nonline");
+
+    let secret = c.add_node("web1", "linux", &[]);
+    b.goto(&format!("{}nodes", c.url()));
+    b.find("tr[data-node=web1]");
+    assert!(b.text("tr[data-node=web1]").contains("offline"));
+    let marker = b.js("window.wispMarker = 42; return 1;");
+    assert_eq!(marker, 1);
+    let work = TempDir::new("web-agent");
+    let _agent = c.agent("web1", &secret, true, work.path());
+    b.wait_text("tr[data-node=web1]", Duration::from_secs(20), |t| t.contains("online"));
+    // Still the same page: nothing reloaded it.
+    assert_eq!(b.js("return window.wispMarker || 0;"), 42);
+    b.screenshot("nodes");
+
+    // The node page: the agent command with its secret only when asked for.
+    b.click("tr[data-node=web1] a");
+    b.find("#show");
+    assert!(!b.js("return document.body.innerText;").as_str().unwrap().contains(&secret));
+    b.click("#show");
+    assert!(b.text("#command").contains(&secret), "{}", b.text("#command"));
+    b.screenshot("node");
+    b.goto(&c.url());
+    b.wait_text("#online", Duration::from_secs(10), |t| t.starts_with('1'));
+    b.screenshot("overview");
+}
+
+#[test]
+fn a_submitted_build_streams_its_log_line_by_line_and_cancel_ends_it() {
+    let c = Controller::start();
+    let secret = c.add_node("w2", "linux", &[]);
+    let work = TempDir::new("web-agent2");
+    let _agent = c.agent("w2", &secret, true, work.path());
+    c.wait_online("w2");
+    let b = Browser::start();
+    log_in(&b, &c);
+
+    b.goto(&format!("{}submit", c.url()));
+    let yaml = "name: slow\nagent: {label: linux}\nsteps:\n  - sh: 'i=0; while true; do i=$((i+1)); echo line $i; sleep 0.3; done'\n";
+    b.type_into("#yaml", yaml);
+    b.click("#run");
+    b.find("#log");
+    assert!(b.url().contains("/builds/"), "the form lands on the build page: {}", b.url());
+    // The log grows while the page stays: line 2 first, later line 6, with no reload.
+    b.js("window.wispMarker = 7; return 1;");
+    let first = b.wait_text("#log", Duration::from_secs(30), |t| t.contains("line 2"));
+    assert!(!first.contains("line 9"), "{first}");
+    let t0 = Instant::now();
+    b.wait_text("#log", Duration::from_secs(30), |t| t.contains("line 6"));
+    assert!(t0.elapsed() > Duration::from_millis(500), "lines arrive as they are written");
+    assert_eq!(b.js("return window.wispMarker || 0;"), 7);
+    b.wait_text("#state", Duration::from_secs(5), |t| t == "running");
+    b.screenshot("build");
+
+    b.click("#cancel");
+    b.wait_text("#state", Duration::from_secs(20), |t| t == "aborted");
+    b.wait_text("#logstatus", Duration::from_secs(20), |t| t == "log complete");
+    assert!(b.text("#log").contains("ABORTED"), "{}", b.text("#log"));
+}
+
+#[test]
+fn hostile_names_and_log_lines_render_as_text_and_colours_as_colours() {
+    let c = Controller::start();
+    let secret = c.add_node("w3", "linux", &[]);
+    let work = TempDir::new("web-agent3");
+    let _agent = c.agent("w3", &secret, true, work.path());
+    c.wait_online("w3");
+    // Pipeline and node names are restricted to safe characters; a step's command is not, and
+    // it is the step's name on the page.
+    let name = "echo '<img src=x onerror=document.body.dataset.pwned=1>' && false";
+    let yaml = format!(
+        "name: hostile\nagent: {{label: linux}}\nsteps:\n  - sh: |\n      echo '<script>document.body.dataset.pwned=2</script>'\n      printf 'plain \\033[31mred\\033[0m plain\\n'\n  - sh: \"{name}\"\n"
+    );
+    let id = c.submit(&yaml);
+    c.wait_build_state(id, Duration::from_secs(30));
+    let b = Browser::start();
+    log_in(&b, &c);
+    b.goto(&format!("{}builds/{id}", c.url()));
+    b.wait_text("#logstatus", Duration::from_secs(20), |t| t == "log complete");
+    let log = b.text("#log");
+    assert!(log.contains("<script>document.body.dataset.pwned=2</script>"), "shown as text: {log}");
+    let img = "<img src=x onerror=document.body.dataset.pwned=1>";
+    assert!(b.text("#steps").contains(img), "the step's name as text: {}", b.text("#steps"));
+    assert!(b.text("#message").contains("<img"), "the failure's message as text: {}", b.text("#message"));
+    assert_eq!(b.js("return document.querySelectorAll('img, main script, #log script').length;"), 0);
+    assert_eq!(b.js("return document.querySelector('#log span.f1').textContent;"), "red");
+    // Two refreshes of the live part later, still nothing ran.
+    std::thread::sleep(Duration::from_millis(4500));
+    assert_eq!(b.js("return document.body.dataset.pwned || 'no';"), "no");
+    b.screenshot("hostile");
+}
+
+#[test]
+fn the_submit_form_shows_the_pipelines_error_with_line_and_column() {
+    let c = Controller::start();
+    let b = Browser::start();
+    log_in(&b, &c);
+    b.goto(&format!("{}submit", c.url()));
+    b.type_into("#yaml", "name: bad\nsteps:\n  - sh: [unclosed\n");
+    b.click("#run");
+    let e = b.wait_text("#error", Duration::from_secs(10), |t| !t.is_empty());
+    assert!(e.contains("line "), "{e}");
+    assert!(e.contains("column"), "{e}");
+    // What was typed is kept for fixing.
+    assert!(b.js("return document.getElementById('yaml').value;").as_str().unwrap().contains("unclosed"));
+    b.screenshot("submit-error");
+}
+
+/// The rules a browser enforces but hides: the cookie's attributes, CSRF on every form, the
+/// security headers on every page, and no page without a session.
+#[test]
+fn sessions_are_http_only_same_site_strict_and_forms_need_their_csrf_token() {
+    let c = Controller::start();
+    let addr = c.http.clone();
+    let (status, _) = try_http(&addr, "GET", "/nodes", &[], b"").unwrap();
+    assert_eq!(status, 303, "no session: sent to log in");
+    let raw = raw_http(&addr, "POST", "/login", "", &format!("token={}&next=%2Fnodes", c.token()));
+    let cookie_line =
+        raw.lines().find(|l| l.to_ascii_lowercase().starts_with("set-cookie:")).expect("a cookie");
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(cookie_line.contains(attr), "{cookie_line}");
+    }
+    assert!(raw.contains("location: /nodes"), "back where the visitor was going: {raw}");
+    let session = cookie_line.split_once("wisp_session=").unwrap().1.split(';').next().unwrap().to_string();
+    let cookie = format!("wisp_session={session}");
+    let page = raw_http(&addr, "GET", "/", &cookie, "");
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    for h in ["content-security-policy: default-src 'none'; script-src 'self'", "x-frame-options: DENY"] {
+        assert!(page.to_ascii_lowercase().contains(&h.to_ascii_lowercase()), "{h}");
+    }
+    // A form without the token, or with another session's, changes nothing.
+    let id = c.submit("name: x\nagent: {label: nowhere}\nsteps: [{sh: 'true'}]\n");
+    let refused = raw_http(&addr, "POST", &format!("/builds/{id}/cancel"), &cookie, "csrf=0000");
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+    assert!(refused.contains("CSRF token does not match"), "{refused}");
+    let auth = format!("Bearer {}", c.token());
+    let (_, body) =
+        try_http(&addr, "GET", &format!("/api/builds/{id}"), &[("Authorization", &auth)], b"").unwrap();
+    assert!(
+        String::from_utf8_lossy(&body).contains("\"queued\""),
+        "still queued: {}",
+        String::from_utf8_lossy(&body)
+    );
+    // An open redirect through `next` is not possible.
+    let evil =
+        raw_http(&addr, "POST", "/login", "", &format!("token={}&next=%2F%2Fevil.example%2F", c.token()));
+    assert!(evil.contains("location: /\r\n"), "{evil}");
+    // Log out ends the session.
+    let csrf = page.split("name=\"csrf\" value=\"").nth(1).unwrap().split('"').next().unwrap().to_string();
+    let out = raw_http(&addr, "POST", "/logout", &cookie, &format!("csrf={csrf}"));
+    assert!(out.starts_with("HTTP/1.1 303"), "{out}");
+    let after = raw_http(&addr, "GET", "/", &cookie, "");
+    assert!(after.starts_with("HTTP/1.1 303"), "the session is over: {after}");
+}
+
+/// One HTTP/1.1 request with `cookie` and a form `body`; the whole raw answer.
+fn raw_http(addr: &str, method: &str, path: &str, cookie: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let cookie = if cookie.is_empty() { String::new() } else { format!("Cookie: {cookie}\r\n") };
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{cookie}Content-Type: \
+         application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
