@@ -683,6 +683,15 @@ async fn follow_log(ctl: &Controller, id: u64, follow: bool, tx: &Tx) -> Result<
                 reader = ctl.logs.reader(id, s.index).await.ok().flatten();
             }
             if let Some(r) = reader.as_mut() {
+                // An offset into this step's output is sought to, not read (a page showing the
+                // last part of a 1 GiB log reads only that part).
+                let skip = tx.skip.load(Ordering::Relaxed);
+                if skip > 0 {
+                    if let Ok((k, Some(b))) = r.skip(skip).await {
+                        tx.skip.fetch_sub(k, Ordering::Relaxed);
+                        last = b;
+                    }
+                }
                 loop {
                     let chunk = r.next().await.unwrap_or_default();
                     if chunk.is_empty() {

@@ -50,6 +50,33 @@ pub struct LogReader {
 }
 
 impl LogReader {
+    /// Move up to `n` bytes forward without reading them (at most to the current end of the
+    /// file): how many were skipped, and the last of them.
+    pub async fn skip(&mut self, n: u64) -> io::Result<(u64, Option<u8>)> {
+        use std::io::{Seek, SeekFrom};
+        use std::os::unix::fs::FileExt;
+        let Some(mut file) = self.file.take() else {
+            return Err(io::Error::other("log reader used after an error"));
+        };
+        let (file, r) = smol::unblock(move || {
+            let r = (|| {
+                let pos = file.stream_position()?;
+                let k = n.min(file.metadata()?.len().saturating_sub(pos));
+                if k == 0 {
+                    return Ok((0, None));
+                }
+                let mut last = [0u8];
+                file.read_exact_at(&mut last, pos + k - 1)?;
+                file.seek(SeekFrom::Start(pos + k))?;
+                Ok((k, Some(last[0])))
+            })();
+            (file, r)
+        })
+        .await;
+        self.file = Some(file);
+        r
+    }
+
     /// The next chunk (empty at the current end of the file; a live log may grow later).
     pub async fn next(&mut self) -> io::Result<bytes::Bytes> {
         let (mut file, mut buf) = match (self.file.take(), self.buf.take()) {
