@@ -221,6 +221,13 @@ pub fn websocket(ws: WebSocketStream<BoxIo>) -> (LinkReader, LinkWriter) {
     over(AnyRecv::WebSocket(r), AnySend::WebSocket(w))
 }
 
+impl LinkReader<AnyRecv> {
+    /// Whether the link runs over WebSocket (else TCP).
+    pub fn is_websocket(&self) -> bool {
+        matches!(self.rx, AnyRecv::WebSocket(_))
+    }
+}
+
 impl<R: FrameRecv> LinkReader<R> {
     /// From now on every frame must carry a valid tag under `key`.
     pub fn authenticate(&mut self, key: &[u8; 32]) {

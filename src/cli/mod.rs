@@ -149,6 +149,9 @@ struct Serve {
     /// shared host (default: the root)
     #[argh(option, default = "String::new()")]
     prefix: String,
+    /// let /metrics answer without the API token (default: a scrape needs it as a bearer token)
+    #[argh(switch)]
+    metrics_public: bool,
     /// executor threads (default 1; more help only with many TLS agents streaming at once)
     #[argh(option)]
     threads: Option<usize>,
@@ -415,6 +418,7 @@ fn serve(s: Serve) -> i32 {
         tls_key: s.tls_key,
         no_tls: s.no_tls,
         prefix: s.prefix,
+        metrics_public: s.metrics_public,
         threads: s.threads.unwrap_or(ServeConfig::default().threads).clamp(1, 64),
         handshake_budget: s.handshake_budget.unwrap_or(ServeConfig::default().handshake_budget).max(1),
     };

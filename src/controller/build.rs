@@ -33,6 +33,8 @@ pub struct LiveBuild {
     /// The final record and steps as stored, once the build is over (answers waiters without a
     /// store read).
     last: Mutex<Option<Arc<FinalRecord>>>,
+    /// When it was queued (submitted, or picked up after a restart).
+    pub queued_at: std::time::Instant,
 }
 
 impl LiveBuild {
@@ -48,6 +50,7 @@ impl LiveBuild {
             stalled: Mutex::new(None),
             recovered: AtomicBool::new(false),
             last: Mutex::new(None),
+            queued_at: std::time::Instant::now(),
         }
     }
 

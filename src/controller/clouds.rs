@@ -142,9 +142,14 @@ impl Controller {
             let mut st = self.state();
             let Some(n) = st.nodes.get(node) else { return };
             let origin = n.rec.origin.clone();
+            let since = n.since;
             let rec = (!n.persisted).then(|| n.rec.clone());
             if rec.is_some() {
                 st.nodes.update(node, |n| n.persisted = true);
+            }
+            if rec.is_some() {
+                // First connect of a cloud's node: its pod started.
+                self.metrics.pod_online(&origin, since.elapsed());
             }
             (rec, st.clouds.iter().find(|c| c.name() == origin).cloned())
         };
@@ -250,6 +255,9 @@ impl Host for Controller {
     fn fail_queued(&self, node: &str, message: String) {
         let build = {
             let mut st = self.state();
+            if let Some(n) = st.nodes.get(node) {
+                self.metrics.pod_failed(&n.rec.origin);
+            }
             st.queue.take_reserved(node).and_then(|id| st.builds.get(&id).cloned())
         };
         match build {

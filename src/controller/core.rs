@@ -133,6 +133,10 @@ pub struct Controller {
     pub stop: Event,
     /// The web page's sessions and path prefix.
     pub web: super::web::Web,
+    /// What `/metrics` shows.
+    pub metrics: super::metrics::Metrics,
+    /// `/metrics` answers without the API token (`--metrics-public`).
+    pub metrics_public: AtomicBool,
 }
 
 /// Read a secret file, or create it with `make()` and mode 0600.
@@ -235,6 +239,8 @@ impl Controller {
             stopping: AtomicBool::new(false),
             stop: Event::new(),
             web: super::web::Web::default(),
+            metrics: super::metrics::Metrics::default(),
+            metrics_public: AtomicBool::new(false),
         });
         ctl.recover(unfinished, steps_of)?;
         Ok(ctl)
@@ -508,6 +514,11 @@ impl Controller {
                 }
                 node.conn = Some(session.clone());
                 node.offline_since = None;
+                node.changed = Some(std::time::SystemTime::now());
+                if node.ever_online {
+                    self.metrics.reconnected();
+                }
+                node.ever_online = true;
                 true
             });
             if attached != Some(true) {
@@ -549,6 +560,7 @@ impl Controller {
                 if node.conn.as_ref().is_some_and(|c| c.id == session.id) {
                     node.conn = None;
                     node.offline_since = Some(session.last_heard());
+                    node.changed = Some(std::time::SystemTime::now());
                     log::info!("node {}: offline ({why})", session.node);
                     for s in &running {
                         log::info!(
@@ -696,6 +708,7 @@ impl Controller {
         let mut runs = Vec::new();
         let mut asks = Vec::new();
         let mut fails = Vec::new();
+        let started = Instant::now();
         {
             let mut st = self.state();
             let st = &mut *st;
@@ -711,6 +724,10 @@ impl Controller {
                 }
             }
         }
+        self.metrics.dispatch_pass(started.elapsed());
+        for (b, _) in &runs {
+            self.metrics.dispatched(b.queued_at.elapsed());
+        }
         for (build, node) in runs {
             self.ex.spawn(runner::run_build(self.clone(), build, node, 1, None)).detach();
         }
@@ -724,6 +741,44 @@ impl Controller {
         }
     }
 
+    /// Count a build's final record into the metrics.
+    pub(super) fn count_final(&self, b: &BuildRecord) {
+        let ran = match (b.started, b.finished) {
+            (Some(s), Some(f)) => Some(Duration::from_secs((f - s).max(0) as u64)),
+            _ => None,
+        };
+        self.metrics.build_ended(b.state.as_str(), ran);
+    }
+
+    /// What a scrape of `/metrics` gets.
+    pub fn metrics_text(&self) -> String {
+        let snap = {
+            let st = self.state();
+            let mut s = super::metrics::Snapshot {
+                online_ws: 0,
+                online_tcp: 0,
+                offline: 0,
+                busy: 0,
+                executors: 0,
+                queued: 0,
+            };
+            for n in st.nodes.values() {
+                match &n.conn {
+                    Some(c) if c.websocket => s.online_ws += 1,
+                    Some(_) => s.online_tcp += 1,
+                    None => s.offline += 1,
+                }
+                if n.conn.is_some() {
+                    s.busy += i64::from(n.busy);
+                    s.executors += i64::from(n.rec.executors);
+                }
+            }
+            s.queued = st.queue.len() as i64;
+            s
+        };
+        self.metrics.render(snap)
+    }
+
     /// Fail a build that was taken out of the queue before it ran.
     pub(super) async fn fail_queued_build(self: Arc<Self>, build: Arc<LiveBuild>, message: String) {
         let id = build.id;
@@ -735,6 +790,7 @@ impl Controller {
             })
             .await;
         if let Some(b) = b {
+            self.count_final(&b);
             build.set_final(b, steps);
         }
         self.state().builds.remove(&id);

@@ -120,6 +120,23 @@ pub async fn route(
         }
         _ => {}
     }
+    if let (&Method::GET, ["metrics"]) = (req.method(), segs.as_slice()) {
+        let allowed = ctl.metrics_public.load(Ordering::Relaxed)
+            || bearer(&req).is_some_and(|t| ctl.token_ok(t))
+            || super::web::signed_in(&ctl, &req);
+        if !allowed {
+            return error(ApiError::new(
+                401,
+                "/metrics needs the API token as a bearer token (Prometheus: `authorization: {credentials_file: \
+                 DATA/token}`), or start the controller with --metrics-public",
+            ));
+        }
+        return full(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            ctl.metrics_text(),
+        );
+    }
     if super::web::is_page(req.method(), &segs) {
         return super::web::page(&ctl, req, &segs, fp).await;
     }

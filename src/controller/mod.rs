@@ -10,6 +10,7 @@ pub mod http;
 pub mod identity;
 pub mod labels;
 pub mod logs;
+pub mod metrics;
 pub mod nodes;
 pub mod noisy;
 pub mod pipeline;
@@ -55,6 +56,8 @@ pub struct ServeConfig {
     pub tls_key: Option<PathBuf>,
     /// Connections per port that may be in the TLS handshake at once; more are closed on accept.
     pub handshake_budget: usize,
+    /// `/metrics` answers without the API token.
+    pub metrics_public: bool,
     /// Path prefix every HTTP path is under (`/ci`; "" for the root), as behind a shared host.
     pub prefix: String,
     /// Plain HTTP and TCP, no TLS on either port (`--no-tls`: tests, or a proxy in front that
@@ -77,6 +80,7 @@ impl Default for ServeConfig {
             tls_key: None,
             no_tls: false,
             prefix: String::new(),
+            metrics_public: false,
             handshake_budget: server::MAX_HANDSHAKING,
         }
     }
@@ -166,6 +170,7 @@ pub fn launch(cfg: ServeConfig) -> Result<Server, String> {
         ));
     }
     ctl.web.set_prefix(&cfg.prefix);
+    ctl.metrics_public.store(cfg.metrics_public, std::sync::atomic::Ordering::Relaxed);
     let tls = if cfg.no_tls {
         if cfg.tls_cert.is_some() || cfg.tls_key.is_some() {
             return Err("--no-tls contradicts --tls-cert/--tls-key: choose one".into());

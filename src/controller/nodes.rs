@@ -28,6 +28,13 @@ pub struct Node {
     /// Whether its record is in the store. A cloud's node is stored when its agent first
     /// connects: a pod whose agent never came is an orphan after a restart.
     pub persisted: bool,
+    /// When this controller made or loaded it.
+    pub since: Instant,
+    /// When its agent last connected or went away, as wall time (None: not since this
+    /// controller started).
+    pub changed: Option<std::time::SystemTime>,
+    /// Whether its agent has connected since this controller started.
+    pub ever_online: bool,
 }
 
 impl Node {
@@ -35,7 +42,17 @@ impl Node {
     pub fn new(rec: NodeRecord) -> Self {
         let mut match_labels = rec.labels.clone();
         match_labels.push(rec.name.clone());
-        Self { rec, match_labels, conn: None, busy: 0, offline_since: Some(Instant::now()), persisted: true }
+        Self {
+            rec,
+            match_labels,
+            conn: None,
+            busy: 0,
+            offline_since: Some(Instant::now()),
+            persisted: true,
+            since: Instant::now(),
+            changed: None,
+            ever_online: false,
+        }
     }
 
     /// A node a cloud reserved, not stored yet.

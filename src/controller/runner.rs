@@ -100,6 +100,7 @@ pub async fn run_build(
             })
             .await;
         if let Some((Some(b), steps)) = record {
+            ctl.count_final(&b);
             build.set_final(b, steps);
         }
         build.steps_done.store(step, Ordering::SeqCst);
@@ -118,6 +119,7 @@ pub async fn run_build(
             })
             .await;
         if let Some(b) = b {
+            ctl.count_final(&b);
             build.set_final(b, steps);
         }
     }

@@ -94,6 +94,8 @@ pub struct Session {
     pub close: Event,
     /// The capability bits the agent's `Hello` set (`proto::CAP_*`).
     pub capabilities: u32,
+    /// The link runs over WebSocket (else TCP).
+    pub websocket: bool,
 }
 
 impl Session {
@@ -111,6 +113,7 @@ impl Session {
             closing: AtomicBool::new(false),
             close: Event::new(),
             capabilities: 0,
+            websocket: false,
         }
     }
 
@@ -266,13 +269,16 @@ pub async fn serve(ctl: Arc<Controller>, mut reader: LinkReader, mut writer: Lin
                 &format!("agent link from {peer}: handshake not finished within {limit:?}, closing"),
             );
             reject(&mut writer, RejectCode::ProtocolError, "handshake timed out").await;
+            ctl.metrics.handshake_failed("timeout");
             return;
         }
         Some(Handshake::Failed(m)) => {
             ctl.noisy.warn("handshake-failed", &format!("agent link from {peer}: {m}"));
+            ctl.metrics.handshake_failed("link_failed");
             return;
         }
         Some(Handshake::Rejected(code, m)) => {
+            ctl.metrics.handshake_failed(reject_reason(code));
             let n = source(&peer).map_or(0, |ip| ctl.failures.record(ip));
             if n > MAX_FAILURES {
                 // Only failures are slowed, and their lines counted: a correct handshake from the
@@ -349,8 +355,11 @@ pub async fn serve(ctl: Arc<Controller>, mut reader: LinkReader, mut writer: Lin
         }
     };
     let (tx, rx) = bounded(OUT_QUEUE);
-    let session = Arc::new(Session { capabilities, ..Session::new(ctl.session_id(), &name, &peer, tx) });
+    let websocket = reader.is_websocket();
+    let session =
+        Arc::new(Session { capabilities, websocket, ..Session::new(ctl.session_id(), &name, &peer, tx) });
     let told = ctl.reconcile(&name, &held);
+    ctl.metrics.replayed(told.replayed);
     let ping = ctl.timing.ping_interval;
     let alarm = ctl.deadlines.coarse_until(Instant::now() + ping, keepalive_grid(ping));
     let writer_task = ctl.ex.spawn(write_loop(writer, rx, session.clone(), ping, alarm));
@@ -540,12 +549,28 @@ async fn read_loop(ctl: &Arc<Controller>, session: &Arc<Session>, reader: &mut L
     }
 }
 
+/// A refusal's reason as a metric label.
+fn reject_reason(code: RejectCode) -> &'static str {
+    match code {
+        RejectCode::UnknownNode => "unknown_node",
+        RejectCode::WrongSecret => "wrong_secret",
+        RejectCode::UnsupportedVersion => "unsupported_version",
+        RejectCode::AlreadyConnected => "already_connected",
+        RejectCode::ProtocolError => "protocol_error",
+        RejectCode::TryLater => "try_later",
+        #[allow(unreachable_patterns)]
+        _ => "other",
+    }
+}
+
 /// What to tell a reconnected agent about the steps it holds.
 pub struct Reconciled {
     /// Go on from the stored offset: (build, step, offset).
     pub resume: Vec<(u64, u32, u64)>,
     /// Kill and forget: (build, step).
     pub abandon: Vec<(u64, u32)>,
+    /// Output bytes the agent sends again (what it produced past what is stored).
+    pub replayed: u64,
 }
 
 /// A reconnected agent's list of the steps it holds, against the steps the controller started on
@@ -559,6 +584,7 @@ pub fn reconcile(
 ) -> Reconciled {
     let mut resume = Vec::new();
     let mut abandon = Vec::new();
+    let mut replayed = 0;
     for &(b, s, produced) in held {
         match started.iter().find(|k| (k.build, k.step) == (b, s)) {
             Some(slot) if produced >= slot.stored() => {
@@ -570,6 +596,7 @@ pub fn reconcile(
                     produced - stored
                 );
                 resume.push((b, s, stored));
+                replayed += produced - stored;
             }
             Some(slot) => {
                 let m = format!(
@@ -594,7 +621,7 @@ pub fn reconcile(
             slot.tell(StepEvent::Lost(m));
         }
     }
-    Reconciled { resume, abandon }
+    Reconciled { resume, abandon, replayed }
 }
 
 #[cfg(test)]

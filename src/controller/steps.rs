@@ -188,6 +188,9 @@ pub async fn flush(ctl: Arc<Controller>, slot: Arc<Slot>) {
             (log, buf, r)
         })
         .await;
+        if result.is_ok() {
+            ctl.metrics.output(data.len() as u64);
+        }
         buf = data;
         // Decided under the lock, acted on after it: the lock is never held across an await.
         enum Next {

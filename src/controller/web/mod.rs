@@ -118,6 +118,11 @@ pub struct Chrome {
     pub signed_in: bool,
 }
 
+/// Whether the request carries a live session's cookie.
+pub fn signed_in(ctl: &Controller, req: &Request<Incoming>) -> bool {
+    cookie(req, COOKIE).is_some_and(|id| ctl.web.session(&id).is_some())
+}
+
 /// Whether `segs` (the path after the prefix) is one of the web page's.
 pub fn is_page(method: &Method, segs: &[&str]) -> bool {
     matches!(
