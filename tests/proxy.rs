@@ -81,7 +81,10 @@ fn run_through(kind: &str) {
         .replace("@CERT_AND_KEY@", &both)
         .replace("@PLAIN_UPSTREAM@", &behind_tls_proxy.http)
         .replace("@TLS_UPSTREAM@", &behind_plain_proxy.http)
-        .replace("@UPSTREAM_CA@", behind_plain_proxy.data.path().join("tls/cert.pem").to_str().unwrap());
+        .replace("@UPSTREAM_CA@", behind_plain_proxy.data.path().join("tls/cert.pem").to_str().unwrap())
+        // The prefixed server block (tests/web.rs runs the page through it) is not used here.
+        .replace("@PREFIX_PORT@", &free_port().to_string())
+        .replace("@PREFIX_UPSTREAM@", &behind_tls_proxy.http);
     let left = conf.lines().filter(|l| !l.trim_start().starts_with('#')).any(|l| l.contains('@'));
     assert!(!left, "a placeholder is left in {file}");
     let conf_path = dir.path().join(file);

@@ -202,3 +202,75 @@ fn raw_http(addr: &str, method: &str, path: &str, cookie: &str, body: &str) -> S
     let _ = s.read_to_end(&mut out);
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// The page, an agent and the CLI through the real nginx of `examples/proxy/nginx.conf`, with
+/// the controller under `/ci` on a shared host (`--prefix /ci`).
+#[test]
+fn the_page_works_through_nginx_under_a_path_prefix() {
+    use common::{free_port, spawn_logged, wait_for};
+    use std::path::Path;
+    use std::process::Command;
+    let c = Controller::start_with(&["--prefix", "/ci"]);
+    let dir = TempDir::new("web-nginx");
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let port = free_port();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let conf =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/proxy/nginx.conf"))
+            .unwrap()
+            .replace("@PREFIX@", &s(dir.path()))
+            .replace("@TLS_PORT@", &free_port().to_string())
+            .replace("@PLAIN_PORT@", &free_port().to_string())
+            .replace("@CERT@", &s(&cert))
+            .replace("@KEY@", &s(&key))
+            .replace("@PLAIN_UPSTREAM@", &c.http)
+            .replace("@TLS_UPSTREAM@", &c.http)
+            .replace("@UPSTREAM_CA@", &s(&cert))
+            .replace("@PREFIX_PORT@", &port.to_string())
+            .replace("@PREFIX_UPSTREAM@", &c.http);
+    let conf_path = dir.path().join("nginx.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let mut cmd = Command::new("nginx");
+    cmd.arg("-p").arg(dir.path()).arg("-c").arg(&conf_path).args(["-g", "daemon off; master_process off;"]);
+    let _nginx = spawn_logged(cmd, dir.path(), "nginx");
+    wait_for("nginx", Duration::from_secs(20), || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
+    let base = format!("http://127.0.0.1:{port}/ci/");
+
+    // Outside the prefix the controller says where it is.
+    let (status, body) = try_http(&c.http, "GET", "/nodes", &[], b"").unwrap();
+    assert_eq!(status, 404);
+    assert!(
+        String::from_utf8_lossy(&body).contains("serves under /ci/"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+
+    // An agent through the proxy and the prefix.
+    let secret = c.add_node("px1", "linux", &[]);
+    let work = TempDir::new("web-nginx-agent");
+    let mut agent = Command::new(common::AGENT);
+    agent
+        .args(["--url", &base, "--name", "px1", "--secret", &secret, "--websocket", "--work-dir"])
+        .arg(work.path());
+    let _agent = spawn_logged(agent, work.path(), "px1");
+    c.wait_online("px1");
+
+    let b = Browser::start();
+    b.goto(&base);
+    b.find("#token");
+    assert!(b.url().starts_with(&format!("{base}login")), "{}", b.url());
+    b.type_into("#token", &c.token());
+    b.click("#login");
+    b.wait_text("#online", Duration::from_secs(10), |t| t.starts_with('1'));
+    assert!(b.url().starts_with(&base), "{}", b.url());
+    b.goto(&format!("{base}submit"));
+    b.type_into("#yaml", "name: via-nginx\nagent: {label: linux}\nsteps:\n  - sh: 'for i in 1 2 3; do echo tick $i; sleep 0.5; done'\n");
+    b.click("#run");
+    b.wait_text("#log", Duration::from_secs(30), |t| t.contains("tick 3") && t.contains("SUCCESS"));
+    assert!(b.url().starts_with(&format!("{base}builds/")), "{}", b.url());
+    b.wait_text("#state", Duration::from_secs(10), |t| t == "success");
+    b.screenshot("prefix-nginx");
+}

@@ -223,7 +223,8 @@ pub fn launch(cfg: ServeConfig) -> Result<Server, String> {
         }
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let listening = format!("http {}\nagent {}\nurl {scheme}://{}/\n", show(ha), show(aa), show(ha));
+    let listening =
+        format!("http {}\nagent {}\nurl {scheme}://{}{}/\n", show(ha), show(aa), show(ha), ctl.web.prefix());
     let tmp = cfg.data.join("listening.tmp");
     std::fs::write(&tmp, listening)
         .and_then(|_| std::fs::rename(&tmp, cfg.data.join("listening")))
