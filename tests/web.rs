@@ -23,7 +23,7 @@ fn log_in(b: &Browser, c: &Controller) {
 
 #[test]
 fn log_in_and_see_a_node_come_online_without_a_reload() {
-    let c = Controller::start();
+    let c = Controller::start_with(&["--ping-interval", "1"]);
     let b = Browser::start();
     // A wrong token is refused with a sentence, on the login page.
     b.goto(&c.url());
@@ -36,12 +36,15 @@ fn log_in_and_see_a_node_come_online_without_a_reload() {
     let secret = c.add_node("web1", "linux", &[]);
     b.goto(&format!("{}nodes", c.url()));
     b.find("tr[data-node=web1]");
-    assert!(b.text("tr[data-node=web1]").contains("offline"));
+    assert!(b.text("tr[data-node=web1]").contains("never connected"), "{}", b.text("tr[data-node=web1]"));
     let marker = b.js("window.wispMarker = 42; return 1;");
     assert_eq!(marker, 1);
     let work = TempDir::new("web-agent");
     let _agent = c.agent("web1", &secret, true, work.path());
     b.wait_text("tr[data-node=web1]", Duration::from_secs(20), |t| t.contains("online"));
+    // Its link's round trip shows once a ping was answered, and the transport.
+    let row = b.wait_text("tr[data-node=web1]", Duration::from_secs(20), |t| t.contains(" ms"));
+    assert!(row.contains("WebSocket"), "{row}");
     // Still the same page: nothing reloaded it.
     assert_eq!(b.js("return window.wispMarker || 0;"), 42);
     b.screenshot("nodes");

@@ -80,6 +80,30 @@ pub(super) struct State {
     pub(super) gone: std::collections::VecDeque<(String, String)>,
 }
 
+/// A node with its live state, for the web page.
+pub struct NodeView {
+    /// As stored.
+    pub rec: NodeRecord,
+    /// Executors running a build.
+    pub busy: u32,
+    /// Its agent is connected.
+    pub online: bool,
+    /// Over WebSocket (the live link's, else the configured one).
+    pub websocket: bool,
+    /// Round-trip time of the live link's last ping, in µs.
+    pub rtt_us: Option<u64>,
+    /// Its agent connected since the controller started.
+    pub ever_online: bool,
+    /// When it last went online or offline.
+    pub changed: Option<std::time::SystemTime>,
+    /// When the controller made or loaded it.
+    pub since: Instant,
+    /// While offline: steps started on it that wait for its agent to come back.
+    pub held_steps: usize,
+    /// The live link's peer address.
+    pub peer: Option<String>,
+}
+
 /// The builds queued and running, as the overview shows them.
 pub struct Activity {
     /// Queued builds (the first ones asked for), oldest first, with why each waits.
@@ -473,6 +497,33 @@ impl Controller {
         log::info!("node {name}: removed");
         self.wake_builds();
         Ok(())
+    }
+
+    /// Every node as the web page shows it.
+    pub fn node_views(&self) -> Vec<NodeView> {
+        let waiting: HashMap<String, usize> = {
+            let mut m = HashMap::new();
+            for s in self.steps.all_started() {
+                *m.entry(s).or_default() += 1;
+            }
+            m
+        };
+        let st = self.state();
+        st.nodes
+            .values()
+            .map(|n| NodeView {
+                rec: n.rec.clone(),
+                busy: n.busy,
+                online: n.conn.is_some(),
+                websocket: n.conn.as_ref().map_or(n.rec.websocket, |c| c.websocket),
+                rtt_us: n.conn.as_ref().map(|c| c.rtt_us.load(Ordering::Relaxed)).filter(|r| *r > 0),
+                ever_online: n.ever_online,
+                changed: n.changed,
+                since: n.since,
+                held_steps: if n.conn.is_none() { waiting.get(&n.rec.name).copied().unwrap_or(0) } else { 0 },
+                peer: n.conn.as_ref().map(|c| c.peer.clone()),
+            })
+            .collect()
     }
 
     /// Nodes with their live status: (record, online, busy).

@@ -47,6 +47,12 @@ pub fn millis() -> u64 {
     EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
+/// Microseconds since this was first called.
+fn micros() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_micros() as u64
+}
+
 /// What waits in a link's queue to be written: a frame that owns its data, or one of the two
 /// that borrow (built by the writer from what is kept here).
 #[derive(Debug)]
@@ -96,6 +102,11 @@ pub struct Session {
     pub capabilities: u32,
     /// The link runs over WebSocket (else TCP).
     pub websocket: bool,
+    /// The keepalive ping last sent: its id, and when (µs on [`micros`]'s clock).
+    ping_sent: AtomicU64,
+    ping_at: AtomicU64,
+    /// Round-trip time of the last keepalive ping answered, in µs (0: none yet).
+    pub rtt_us: AtomicU64,
 }
 
 impl Session {
@@ -114,6 +125,9 @@ impl Session {
             close: Event::new(),
             capabilities: 0,
             websocket: false,
+            ping_sent: AtomicU64::new(0),
+            ping_at: AtomicU64::new(0),
+            rtt_us: AtomicU64::new(0),
         }
     }
 
@@ -422,6 +436,8 @@ async fn write_loop(
                 alarm.set_at(next_ping.min(now + (dead_after - quiet)));
                 if ping_due {
                     ping_id += 1;
+                    session.ping_at.store(micros(), Ordering::Relaxed);
+                    session.ping_sent.store(ping_id, Ordering::Relaxed);
                     return Some(Out::Frame(Frame::Ping { id: ping_id }));
                 }
             }
@@ -536,6 +552,10 @@ async fn read_loop(ctl: &Arc<Controller>, session: &Arc<Session>, reader: &mut L
                 let _ = session.tx.send(Out::Frame(Frame::Pong { id })).await;
             }
             Frame::Pong { id } => {
+                if id == session.ping_sent.load(Ordering::Relaxed) {
+                    let rtt = micros().saturating_sub(session.ping_at.load(Ordering::Relaxed));
+                    session.rtt_us.store(rtt.max(1), Ordering::Relaxed);
+                }
                 session.last_pong.store(id, Ordering::SeqCst);
                 session.pong.notify(usize::MAX);
             }

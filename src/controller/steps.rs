@@ -304,6 +304,11 @@ impl StepTable {
         self.map().remove(&(build, step));
     }
 
+    /// The node of every started step (one entry per step).
+    pub fn all_started(&self) -> Vec<String> {
+        self.map().values().filter(|s| s.started()).map(|s| s.node.clone()).collect()
+    }
+
     /// The started steps of `node`.
     pub fn started_on(&self, node: &str) -> Vec<Arc<Slot>> {
         self.map().values().filter(|s| s.node == node && s.started()).cloned().collect()

@@ -219,7 +219,7 @@ pub async fn page(
     }
     let result = match segs {
         [""] => overview(ctl, &c, &req).await,
-        ["nodes"] => Ok(nodes_page(ctl, &c)),
+        ["nodes"] => Ok(nodes_page(ctl, &c, fp.is_some())),
         ["nodes", name] => node_page(ctl, &c, &req, name, fp).await,
         ["submit"] => Ok(render(
             StatusCode::OK,
@@ -482,25 +482,63 @@ struct NodeRow {
     url: String,
     state: &'static str,
     state_class: &'static str,
+    /// Since when it is in that state, for people.
+    since: String,
     labels: String,
     busy: u32,
     executors: u32,
-    transport: &'static str,
+    transport: String,
+    rtt: String,
     origin: String,
+    peer: String,
 }
 
-fn node_row(rec: &super::store::NodeRecord, online: bool, busy: u32) -> NodeRow {
-    let (state, state_class) = if online { ("online", "online") } else { ("offline", "offline") };
+/// When `t` was, relative to now: `3 min 5 s ago`.
+fn ago(t: SystemTime) -> String {
+    let secs = SystemTime::now().duration_since(t).map(|d| d.as_secs() as i64).unwrap_or(0);
+    format!("{} ago", duration(secs))
+}
+
+fn node_row(n: &super::core::NodeView, tls: bool) -> NodeRow {
+    let (state, state_class) = match (n.online, n.ever_online, n.held_steps) {
+        (true, _, _) => ("online", "online"),
+        (false, _, h) if h > 0 => ("lost", "lost"),
+        (false, true, _) => ("offline", "offline"),
+        (false, false, _) => ("never connected", "never"),
+    };
+    let since = match (n.changed, state) {
+        (Some(t), _) => ago(t),
+        (None, "never connected") => "since the controller started".to_string(),
+        (None, _) => {
+            let t = SystemTime::now() - n.since.elapsed();
+            format!("{} (when the controller started)", ago(t))
+        }
+    };
+    let mut transport = if n.websocket { "WebSocket" } else { "TCP" }.to_string();
+    if tls {
+        transport.push_str(", TLS");
+    }
     NodeRow {
-        name: rec.name.clone(),
-        url: segment(&rec.name),
+        name: n.rec.name.clone(),
+        url: segment(&n.rec.name),
         state,
         state_class,
-        labels: rec.labels.join(" "),
-        busy,
-        executors: rec.executors,
-        transport: if rec.websocket { "WebSocket" } else { "TCP" },
-        origin: rec.origin.clone(),
+        since: if n.held_steps > 0 {
+            format!("{since}; {} step(s) wait for it", n.held_steps)
+        } else {
+            since
+        },
+        labels: n.rec.labels.join(" "),
+        busy: n.busy,
+        executors: n.rec.executors,
+        transport,
+        rtt: n.rtt_us.map(|us| format!("{:.1} ms", us as f64 / 1000.0)).unwrap_or_default(),
+        origin: if n.rec.origin == "static" {
+            "static".to_string()
+        } else {
+            format!("cloud {}, pod {}", n.rec.origin, n.rec.name)
+        },
+        peer: n.peer.clone().unwrap_or_default(),
     }
 }
 
@@ -511,8 +549,8 @@ struct NodesPage<'a> {
     nodes: Vec<NodeRow>,
 }
 
-fn nodes_page(ctl: &Arc<Controller>, c: &Chrome) -> Response<Body> {
-    let nodes = ctl.nodes().iter().map(|(r, on, busy)| node_row(r, *on, *busy)).collect();
+fn nodes_page(ctl: &Arc<Controller>, c: &Chrome, tls: bool) -> Response<Body> {
+    let nodes = ctl.node_views().iter().map(|n| node_row(n, tls)).collect();
     render(StatusCode::OK, &NodesPage { c, nodes })
 }
 
@@ -532,10 +570,11 @@ async fn node_page(
     name: &str,
     fp: Option<&str>,
 ) -> Result<Response<Body>, ApiError> {
-    let nodes = ctl.nodes();
-    let Some((rec, online, busy)) = nodes.iter().find(|(r, _, _)| r.name == name) else {
+    let views = ctl.node_views();
+    let Some(view) = views.iter().find(|n| n.rec.name == name) else {
         return Err(ApiError::new(404, format!("no node named '{}'", crate::text::truncate(name, 100))));
     };
+    let rec = &view.rec;
     let builds = ctl
         .finished_builds(Some(name.to_string()), None, PAGE)
         .await?
@@ -544,7 +583,7 @@ async fn node_page(
         .collect();
     let command = (http::query_param(req, "secret").as_deref() == Some("show"))
         .then(|| http::node_command(ctl, req, rec, fp));
-    Ok(render(StatusCode::OK, &NodePage { c, n: node_row(rec, *online, *busy), builds, command }))
+    Ok(render(StatusCode::OK, &NodePage { c, n: node_row(view, fp.is_some()), builds, command }))
 }
 
 /// A step as the build page shows it.
