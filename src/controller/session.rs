@@ -103,8 +103,9 @@ pub struct Session {
     /// The link runs over WebSocket (else TCP).
     pub websocket: bool,
     /// The keepalive ping last sent: its id, and when (µs on [`micros`]'s clock).
-    ping_sent: AtomicU64,
-    ping_at: AtomicU64,
+    pub ping_sent: AtomicU64,
+    /// When that ping was sent.
+    pub ping_at: AtomicU64,
     /// Round-trip time of the last keepalive ping answered, in µs (0: none yet).
     pub rtt_us: AtomicU64,
 }
