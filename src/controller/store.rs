@@ -104,7 +104,9 @@ impl Store {
                 state TEXT NOT NULL, exit TEXT NOT NULL DEFAULT '', code INTEGER,
                 bytes INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (build, idx));
              CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS clouds (name TEXT PRIMARY KEY, file TEXT NOT NULL, applied INTEGER NOT NULL);",
+             CREATE TABLE IF NOT EXISTS clouds (name TEXT PRIMARY KEY, file TEXT NOT NULL, applied INTEGER NOT NULL);
+             -- A node's builds, newest first (its web page), without a scan of every build.
+             CREATE INDEX IF NOT EXISTS builds_by_node ON builds (node, id);",
         )?;
         let version: Option<u32> = db
             .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| r.get::<_, String>(0))

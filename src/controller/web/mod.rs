@@ -219,7 +219,7 @@ pub async fn page(
     }
     let result = match segs {
         [""] => overview(ctl, &c, &req).await,
-        ["nodes"] => Ok(nodes_page(ctl, &c, fp.is_some())),
+        ["nodes"] => Ok(nodes_page(ctl, &c, &req, fp.is_some())),
         ["nodes", name] => node_page(ctl, &c, &req, name, fp).await,
         ["submit"] => Ok(render(
             StatusCode::OK,
@@ -547,11 +547,23 @@ fn node_row(n: &super::core::NodeView, tls: bool) -> NodeRow {
 struct NodesPage<'a> {
     c: &'a Chrome,
     nodes: Vec<NodeRow>,
+    total: usize,
+    next: Option<String>,
 }
 
-fn nodes_page(ctl: &Arc<Controller>, c: &Chrome, tls: bool) -> Response<Body> {
-    let nodes = ctl.node_views().iter().map(|n| node_row(n, tls)).collect();
-    render(StatusCode::OK, &NodesPage { c, nodes })
+/// Nodes in one page of the nodes list.
+const NODES_PAGE: usize = 200;
+
+fn nodes_page(ctl: &Arc<Controller>, c: &Chrome, req: &Request<Incoming>, tls: bool) -> Response<Body> {
+    let after = http::query_param(req, "after").unwrap_or_default();
+    let all = ctl.node_views();
+    let total = all.len();
+    // By name (the controller keeps them so): the page after `after`.
+    let rest: Vec<&super::core::NodeView> =
+        all.iter().filter(|n| after.is_empty() || n.rec.name > after).collect();
+    let nodes: Vec<NodeRow> = rest.iter().take(NODES_PAGE).map(|n| node_row(n, tls)).collect();
+    let next = (rest.len() > NODES_PAGE).then(|| nodes.last().map(|n| encode(&n.name))).flatten();
+    render(StatusCode::OK, &NodesPage { c, nodes, total, next })
 }
 
 #[derive(Template)]

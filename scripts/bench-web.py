@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""The web page's server side with a big store: 10,000 nodes and 100,000 finished builds put into
+a controller's store, then the pages timed as a logged-in browser asks for them, and the bytes of
+a first page load. Driven by scripts/bench-web.sh, which builds the release controller.
+
+  bench-web.py WISP [NODES [BUILDS]]
+"""
+import http.client
+import os
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+WISP = sys.argv[1]
+NODES = int(sys.argv[2]) if len(sys.argv) > 2 else 10000
+BUILDS = int(sys.argv[3]) if len(sys.argv) > 3 else 100000
+RUNS = 30
+work = tempfile.mkdtemp(prefix="wisp-bench-web.")
+data = os.path.join(work, "data")
+
+
+def start():
+    p = subprocess.Popen([WISP, "serve", "--data", data, "--http-port", "0", "--agent-port", "0",
+                          "--bind", "127.0.0.1", "--no-tls"],
+                         stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "controller.log"), "a"))
+    for _ in range(300):
+        try:
+            lines = open(os.path.join(data, "listening")).read().split("\n")
+            addr = [l.split()[1] for l in lines if l.startswith("http ")][0]
+            host, port = addr.rsplit(":", 1)
+            c = http.client.HTTPConnection(host, int(port), timeout=30)
+            c.request("GET", "/login")
+            c.getresponse().read()
+            return p, host, int(port)
+        except (OSError, IndexError):
+            time.sleep(0.05)
+    sys.exit("the controller did not start: see " + os.path.join(work, "controller.log"))
+
+
+# 1. A store with its schema, then filled directly.
+p, _, _ = start()
+p.send_signal(signal.SIGTERM)
+p.wait()
+os.remove(os.path.join(data, "listening"))
+db = sqlite3.connect(os.path.join(data, "wisp.db"))
+now = int(time.time())
+db.executemany("INSERT INTO nodes (name, labels, executors, websocket, work_dir, created, origin) VALUES (?, ?, 2, 1, '', ?, 'static')",
+               ((f"node-{i}", "linux x86_64", now) for i in range(NODES)))
+db.executemany("INSERT INTO builds (id, name, yaml, state, node, message, created, started, finished) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+               ((i, f"pipeline-{i % 50}", "name: x\nsteps: [{sh: 'true'}]\n", "success" if i % 7 else "failure",
+                 f"node-{i % NODES}", "" if i % 7 else "step 1 (make test) failed: exit code 2",
+                 now - (BUILDS - i) * 30, now - (BUILDS - i) * 30 + 2, now - (BUILDS - i) * 30 + 40)
+                for i in range(1, BUILDS + 1)))
+db.executemany("INSERT INTO steps (build, idx, name, state, exit, code, bytes) VALUES (?, 1, 'make test', ?, ?, ?, 1234)",
+               ((i, "success" if i % 7 else "failure", "exit code 0" if i % 7 else "exit code 2", 0 if i % 7 else 2)
+                for i in range(1, BUILDS + 1)))
+db.commit()
+db.close()
+
+# 2. The controller on that store; a session as the login form opens it.
+p, host, port = start()
+token = open(os.path.join(data, "token")).read().strip()
+c = http.client.HTTPConnection(host, port, timeout=30)
+c.request("POST", "/login", body=f"token={token}&next=/", headers={"Content-Type": "application/x-www-form-urlencoded"})
+r = c.getresponse()
+r.read()
+cookie = r.getheader("Set-Cookie").split(";")[0]
+
+
+def timed(path):
+    """Median and max ms of RUNS requests on one kept-alive connection, and the answer's bytes
+    (head and body)."""
+    conn = http.client.HTTPConnection(host, port, timeout=60)
+    ts, size = [], 0
+    for _ in range(RUNS):
+        t0 = time.perf_counter()
+        conn.request("GET", path, headers={"Cookie": cookie})
+        r = conn.getresponse()
+        body = r.read()
+        ts.append((time.perf_counter() - t0) * 1000)
+        assert r.status == 200, (path, r.status, body[:200])
+        head = sum(len(k) + len(v) + 4 for k, v in r.getheaders()) + 17
+        size = head + len(body)
+    return statistics.median(ts), max(ts), size
+
+
+rows = []
+for label, path in [("overview (queue, running, the 50 newest builds)", "/"),
+                    ("overview, a page of older builds (`?before=50000`)", "/?before=50000"),
+                    ("a node's page (its 50 newest builds)", f"/nodes/node-{NODES // 2 + 1}"),
+                    ("a build's page", f"/builds/{BUILDS // 2}"),
+                    ("the nodes page (the first 200 nodes by name)", "/nodes"),
+                    ("the nodes page, further on", f"/nodes?after=node-{NODES // 2}")]:
+    med, worst, size = timed(path)
+    rows.append((label, med, worst, size))
+
+first = [timed(x)[2] for x in ["/", "/static/app.css", "/static/app.js"]]
+p.send_signal(signal.SIGTERM)
+p.wait()
+
+print(f"A release controller on loopback with {NODES:,} nodes and {BUILDS:,} finished builds in its store; "
+      f"each page asked for {RUNS} times on one kept-alive connection with a session cookie.")
+print()
+print("| page | median ms | max ms | bytes |")
+print("|---|---|---|---|")
+for label, med, worst, size in rows:
+    print(f"| {label} | {med:.2f} | {worst:.2f} | {size:,} |")
+print()
+print(f"First page load (the overview, its style sheet and its script; nothing else is fetched): "
+      f"**{sum(first):,} bytes** ({first[0]:,} + {first[1]:,} + {first[2]:,}, headers included, uncompressed; "
+      f"goal under 100 KB).")

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The web page's server side with a big store (issue 16): render times of its pages with 10,000
+# nodes and 100,000 builds, and the bytes of a first page load. Builds the release controller.
+#
+#   scripts/bench-web.sh [--write] [NODES [BUILDS]]      (defaults: 10000 nodes, 100000 builds)
+#
+# --write puts the section into BENCHMARKS.md between <!-- web:begin --> and <!-- web:end -->.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cmdline="scripts/bench-web.sh${*:+ $*}"
+write=0
+[ "${1:-}" != --write ] || { write=1; shift; }
+cargo build --release --quiet --bin wisp
+out=$(python3 scripts/bench-web.py "${CARGO_TARGET_DIR:-target}/release/wisp" "$@")
+section=$(printf '%s\n\n%s\n\nMade by `%s` on %s (%s cores), %s.\n' "### The web page" "$out" \
+    "$cmdline" "$(hostname)" "$(nproc)" "$(date -u '+%Y-%m-%d %H:%M UTC')")
+printf '%s\n' "$section"
+if [ "$write" = 1 ]; then
+    python3 - "$section" <<'PY'
+import sys, re
+s = sys.argv[1]
+t = open("BENCHMARKS.md").read()
+block = "<!-- web:begin -->\n" + s + "\n<!-- web:end -->"
+if "<!-- web:begin -->" in t:
+    t = re.sub(r"<!-- web:begin -->.*?<!-- web:end -->", lambda _: block, t, flags=re.S)
+else:
+    t = t.rstrip() + "\n\n" + block + "\n"
+open("BENCHMARKS.md", "w").write(t)
+PY
+fi
