@@ -3,7 +3,10 @@
 a controller's store, then the pages timed as a logged-in browser asks for them, and the bytes of
 a first page load. Driven by scripts/bench-web.sh, which builds the release controller.
 
-  bench-web.py WISP [NODES [BUILDS]]
+  bench-web.py WISP AGENT LOADGEN [NODES [BUILDS]]
+
+Then dispatch latency with and without a /metrics scrape every 100 ms: 50 real agents over TCP,
+`examples/loadgen.rs dispatch` submitting builds one at a time, runs alternating between the two.
 """
 import http.client
 import os
@@ -15,15 +18,17 @@ import sys
 import tempfile
 import time
 
-WISP = sys.argv[1]
-NODES = int(sys.argv[2]) if len(sys.argv) > 2 else 10000
-BUILDS = int(sys.argv[3]) if len(sys.argv) > 3 else 100000
+import threading
+
+WISP, AGENT, LOADGEN = sys.argv[1], sys.argv[2], sys.argv[3]
+NODES = int(sys.argv[4]) if len(sys.argv) > 4 else 10000
+BUILDS = int(sys.argv[5]) if len(sys.argv) > 5 else 100000
 RUNS = 30
 work = tempfile.mkdtemp(prefix="wisp-bench-web.")
 data = os.path.join(work, "data")
 
 
-def start():
+def start(data=data):
     p = subprocess.Popen([WISP, "serve", "--data", data, "--http-port", "0", "--agent-port", "0",
                           "--bind", "127.0.0.1", "--no-tls"],
                          stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "controller.log"), "a"))
@@ -102,6 +107,64 @@ first = [timed(x)[2] for x in ["/", "/static/app.css", "/static/app.js"]]
 p.send_signal(signal.SIGTERM)
 p.wait()
 
+# 3. Dispatch latency with and without a scrape of /metrics every 100 ms.
+data2 = os.path.join(work, "data2")
+p, host, port = start(data2)
+url = f"http://{host}:{port}/"
+agent_addr = [l.split()[1] for l in open(os.path.join(data2, "listening")) if l.startswith("agent ")][0]
+AGENTS, LAT_BUILDS, LAT_RUNS = 50, 300, 5
+agents = []
+for i in range(AGENTS):
+    out = subprocess.run([WISP, "node", "add", f"a{i}", "--labels", "pool", "--tcp", "--data", data2],
+                         capture_output=True, text=True, check=True).stdout
+    secret = [l.split()[1] for l in out.splitlines() if l.startswith("secret:")][0]
+    d = os.path.join(work, f"a{i}")
+    os.makedirs(d)
+    agents.append(subprocess.Popen([AGENT, "--url", url, "--name", f"a{i}", "--secret", secret, "--direct", agent_addr,
+                                    "--work-dir", d], stderr=subprocess.DEVNULL))
+for _ in range(300):
+    nodes = subprocess.run([WISP, "nodes", "--data", data2], capture_output=True, text=True).stdout
+    if nodes.count("\tonline\t") >= AGENTS:
+        break
+    time.sleep(0.1)
+token2 = open(os.path.join(data2, "token")).read().strip()
+scrapes = [0]
+
+
+def scraper(stop):
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    while not stop.is_set():
+        conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {token2}"})
+        r = conn.getresponse()
+        r.read()
+        assert r.status == 200
+        scrapes[0] += 1
+        stop.wait(0.1)
+
+
+def dispatch():
+    o = subprocess.run([LOADGEN, "dispatch", "--url", url, "--data", data2, "--label", "pool", "--builds", str(LAT_BUILDS),
+                        "--concurrency", "1"], capture_output=True, text=True, check=True).stdout
+    lat = [l.split() for l in o.splitlines() if l.startswith("latency_ms")][0]
+    return float(lat[1]), float(lat[2])
+
+
+dispatch()  # warm up
+plain, scraped = [], []
+for _ in range(LAT_RUNS):
+    plain.append(dispatch())
+    stop = threading.Event()
+    t = threading.Thread(target=scraper, args=(stop,))
+    t.start()
+    scraped.append(dispatch())
+    stop.set()
+    t.join()
+for a in agents:
+    a.kill()
+p.send_signal(signal.SIGTERM)
+p.wait()
+med = lambda xs, i: statistics.median(x[i] for x in xs)
+
 print(f"A release controller on loopback with {NODES:,} nodes and {BUILDS:,} finished builds in its store; "
       f"each page asked for {RUNS} times on one kept-alive connection with a session cookie.")
 print()
@@ -113,3 +176,8 @@ print()
 print(f"First page load (the overview, its style sheet and its script; nothing else is fetched): "
       f"**{sum(first):,} bytes** ({first[0]:,} + {first[1]:,} + {first[2]:,}, headers included, uncompressed; "
       f"goal under 100 KB).")
+print()
+print(f"Dispatch latency (submit to the build's result, one build at a time, {AGENTS} agents over TCP; median of "
+      f"{LAT_RUNS} runs of {LAT_BUILDS} builds each, the two kinds of run alternating): without scrapes "
+      f"**p50 {med(plain, 0):.3f} ms**, p99 {med(plain, 1):.3f} ms; with a scrape of `/metrics` every 100 ms "
+      f"({scrapes[0]} scrapes in all) **p50 {med(scraped, 0):.3f} ms**, p99 {med(scraped, 1):.3f} ms.")

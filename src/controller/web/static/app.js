@@ -84,15 +84,24 @@ class Ansi {
   }
 }
 
-// The live log: server-sent events from the controller's log follower, drawn once per frame,
-// at most MAX_LINES lines kept (older ones are dropped from the top, with a note), and the view
-// kept at the bottom unless the reader scrolled up.
+// The live log: server-sent events from the controller's log follower, drawn at most ten times
+// a second as one block per draw's worth of text (blocks out of view are not laid out again), at most MAX_LINES lines kept (older ones are dropped
+// from the top, with a note; text that would be dropped at once is never drawn), and the view
+// kept at the bottom unless the reader scrolled up. Memory stays bounded however fast the step
+// writes.
 const MAX_LINES = 20000;
+const DRAW_EVERY = 100;
+function newlines(s) {
+  let n = 0;
+  for (let i = s.indexOf("\n"); i !== -1; i = s.indexOf("\n", i + 1)) n++;
+  return n;
+}
 function liveLog(pre) {
   const note = document.getElementById("lognote");
   const status = document.getElementById("logstatus");
   const ansi = new Ansi();
   let pending = "";
+  let pendingLines = 0;
   let lines = 0;
   let dropped = false;
   let follow = true;
@@ -100,36 +109,68 @@ function liveLog(pre) {
   pre.addEventListener("scroll", () => {
     follow = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
   });
+  const dropFromTop = () => {
+    while (lines > MAX_LINES && pre.firstChild) {
+      lines -= parseInt(pre.firstChild.dataset.lines || "0", 10);
+      pre.removeChild(pre.firstChild);
+      dropped = true;
+    }
+  };
   const draw = () => {
     scheduled = false;
     if (!pending) return;
-    const frag = document.createDocumentFragment();
-    for (const part of pending.split(/(\n)/)) {
-      if (part === "\n") { lines++; frag.appendChild(document.createTextNode("\n")); continue; }
-      if (part.startsWith("==> ")) {
-        const s = document.createElement("span");
-        s.className = "mark";
-        s.textContent = part;
-        frag.appendChild(s);
-      } else {
-        ansi.render(part, frag);
-      }
-    }
+    let text = pending;
+    let n = pendingLines;
     pending = "";
-    pre.appendChild(frag);
-    while (lines > MAX_LINES && pre.firstChild) {
-      const n = pre.firstChild;
-      if (n.nodeType === Node.TEXT_NODE && n.data.includes("\n")) lines -= n.data.split("\n").length - 1;
-      pre.removeChild(n);
+    pendingLines = 0;
+    if (n > MAX_LINES) {
+      // More than the view keeps: only the last MAX_LINES lines are drawn.
+      let cut = text.length;
+      for (let k = 0; k < MAX_LINES + 1; k++) cut = text.lastIndexOf("\n", cut - 1);
+      text = text.slice(cut + 1);
+      n = MAX_LINES;
+      pre.replaceChildren();
+      lines = 0;
       dropped = true;
     }
+    const chunk = document.createElement("div");
+    chunk.className = "chunk";
+    chunk.dataset.lines = String(n);
+    if (text.indexOf("\x1b") === -1 && text.indexOf("==> ") === -1) {
+      chunk.textContent = text;
+    } else {
+      for (const part of text.split(/(\n)/)) {
+        if (part === "\n") chunk.appendChild(document.createTextNode("\n"));
+        else if (part.startsWith("==> ")) {
+          const s = document.createElement("span");
+          s.className = "mark";
+          s.textContent = part;
+          chunk.appendChild(s);
+        } else ansi.render(part, chunk);
+      }
+    }
+    pre.appendChild(chunk);
+    lines += n;
+    dropFromTop();
     if (dropped && note) note.hidden = false;
     if (follow) pre.scrollTop = pre.scrollHeight;
   };
   const es = new EventSource(pre.dataset.src);
   es.onmessage = (e) => {
     pending += e.data;
-    if (!scheduled) { scheduled = true; requestAnimationFrame(draw); }
+    pendingLines += newlines(e.data);
+    if (pendingLines > 2 * MAX_LINES) {
+      // Far behind: keep only what can still be shown.
+      let cut = pending.length;
+      for (let k = 0; k < MAX_LINES + 1; k++) cut = pending.lastIndexOf("\n", cut - 1);
+      pending = pending.slice(cut + 1);
+      pendingLines = MAX_LINES;
+      pre.replaceChildren();
+      lines = 0;
+      dropped = true;
+    }
+    // At most ten draws a second: each one lays the view out again.
+    if (!scheduled) { scheduled = true; setTimeout(() => requestAnimationFrame(draw), DRAW_EVERY); }
   };
   es.addEventListener("skipped", (e) => {
     const el = document.getElementById("logskipped");
