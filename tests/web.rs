@@ -29,7 +29,7 @@ fn log_in_and_see_a_node_come_online_without_a_reload() {
     b.goto(&c.url());
     b.type_into("#token", "not-the-token");
     b.click("#login");
-    assert!(b.text("#error").contains("not this controller's API token"), "{}", b.text("#error"));
+    b.wait_text("#error", Duration::from_secs(10), |t| t.contains("not this controller's API token"));
     log_in(&b, &c);
     assert_eq!(b.text("#online"), "0\nonline");
 
@@ -54,7 +54,7 @@ fn log_in_and_see_a_node_come_online_without_a_reload() {
     b.find("#show");
     assert!(!b.js("return document.body.innerText;").as_str().unwrap().contains(&secret));
     b.click("#show");
-    assert!(b.text("#command").contains(&secret), "{}", b.text("#command"));
+    b.wait_text("#command", Duration::from_secs(10), |t| t.contains(&secret));
     b.screenshot("node");
     b.goto(&c.url());
     b.wait_text("#online", Duration::from_secs(10), |t| t.starts_with('1'));
