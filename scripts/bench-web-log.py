@@ -191,6 +191,6 @@ quarters = [max(x[1] for x in samples[i:i + q]) / 1024 for i in range(0, len(sam
 print(f"A step writing {RATE} MiB/s of 100-byte lines for {SECS} s ({stored / 1048576:.0f} MiB stored), its build page "
       f"open in Chromium from the start: the page's renderer peaked at **{peak_rss:.0f} MiB RSS** ({base_rss:.0f} MiB "
       f"on the overview before; JS heap "
-      f"{peak_heap:.0f} MiB; the log view holds at most 20,000 lines: {peak_nodes:,} DOM nodes and "
-      f"{peak_text:.1f} MiB of text at most), sampled every second (peak per quarter of the run: "
+      f"{peak_heap:.0f} MiB; the log view, which keeps the last 20,000 lines, held at most {peak_nodes:,} blocks "
+      f"and {peak_text:.1f} MiB of text), sampled every second (peak per quarter of the run: "
       f"{', '.join(f'{x:.0f}' for x in quarters)} MiB); the page showed the log complete {lag} after the build ended.")

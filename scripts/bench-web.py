@@ -112,7 +112,7 @@ data2 = os.path.join(work, "data2")
 p, host, port = start(data2)
 url = f"http://{host}:{port}/"
 agent_addr = [l.split()[1] for l in open(os.path.join(data2, "listening")) if l.startswith("agent ")][0]
-AGENTS, LAT_BUILDS, LAT_RUNS = 50, 300, 5
+AGENTS, LAT_BUILDS, LAT_RUNS = 50, 2000, 5
 agents = []
 for i in range(AGENTS):
     out = subprocess.run([WISP, "node", "add", f"a{i}", "--labels", "pool", "--tcp", "--data", data2],
@@ -163,7 +163,7 @@ for a in agents:
     a.kill()
 p.send_signal(signal.SIGTERM)
 p.wait()
-med = lambda xs, i: statistics.median(x[i] for x in xs)
+mid = lambda xs, i: statistics.median(x[i] for x in xs)
 
 print(f"A release controller on loopback with {NODES:,} nodes and {BUILDS:,} finished builds in its store; "
       f"each page asked for {RUNS} times on one kept-alive connection with a session cookie.")
@@ -179,5 +179,5 @@ print(f"First page load (the overview, its style sheet and its script; nothing e
 print()
 print(f"Dispatch latency (submit to the build's result, one build at a time, {AGENTS} agents over TCP; median of "
       f"{LAT_RUNS} runs of {LAT_BUILDS} builds each, the two kinds of run alternating): without scrapes "
-      f"**p50 {med(plain, 0):.3f} ms**, p99 {med(plain, 1):.3f} ms; with a scrape of `/metrics` every 100 ms "
-      f"({scrapes[0]} scrapes in all) **p50 {med(scraped, 0):.3f} ms**, p99 {med(scraped, 1):.3f} ms.")
+      f"**p50 {mid(plain, 0):.3f} ms**, p99 {mid(plain, 1):.3f} ms; with a scrape of `/metrics` every 100 ms "
+      f"({scrapes[0]} scrapes in all) **p50 {mid(scraped, 0):.3f} ms**, p99 {mid(scraped, 1):.3f} ms.")

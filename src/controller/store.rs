@@ -323,14 +323,26 @@ impl Store {
         before: Option<u64>,
         limit: u32,
     ) -> Result<Vec<BuildRecord>> {
-        let mut q = self.db.prepare_cached(
-            "SELECT id, name, '', state, node, message, created, started, finished FROM builds
-             WHERE state NOT IN ('queued', 'running') AND (?1 IS NULL OR node = ?1) AND (?2 IS NULL OR id < ?2)
-             ORDER BY id DESC LIMIT ?3",
-        )?;
-        let before = before.map(|b| b.min(i64::MAX as u64) as i64);
-        let rows = q.query_map(params![node, before, limit], Self::build_row)?;
-        rows.collect()
+        // One statement per case: `(?1 IS NULL OR node = ?1)` would keep SQLite from the index
+        // on (node, id) and from the rowid range.
+        let before = before.map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64);
+        let cols = "SELECT id, name, '', state, node, message, created, started, finished FROM builds";
+        let final_only = "state NOT IN ('queued', 'running')";
+        match node {
+            Some(node) => {
+                let sql =
+                    format!("{cols} WHERE node = ?1 AND id < ?2 AND {final_only} ORDER BY id DESC LIMIT ?3");
+                let mut q = self.db.prepare_cached(&sql)?;
+                let rows = q.query_map(params![node, before, limit], Self::build_row)?;
+                rows.collect()
+            }
+            None => {
+                let sql = format!("{cols} WHERE id < ?1 AND {final_only} ORDER BY id DESC LIMIT ?2");
+                let mut q = self.db.prepare_cached(&sql)?;
+                let rows = q.query_map(params![before, limit], Self::build_row)?;
+                rows.collect()
+            }
+        }
     }
 
     /// The builds numbered `ids` that exist, without their pipelines' text, in no set order.
