@@ -87,6 +87,14 @@ fn a_submitted_build_streams_its_log_line_by_line_and_cancel_ends_it() {
     assert_eq!(b.js("return window.wispMarker || 0;"), 7);
     b.wait_text("#state", Duration::from_secs(5), |t| t == "running");
     b.screenshot("build");
+    // The view follows the end; a reader who scrolls up stays where they are while lines come.
+    let at_end = "const l = document.getElementById('log'); return l.scrollTop + l.clientHeight >= l.scrollHeight - 4;";
+    b.js("const l = document.getElementById('log'); l.style.height = '5em'; return 1;");
+    b.wait_text("#log", Duration::from_secs(10), |t| t.contains("line 9"));
+    wait_js(&b, at_end, true);
+    b.js("const l = document.getElementById('log'); l.scrollTop = 0; l.dispatchEvent(new Event('scroll')); return 1;");
+    b.wait_text("#log", Duration::from_secs(10), |t| t.contains("line 12"));
+    assert_eq!(b.js("return document.getElementById('log').scrollTop;"), 0, "left where the reader put it");
 
     b.click("#cancel");
     b.wait_text("#state", Duration::from_secs(20), |t| t == "aborted");
@@ -189,6 +197,15 @@ fn sessions_are_http_only_same_site_strict_and_forms_need_their_csrf_token() {
     assert!(after.starts_with("HTTP/1.1 303"), "the session is over: {after}");
 }
 
+/// Wait until `script` returns `want` (10 s).
+fn wait_js(b: &Browser, script: &str, want: bool) {
+    let t0 = Instant::now();
+    while b.js(script) != want {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{script} did not become {want}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// One HTTP/1.1 request with `cookie` and a form `body`; the whole raw answer.
 fn raw_http(addr: &str, method: &str, path: &str, cookie: &str, body: &str) -> String {
     use std::io::{Read, Write};
@@ -276,4 +293,49 @@ fn the_page_works_through_nginx_under_a_path_prefix() {
     assert!(b.url().starts_with(&format!("{base}builds/")), "{}", b.url());
     b.wait_text("#state", Duration::from_secs(10), |t| t == "success");
     b.screenshot("prefix-nginx");
+}
+
+/// A log larger than the page's tail shows its last part first, with the link to the whole raw
+/// log; rebuild starts the same pipeline again; remove takes the node away.
+#[test]
+fn a_large_log_shows_its_end_first_rebuild_runs_it_again_and_remove_takes_the_node() {
+    let c = Controller::start();
+    let secret = c.add_node("w5", "linux", &[]);
+    let work = TempDir::new("web-agent5");
+    let _agent = c.agent("w5", &secret, true, work.path());
+    c.wait_online("w5");
+    // About 1 MiB of numbered lines: more than the 256 KiB the page starts with.
+    let id = c.submit("name: big\nagent: {label: linux}\nsteps: [{sh: 'seq -w 1 150000'}]\n");
+    c.wait_build_state(id, Duration::from_secs(60));
+    let b = Browser::start();
+    log_in(&b, &c);
+    b.goto(&format!("{}builds/{id}", c.url()));
+    b.wait_text("#logstatus", Duration::from_secs(30), |t| t == "log complete");
+    let skipped = b.text("#logskipped");
+    assert!(skipped.contains("bytes are not shown here"), "{skipped}");
+    let log = b.js("return document.getElementById('log').textContent;").as_str().unwrap().to_string();
+    assert!(log.contains("150000\n") && log.contains("SUCCESS"), "the end is shown");
+    assert!(!log.contains("\n000001\n") && log.len() < 400_000, "the start is not: {} bytes", log.len());
+    let raw = b.js("return document.querySelector('#logskipped a').getAttribute('href');");
+    assert_eq!(raw.as_str().unwrap(), format!("/builds/{id}/log/raw"));
+    let (status, body) = try_http(
+        &c.http,
+        "GET",
+        &format!("/api/builds/{id}/log"),
+        &[("Authorization", &format!("Bearer {}", c.token()))],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&body).contains("\n000001\n"), "the raw log has it all");
+
+    b.click("#rebuild");
+    b.wait_text("h1", Duration::from_secs(20), |t| t.contains(&format!("#{}", id + 1)));
+    assert!(b.text("h1").contains("big"));
+    b.wait_text("#state", Duration::from_secs(60), |t| t == "success");
+
+    b.goto(&format!("{}nodes/w5", c.url()));
+    b.click("#remove");
+    b.wait_text("main", Duration::from_secs(20), |t| t.contains("No nodes yet"));
+    assert!(c.node_line("w5").is_none(), "the node is gone");
 }
