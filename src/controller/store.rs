@@ -62,7 +62,7 @@ pub struct StepEnd<'a> {
 }
 
 /// The schema this code writes (kept in the `meta` table under `schema`).
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// Store errors carry the SQLite message.
 pub type Result<T> = std::result::Result<T, rusqlite::Error>;
@@ -114,13 +114,20 @@ impl Store {
             .and_then(|v| v.parse().ok());
         match version {
             // A store made before the schema was versioned (version 1): nodes had no origin.
-            // Version 3 added the clouds table (created above when missing).
-            None | Some(1) | Some(2) => {
-                let has_origin = db
-                    .prepare("SELECT 1 FROM pragma_table_info('nodes') WHERE name = 'origin'")?
-                    .exists([])?;
-                if !has_origin {
+            // Version 3 added the clouds table (created above when missing), version 4 the times
+            // of each step.
+            None | Some(1) | Some(2) | Some(3) => {
+                let has = |table: &str, column: &str| -> Result<bool> {
+                    db.prepare(&format!(
+                        "SELECT 1 FROM pragma_table_info('{table}') WHERE name = '{column}'"
+                    ))?
+                    .exists([])
+                };
+                if !has("nodes", "origin")? {
                     db.execute_batch("ALTER TABLE nodes ADD COLUMN origin TEXT NOT NULL DEFAULT 'static'")?;
+                }
+                if !has("steps", "started")? {
+                    db.execute_batch("ALTER TABLE steps ADD COLUMN started INTEGER; ALTER TABLE steps ADD COLUMN finished INTEGER;")?;
                 }
                 db.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?1)",
@@ -234,9 +241,10 @@ impl Store {
                 .execute(params![build, node, now()])?;
         }
         tx.prepare_cached(
-            "UPDATE steps SET state = 'running', exit = '', code = NULL, bytes = 0 WHERE build = ?1 AND idx = ?2",
+            "UPDATE steps SET state = 'running', exit = '', code = NULL, bytes = 0, started = ?3, finished = NULL
+             WHERE build = ?1 AND idx = ?2",
         )?
-        .execute(params![build, idx])?;
+        .execute(params![build, idx, now()])?;
         tx.commit()
     }
 
@@ -267,9 +275,9 @@ impl Store {
     ) -> Result<()> {
         let tx = self.db.unchecked_transaction()?;
         tx.prepare_cached(
-            "UPDATE steps SET state = ?3, exit = ?4, code = ?5, bytes = ?6 WHERE build = ?1 AND idx = ?2",
+            "UPDATE steps SET state = ?3, exit = ?4, code = ?5, bytes = ?6, finished = ?7 WHERE build = ?1 AND idx = ?2",
         )?
-        .execute(params![build, idx, end.state.as_str(), end.exit, end.code, end.bytes])?;
+        .execute(params![build, idx, end.state.as_str(), end.exit, end.code, end.bytes, now()])?;
         if let Some((state, message)) = finish {
             Self::finish_in(&tx, build, state, message)?;
         }
@@ -372,7 +380,7 @@ impl Store {
     /// A build's steps in order.
     pub fn steps(&self, build: u64) -> Result<Vec<StepRecord>> {
         let mut q = self.db.prepare_cached(
-            "SELECT idx, name, state, exit, code, bytes FROM steps WHERE build = ?1 ORDER BY idx",
+            "SELECT idx, name, state, exit, code, bytes, started, finished FROM steps WHERE build = ?1 ORDER BY idx",
         )?;
         let rows = q.query_map([build], |r| {
             let state: String = r.get(2)?;
@@ -383,6 +391,8 @@ impl Store {
                 exit: r.get(3)?,
                 code: r.get(4)?,
                 bytes: r.get(5)?,
+                started: r.get(6)?,
+                finished: r.get(7)?,
             })
         })?;
         rows.collect()
@@ -455,6 +465,50 @@ impl StoreThread {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store of schema 3 (no step times) opens as schema 4: its steps have no times, new
+    /// ones get them.
+    #[test]
+    fn a_schema_3_store_gains_step_times() {
+        let dir = std::env::temp_dir().join(format!("wisp-store-v3-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        {
+            let db = Connection::open(dir.join("wisp.db")).unwrap();
+            db.execute_batch(
+                "CREATE TABLE nodes (name TEXT PRIMARY KEY, labels TEXT NOT NULL, executors INTEGER NOT NULL,
+                    websocket INTEGER NOT NULL, work_dir TEXT NOT NULL, created INTEGER NOT NULL,
+                    origin TEXT NOT NULL DEFAULT 'static');
+                 CREATE TABLE builds (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, yaml TEXT NOT NULL,
+                    state TEXT NOT NULL, node TEXT, message TEXT NOT NULL DEFAULT '', created INTEGER NOT NULL,
+                    started INTEGER, finished INTEGER);
+                 CREATE TABLE steps (build INTEGER NOT NULL, idx INTEGER NOT NULL, name TEXT NOT NULL,
+                    state TEXT NOT NULL, exit TEXT NOT NULL DEFAULT '', code INTEGER,
+                    bytes INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (build, idx));
+                 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+                 INSERT INTO meta VALUES ('schema', '3');
+                 INSERT INTO builds (id, name, yaml, state, created) VALUES (1, 'old', 'y', 'success', 1);
+                 INSERT INTO steps (build, idx, name, state, exit, code, bytes) VALUES (1, 1, 'a', 'success', 'exit code 0', 0, 3);",
+            )
+            .unwrap();
+        }
+        let s = Store::open(&dir).unwrap();
+        let old = s.steps(1).unwrap();
+        assert_eq!((old[0].started, old[0].finished, old[0].bytes), (None, None, 3));
+        let id = s.insert_build("new", "y", &["b".to_string()]).unwrap();
+        s.start_step(id, 1, Some("n")).unwrap();
+        let running = &s.steps(id).unwrap()[0];
+        assert!(running.started.is_some() && running.finished.is_none());
+        let end = StepEnd { state: StepState::Success, exit: "exit code 0", code: Some(0), bytes: 1 };
+        s.end_step(id, 1, &end, None).unwrap();
+        let done = &s.steps(id).unwrap()[0];
+        assert!(done.finished.unwrap() >= done.started.unwrap());
+        let v: String =
+            s.db.query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| r.get(0)).unwrap();
+        assert_eq!(v, SCHEMA_VERSION.to_string());
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn nodes_and_builds_survive_reopening() {

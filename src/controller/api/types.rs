@@ -238,6 +238,12 @@ pub struct StepRecord {
     pub code: Option<i32>,
     /// Output bytes stored.
     pub bytes: u64,
+    /// Unix seconds, once started (unknown for steps stored by a wisp before 0.2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started: Option<i64>,
+    /// Unix seconds, once ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished: Option<i64>,
 }
 
 /// `GET /api/builds/N` (and `POST /api/builds?wait=`): the build with its steps.
@@ -406,6 +412,8 @@ mod tests {
             exit: String::new(),
             code: None,
             bytes: 12,
+            started: Some(1_700_000_001),
+            finished: None,
         };
         let mut v = serde_json::to_value(&b).unwrap();
         round_trips::<BuildRecord>(v.clone());

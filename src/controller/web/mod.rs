@@ -605,6 +605,8 @@ struct StepRow {
     state: &'static str,
     exit: String,
     bytes: u64,
+    /// How long it ran (or has been running).
+    took: String,
 }
 
 #[derive(Template)]
@@ -630,6 +632,11 @@ async fn build_page(ctl: &Arc<Controller>, c: &Chrome, id: &str) -> Result<Respo
             state: s.state.as_str(),
             exit: s.exit.clone(),
             bytes: s.bytes,
+            took: match (s.started, s.finished) {
+                (Some(a), Some(b)) => duration(b - a),
+                (Some(a), None) if s.state == super::api::StepState::Running => duration(now() - a),
+                _ => String::new(),
+            },
         })
         .collect();
     let is_final = b.state.is_final();
