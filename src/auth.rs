@@ -381,6 +381,8 @@ pub fn frame_kind(f: &Frame<'_>) -> &'static str {
         Frame::Abandon { .. } => "Abandon",
         Frame::Ping { .. } => "Ping",
         Frame::Pong { .. } => "Pong",
+        Frame::InfoRequest => "InfoRequest",
+        Frame::AgentInfo { .. } => "AgentInfo",
     }
 }
 

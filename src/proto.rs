@@ -41,6 +41,14 @@ pub const MAX_CONTAINER: usize = 63;
 /// agent that sets it; older agents send 0 and would not know the frame.
 pub const CAP_CONTAINER_STEPS: u32 = 1 << 0;
 
+/// `Hello` capability bit: the agent answers `InfoRequest` with `AgentInfo`. A controller asks
+/// only an agent that sets it, and an agent answers only when asked, so neither side ever gets a
+/// frame it does not know from an older peer.
+pub const CAP_AGENT_INFO: u32 = 1 << 1;
+
+/// Longest field of `AgentInfo`.
+pub const MAX_INFO: usize = 64;
+
 /// How long a peer has to answer each handshake exchange before the attempt is given up: a
 /// stalled peer (or a slowloris) holds a connection for no longer.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -316,6 +324,10 @@ pub enum Frame<'a> {
     Ping { id: u64 },
     /// Either way: answer to `Ping`.
     Pong { id: u64 },
+    /// Controller → agent (one that set [`CAP_AGENT_INFO`]): say what you are.
+    InfoRequest,
+    /// Agent → controller, answering `InfoRequest`: its version, CPU architecture and OS.
+    AgentInfo { version: &'a str, arch: &'a str, os: &'a str },
 }
 
 const T_HELLO: u8 = 1;
@@ -339,6 +351,8 @@ const T_ABANDON: u8 = 18;
 const T_STEP_START_IN: u8 = 19;
 const T_PING: u8 = 20;
 const T_PONG: u8 = 21;
+const T_INFO_REQUEST: u8 = 22;
+const T_AGENT_INFO: u8 = 23;
 
 /// Why a frame could not be decoded or encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -507,6 +521,12 @@ pub fn decode(buf: &[u8]) -> Result<Frame<'_>, CodecError> {
         T_ACK => Frame::Ack { build: r.u64()?, step: r.u32()?, offset: r.u64()? },
         T_PING => Frame::Ping { id: r.u64()? },
         T_PONG => Frame::Pong { id: r.u64()? },
+        T_INFO_REQUEST => Frame::InfoRequest,
+        T_AGENT_INFO => Frame::AgentInfo {
+            version: r.short_str("version", MAX_INFO)?,
+            arch: r.short_str("arch", MAX_INFO)?,
+            os: r.short_str("os", MAX_INFO)?,
+        },
         t => return Err(CodecError::UnknownType(t)),
     };
     if !r.buf.is_empty() {
@@ -672,6 +692,13 @@ pub fn encode(frame: &Frame<'_>, buf: &mut [u8]) -> Result<usize, CodecError> {
             w.u8(T_PONG)?;
             w.u64(id)?;
         }
+        Frame::InfoRequest => w.u8(T_INFO_REQUEST)?,
+        Frame::AgentInfo { version, arch, os } => {
+            w.u8(T_AGENT_INFO)?;
+            w.short_str(version, "version", MAX_INFO)?;
+            w.short_str(arch, "arch", MAX_INFO)?;
+            w.short_str(os, "os", MAX_INFO)?;
+        }
     }
     Ok(w.pos)
 }
@@ -795,6 +822,8 @@ mod tests {
         round_trip(Frame::Ack { build: 1, step: 2, offset: 3 });
         round_trip(Frame::Ping { id: 4 });
         round_trip(Frame::Pong { id: 4 });
+        round_trip(Frame::InfoRequest);
+        round_trip(Frame::AgentInfo { version: "0.1.0", arch: "aarch64", os: "linux" });
     }
 
     #[test]

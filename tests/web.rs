@@ -55,6 +55,14 @@ fn log_in_and_see_a_node_come_online_without_a_reload() {
     assert!(!b.js("return document.body.innerText;").as_str().unwrap().contains(&secret));
     b.click("#show");
     b.wait_text("#command", Duration::from_secs(10), |t| t.contains(&secret));
+    let agent = b.text("#agent");
+    let want = format!(
+        "wisp-agent {} ({}, {})",
+        env!("CARGO_PKG_VERSION"),
+        std::env::consts::ARCH,
+        std::env::consts::OS
+    );
+    assert_eq!(agent, want, "what the agent said it is");
     b.screenshot("node");
     b.goto(&c.url());
     b.wait_text("#online", Duration::from_secs(10), |t| t.starts_with('1'));

@@ -749,7 +749,7 @@ impl Agent {
     }
 
     async fn handshake(&self, reader: &mut LinkReader, writer: &Writer) -> Result<u32, End> {
-        let caps = proto::CAP_CONTAINER_STEPS;
+        let caps = proto::CAP_CONTAINER_STEPS | proto::CAP_AGENT_INFO;
         let (mut hs, hello) =
             ClientHandshake::new(&self.cfg.name, &self.cfg.secret, auth::random_nonce(), caps);
         let send_err = |e: LinkError| End::Retry(Setback::link(format!("handshake: {e}")));
@@ -874,6 +874,21 @@ impl Agent {
                     }
                 }
                 Frame::Pong { .. } => {}
+                Frame::InfoRequest => {
+                    let info = Frame::AgentInfo {
+                        version: env!("CARGO_PKG_VERSION"),
+                        arch: std::env::consts::ARCH,
+                        os: std::env::consts::OS,
+                    };
+                    if timeout(dead_after, async { writer.lock().await.send(&info).await })
+                        .await
+                        .is_none_or(|r| r.is_err())
+                    {
+                        return Err(End::Retry(Setback::link(
+                            "could not tell the controller what this agent is",
+                        )));
+                    }
+                }
                 Frame::Ping { id } => {
                     if timeout(dead_after, async { writer.lock().await.send(&Frame::Pong { id }).await })
                         .await

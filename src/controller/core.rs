@@ -102,6 +102,8 @@ pub struct NodeView {
     pub held_steps: usize,
     /// The live link's peer address.
     pub peer: Option<String>,
+    /// What its agent said it is: version, architecture, OS.
+    pub agent: Option<(String, String, String)>,
 }
 
 /// The builds queued and running, as the overview shows them.
@@ -522,6 +524,7 @@ impl Controller {
                 since: n.since,
                 held_steps: if n.conn.is_none() { waiting.get(&n.rec.name).copied().unwrap_or(0) } else { 0 },
                 peer: n.conn.as_ref().map(|c| c.peer.clone()),
+                agent: n.conn.as_ref().and_then(|c| c.info.lock().unwrap_or_else(|e| e.into_inner()).clone()),
             })
             .collect()
     }

@@ -108,6 +108,8 @@ pub struct Session {
     pub ping_at: AtomicU64,
     /// Round-trip time of the last keepalive ping answered, in µs (0: none yet).
     pub rtt_us: AtomicU64,
+    /// What the agent said it is (`AgentInfo`): version, architecture, OS.
+    pub info: std::sync::Mutex<Option<(String, String, String)>>,
 }
 
 impl Session {
@@ -129,6 +131,7 @@ impl Session {
             ping_sent: AtomicU64::new(0),
             ping_at: AtomicU64::new(0),
             rtt_us: AtomicU64::new(0),
+            info: std::sync::Mutex::new(None),
         }
     }
 
@@ -392,6 +395,9 @@ pub async fn serve(ctl: Arc<Controller>, mut reader: LinkReader, mut writer: Lin
         writer.close().await;
         return;
     }
+    if capabilities & proto::CAP_AGENT_INFO != 0 {
+        let _ = session.tx.try_send(Out::Frame(Frame::InfoRequest));
+    }
     let why = read_loop(&ctl, &session, &mut reader).await;
     session.shut();
     ctl.detach(&session, &why);
@@ -551,6 +557,12 @@ async fn read_loop(ctl: &Arc<Controller>, session: &Arc<Session>, reader: &mut L
             }
             Frame::Ping { id } => {
                 let _ = session.tx.send(Out::Frame(Frame::Pong { id })).await;
+            }
+            Frame::AgentInfo { version, arch, os } => {
+                // Shown on the web page: printable ASCII only (the codec bounds the lengths).
+                let clean = |s: &str| s.chars().filter(|c| c.is_ascii_graphic()).collect::<String>();
+                *session.info.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((clean(version), clean(arch), clean(os)));
             }
             Frame::Pong { id } => {
                 if id == session.ping_sent.load(Ordering::Relaxed) {

@@ -491,6 +491,8 @@ struct NodeRow {
     rtt: String,
     origin: String,
     peer: String,
+    /// `wisp-agent 0.1.0 (aarch64, linux)`, or "" when not known.
+    agent: String,
 }
 
 /// When `t` was, relative to now: `3 min 5 s ago`.
@@ -539,6 +541,11 @@ fn node_row(n: &super::core::NodeView, tls: bool) -> NodeRow {
             format!("cloud {}, pod {}", n.rec.origin, n.rec.name)
         },
         peer: n.peer.clone().unwrap_or_default(),
+        agent: match &n.agent {
+            Some((v, a, o)) => format!("wisp-agent {v} ({a}, {o})"),
+            None if n.online => "not reported (an older agent)".into(),
+            None => String::new(),
+        },
     }
 }
 
