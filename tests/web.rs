@@ -104,6 +104,15 @@ fn a_submitted_build_streams_its_log_line_by_line_and_cancel_ends_it() {
     b.wait_text("#log", Duration::from_secs(10), |t| t.contains("line 12"));
     assert_eq!(b.js("return document.getElementById('log').scrollTop;"), 0, "left where the reader put it");
 
+    // The overview lists it as running, on its node; another build waits in the queue, saying why.
+    let build_page = b.url();
+    let waiting = c.submit("name: waits\nagent: {label: windows}\nsteps: [{sh: 'true'}]\n");
+    b.goto(&c.url());
+    let running = b.wait_text("#running", Duration::from_secs(10), |t| t.contains("slow"));
+    assert!(running.contains("w2"), "{running}");
+    let queue = b.wait_text("#queue", Duration::from_secs(10), |t| t.contains(&format!("#{waiting}")));
+    assert!(queue.contains("windows"), "why it waits: {queue}");
+    b.goto(&build_page);
     b.click("#cancel");
     b.wait_text("#state", Duration::from_secs(20), |t| t == "aborted");
     b.wait_text("#logstatus", Duration::from_secs(20), |t| t == "log complete");
@@ -344,8 +353,75 @@ fn a_large_log_shows_its_end_first_rebuild_runs_it_again_and_remove_takes_the_no
     assert!(b.text("h1").contains("big"));
     b.wait_text("#state", Duration::from_secs(60), |t| t == "success");
 
+    // The overview's recent builds: result, duration and node.
+    b.goto(&c.url());
+    let recent = b.wait_text("#recent", Duration::from_secs(10), |t| t.matches("big").count() == 2);
+    assert!(recent.contains("success") && recent.contains("w5") && recent.contains(" s"), "{recent}");
     b.goto(&format!("{}nodes/w5", c.url()));
     b.click("#remove");
     b.wait_text("main", Duration::from_secs(20), |t| t.contains("No nodes yet"));
     assert!(c.node_line("w5").is_none(), "the node is gone");
+}
+
+/// The page through the real haproxy of `examples/proxy/haproxy.cfg`: plain HTTP to the proxy,
+/// TLS from it to the controller; an agent through the proxy too; the pipeline uploaded from a
+/// file into the submit form.
+#[test]
+fn the_page_works_through_haproxy_and_a_pipeline_can_be_uploaded() {
+    use common::{free_port, spawn_logged, wait_for};
+    use std::path::Path;
+    use std::process::Command;
+    let c = Controller::start_tls(&[]);
+    let dir = TempDir::new("web-haproxy");
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let both = dir.path().join("both.pem");
+    std::fs::write(&both, format!("{}{}", ck.cert.pem(), ck.signing_key.serialize_pem())).unwrap();
+    let port = free_port();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let conf =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/proxy/haproxy.cfg"))
+            .unwrap()
+            .replace("@TLS_PORT@", &free_port().to_string())
+            .replace("@CERT_AND_KEY@", &s(&both))
+            .replace("@PLAIN_UPSTREAM@", &c.http)
+            .replace("@PLAIN_PORT@", &port.to_string())
+            .replace("@TLS_UPSTREAM@", &c.http)
+            .replace("@UPSTREAM_CA@", &s(&c.data.path().join("tls/cert.pem")));
+    let conf_path = dir.path().join("haproxy.cfg");
+    std::fs::write(&conf_path, conf).unwrap();
+    let mut cmd = Command::new("haproxy");
+    cmd.arg("-f").arg(&conf_path).arg("-db");
+    let _haproxy = spawn_logged(cmd, dir.path(), "haproxy");
+    wait_for("haproxy", Duration::from_secs(20), || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
+    let base = format!("http://127.0.0.1:{port}/");
+
+    let secret = c.add_node("hx1", "linux", &[]);
+    let work = TempDir::new("web-haproxy-agent");
+    let mut agent = Command::new(common::AGENT);
+    agent
+        .args(["--url", &base, "--name", "hx1", "--secret", &secret, "--websocket", "--work-dir"])
+        .arg(work.path());
+    let _agent = spawn_logged(agent, work.path(), "hx1");
+    c.wait_online("hx1");
+
+    let b = Browser::start();
+    b.goto(&base);
+    b.type_into("#token", &c.token());
+    b.click("#login");
+    b.wait_text("#online", Duration::from_secs(10), |t| t.starts_with('1'));
+    b.goto(&format!("{base}submit"));
+    let file = dir.path().join("upload.yaml");
+    std::fs::write(
+        &file,
+        "name: uploaded\nagent: {label: linux}\nsteps:\n  - sh: 'echo from the uploaded file'\n",
+    )
+    .unwrap();
+    b.type_into("#file", file.to_str().unwrap());
+    b.wait_js_value("return document.getElementById('yaml').value;", |v| v.contains("uploaded"));
+    b.click("#run");
+    b.wait_text("#log", Duration::from_secs(30), |t| {
+        t.contains("from the uploaded file") && t.contains("SUCCESS")
+    });
+    assert!(b.text("h1").contains("uploaded"), "{}", b.text("h1"));
+    b.screenshot("haproxy");
 }

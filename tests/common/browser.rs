@@ -163,6 +163,20 @@ impl Browser {
         }
     }
 
+    /// Wait until `script`'s string result satisfies `f` (20 s).
+    pub fn wait_js_value(&self, script: &str, f: impl Fn(&str) -> bool) -> String {
+        let started = Instant::now();
+        loop {
+            let v = self.js(script);
+            let v = v.as_str().unwrap_or_default().to_string();
+            if f(&v) {
+                return v;
+            }
+            assert!(started.elapsed() < Duration::from_secs(20), "{script} gave {v:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Save a screenshot as `target/web-screenshots/NAME.png`; its path.
     pub fn screenshot(&self, name: &str) -> PathBuf {
         let v = self.call("GET", &self.s("/screenshot"), None);
