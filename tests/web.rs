@@ -66,7 +66,6 @@ fn log_in_and_see_a_node_come_online_without_a_reload() {
     b.screenshot("node");
     b.goto(&c.url());
     b.wait_text("#online", Duration::from_secs(10), |t| t.starts_with('1'));
-    b.screenshot("overview");
 }
 
 #[test]
@@ -112,6 +111,7 @@ fn a_submitted_build_streams_its_log_line_by_line_and_cancel_ends_it() {
     assert!(running.contains("w2"), "{running}");
     let queue = b.wait_text("#queue", Duration::from_secs(10), |t| t.contains(&format!("#{waiting}")));
     assert!(queue.contains("windows"), "why it waits: {queue}");
+    b.screenshot("overview");
     b.goto(&build_page);
     b.click("#cancel");
     b.wait_text("#state", Duration::from_secs(20), |t| t == "aborted");
