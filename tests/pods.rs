@@ -122,6 +122,21 @@ fn a_build_runs_in_both_containers_of_its_pod_and_the_pod_goes_after() {
     wait_for("the pod to be deleted", Duration::from_secs(30), || pods_of(&c).is_empty().then_some(()));
     let nodes = String::from_utf8_lossy(&c.wisp(&["nodes"]).stdout).into_owned();
     assert!(!nodes.contains("both-"), "the pod's node is gone: {nodes}");
+    // /metrics counted the pod (scraped over the controller's TLS with the CLI's own client).
+    let remote = wisp::cli::client::Remote {
+        url: None,
+        token: None,
+        data: Some(c.data.path().to_path_buf()),
+        instance_identity: None,
+        cert: None,
+        no_certificate_check: false,
+    };
+    let client = wisp::cli::client::Client::new(&remote).unwrap();
+    let mut scrape = Vec::new();
+    smol::block_on(client.stream("/metrics", &mut scrape)).unwrap();
+    let scrape = String::from_utf8(scrape).unwrap();
+    assert!(scrape.contains("wisp_pods_started_total{cloud=\"local\"} 1"), "{scrape}");
+    assert!(scrape.contains("wisp_pod_start_seconds_count 1"), "{scrape}");
 }
 
 /// Cancel of a step in the sibling container kills its whole process group there.
