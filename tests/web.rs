@@ -145,8 +145,11 @@ fn hostile_names_and_log_lines_render_as_text_and_colours_as_colours() {
     assert!(b.text("#message").contains("<img"), "the failure's message as text: {}", b.text("#message"));
     assert_eq!(b.js("return document.querySelectorAll('img, main script, #log script').length;"), 0);
     assert_eq!(b.js("return document.querySelector('#log span.f1').textContent;"), "red");
-    // Two refreshes of the live part later, still nothing ran.
-    std::thread::sleep(Duration::from_millis(4500));
+    // Two refreshes of the live part later (each swaps in a new #live), still nothing ran.
+    for _ in 0..2 {
+        b.js("document.getElementById('live').dataset.old = '1'; return 1;");
+        wait_js(&b, "return !document.getElementById('live').dataset.old;", true);
+    }
     assert_eq!(b.js("return document.body.dataset.pwned || 'no';"), "no");
     b.screenshot("hostile");
 }

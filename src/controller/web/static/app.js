@@ -96,6 +96,12 @@ function newlines(s) {
   for (let i = s.indexOf("\n"); i !== -1; i = s.indexOf("\n", i + 1)) n++;
   return n;
 }
+// The last MAX_LINES lines of `text` (which has more).
+function lastLines(text) {
+  let cut = text.length;
+  for (let k = 0; k < MAX_LINES + 1; k++) cut = text.lastIndexOf("\n", cut - 1);
+  return text.slice(cut + 1);
+}
 function liveLog(pre) {
   const note = document.getElementById("lognote");
   const status = document.getElementById("logstatus");
@@ -125,9 +131,7 @@ function liveLog(pre) {
     pendingLines = 0;
     if (n > MAX_LINES) {
       // More than the view keeps: only the last MAX_LINES lines are drawn.
-      let cut = text.length;
-      for (let k = 0; k < MAX_LINES + 1; k++) cut = text.lastIndexOf("\n", cut - 1);
-      text = text.slice(cut + 1);
+      text = lastLines(text);
       n = MAX_LINES;
       pre.replaceChildren();
       lines = 0;
@@ -161,9 +165,7 @@ function liveLog(pre) {
     pendingLines += newlines(e.data);
     if (pendingLines > 2 * MAX_LINES) {
       // Far behind: keep only what can still be shown.
-      let cut = pending.length;
-      for (let k = 0; k < MAX_LINES + 1; k++) cut = pending.lastIndexOf("\n", cut - 1);
-      pending = pending.slice(cut + 1);
+      pending = lastLines(pending);
       pendingLines = MAX_LINES;
       pre.replaceChildren();
       lines = 0;
