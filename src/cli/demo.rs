@@ -91,8 +91,8 @@ pub(super) fn run(d: Demo) -> i32 {
     let remote = Remote { data: Some(d.data.clone()), ..Remote::default() };
     let client = Client::new(&remote).unwrap_or_else(|e| die(e));
     let code = smol::block_on(async {
-        let id =
-            submit(&client, &yaml, d.pipeline.as_deref().unwrap_or("examples/hello.yaml".as_ref())).await?;
+        let id = submit(&client, &yaml, d.pipeline.as_deref().unwrap_or("examples/hello.yaml".as_ref()), "")
+            .await?;
         eprintln!(
             "wisp demo: controller at {url} (data in {}), agent {NODE:?} (work dir {}), build #{id}\n\
              wisp demo: log lines in {} and {}; the build's log follows\n",

@@ -288,6 +288,9 @@ client_command! {
         /// wait for the result without the log (one call, no polling); same exit codes as --follow
         #[argh(switch, short = 'w')]
         wait: bool,
+        /// a parameter's value, NAME=VALUE (the pipeline's `parameters:`); repeat for more
+        #[argh(option, short = 'p', long = "param")]
+        param: Vec<String>,
     }
 }
 
@@ -563,11 +566,19 @@ fn client_command(cmd: Cmd) -> i32 {
             }
             let yaml = std::fs::read_to_string(&r.file)
                 .unwrap_or_else(|e| die(format!("cannot read {}: {e}", r.file.display())));
+            let mut query = String::new();
+            for p in &r.param {
+                if !p.contains('=') {
+                    usage(format!("-p {p}: give NAME=VALUE"));
+                }
+                query.push_str("&param=");
+                query.extend(percent_encoding::utf8_percent_encode(p, percent_encoding::NON_ALPHANUMERIC));
+            }
             with_client(&r.remote(), |c| async move {
                 if r.wait {
-                    return submit_and_wait(&c, &yaml, &r.file).await;
+                    return submit_and_wait(&c, &yaml, &r.file, &query).await;
                 }
-                let id = submit(&c, &yaml, &r.file).await?;
+                let id = submit(&c, &yaml, &r.file, &query).await?;
                 eprintln!("build #{id} queued at {}", c.url());
                 if !r.follow {
                     println!("{id}");
@@ -637,17 +648,22 @@ fn pipeline_refused(e: Error, file: &Path) -> Error {
 }
 
 /// Queue the pipeline read from `file`; returns its build number.
-async fn submit(c: &Client, yaml: &str, file: &Path) -> Result<u64, Error> {
+/// `query` is `&param=...` for each parameter given.
+async fn submit(c: &Client, yaml: &str, file: &Path, query: &str) -> Result<u64, Error> {
+    let path = match query.strip_prefix('&') {
+        Some(q) => format!("/api/builds?{q}"),
+        None => "/api/builds".to_string(),
+    };
     let s: Submitted =
-        c.call(Method::POST, "/api/builds", yaml.to_string()).await.map_err(|e| pipeline_refused(e, file))?;
+        c.call(Method::POST, &path, yaml.to_string()).await.map_err(|e| pipeline_refused(e, file))?;
     Ok(s.id)
 }
 
 /// Submit and wait for the result in one call (`POST /api/builds?wait=`), asking again while
 /// the build runs longer than the controller's longest wait, or the controller is away.
-async fn submit_and_wait(c: &Client, yaml: &str, file: &Path) -> Result<i32, Error> {
+async fn submit_and_wait(c: &Client, yaml: &str, file: &Path, query: &str) -> Result<i32, Error> {
     let mut b: BuildInfo = c
-        .call(Method::POST, "/api/builds?wait=300", yaml.to_string())
+        .call(Method::POST, &format!("/api/builds?wait=300{query}"), yaml.to_string())
         .await
         .map_err(|e| pipeline_refused(e, file))?;
     let id = b.build.id;

@@ -1,7 +1,7 @@
 //! A build the controller holds in memory while it is queued or running: its pipeline, its
 //! cancel flag, the events that wake its runner, waiters and log followers, and why it stalls.
 
-use super::pipeline::Pipeline;
+use super::pipeline::{Pipeline, Plan};
 use super::store::{BuildRecord, StepRecord};
 use event_listener::Event;
 use std::sync::atomic::{AtomicBool, AtomicU32};
@@ -16,16 +16,20 @@ pub struct LiveBuild {
     pub id: u64,
     /// The parsed pipeline.
     pub pipeline: Pipeline,
+    /// Its plan for this build's parameters.
+    pub plan: Plan,
     /// Set by `wisp cancel`.
     pub cancelled: AtomicBool,
+    /// How many times it was cancelled (post steps after a cancel run until the next one).
+    pub cancels: AtomicU32,
     /// Fires on step changes, cancels, node changes, stalls and the end of the build (wakes the
     /// runner, waiters and followers).
     pub changed: Event,
     /// Fires on each piece of output stored (wakes log followers only: a waiter for the result has
     /// no business waking per output frame).
     pub output: Event,
-    /// Steps finished so far.
-    pub steps_done: AtomicU32,
+    /// Steps finished so far, by number.
+    done: Mutex<std::collections::BTreeSet<u32>>,
     /// Why a running build makes no progress (its log or the store cannot be written).
     stalled: Mutex<Option<String>>,
     /// Picked up from the store after a restart (not numbered in this run of the controller).
@@ -39,19 +43,39 @@ pub struct LiveBuild {
 
 impl LiveBuild {
     /// A build about to be queued or picked up.
-    pub fn new(id: u64, pipeline: Pipeline) -> Self {
+    pub fn new(id: u64, pipeline: Pipeline, plan: Plan) -> Self {
         Self {
             id,
             pipeline,
+            plan,
             cancelled: AtomicBool::new(false),
+            cancels: AtomicU32::new(0),
             changed: Event::new(),
             output: Event::new(),
-            steps_done: AtomicU32::new(0),
+            done: Mutex::new(Default::default()),
             stalled: Mutex::new(None),
             recovered: AtomicBool::new(false),
             last: Mutex::new(None),
             queued_at: std::time::Instant::now(),
         }
+    }
+
+    /// Note step `n` finished (its end is stored).
+    pub fn mark_done(&self, n: u32) {
+        self.done.lock().unwrap_or_else(|e| e.into_inner()).insert(n);
+    }
+
+    /// Whether step `n` finished while this build was live.
+    pub fn is_done(&self, n: u32) -> bool {
+        self.done.lock().unwrap_or_else(|e| e.into_inner()).contains(&n)
+    }
+
+    /// Cancel it: running steps are stopped, queued units withdrawn, post steps for `aborted`
+    /// run (a second cancel stops those too).
+    pub fn cancel(&self) {
+        self.cancelled.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.cancels.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.changed.notify(usize::MAX);
     }
 
     /// Keep the final record and steps as stored, and wake waiters.

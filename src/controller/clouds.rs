@@ -253,17 +253,15 @@ impl Host for Controller {
     }
 
     fn fail_queued(&self, node: &str, message: String) {
-        let build = {
+        let unit = {
             let mut st = self.state();
             if let Some(n) = st.nodes.get(node) {
                 self.metrics.pod_failed(&n.rec.origin);
             }
-            st.queue.take_reserved(node).and_then(|id| st.builds.get(&id).cloned())
+            st.queue.take_reserved(node)
         };
-        match build {
-            Some(b) => {
-                self.ex.spawn(self.arc().fail_queued_build(b, message)).detach();
-            }
+        match unit {
+            Some((build, unit)) => self.fail_unit(build, unit, message),
             None => log::info!("node {node}: no queued build waits for it any more"),
         }
     }

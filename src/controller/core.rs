@@ -11,7 +11,7 @@ use super::pipeline;
 use super::queue::{Decision, Queue};
 use super::runner::{self, LiveBuild};
 use super::session::{self, Failures, Out, Reconciled, Session};
-use super::steps::{StepHandle, StepTable};
+use super::steps::StepTable;
 use super::store::{self, BuildRecord, BuildState, NodeRecord, StepRecord, StepState, Store, StoreThread};
 use event_listener::Event;
 use smol::Executor;
@@ -78,6 +78,8 @@ pub(super) struct State {
     pub(super) clouds: Vec<Arc<dyn Cloud>>,
     /// Why recently gone cloud nodes went (a running build on one fails with it), newest last.
     pub(super) gone: std::collections::VecDeque<(String, String)>,
+    /// Queued build units' runners, waiting for a node (or why none comes), by (build, unit).
+    pub(super) waiters: HashMap<(u64, u32), smol::channel::Sender<Result<String, String>>>,
 }
 
 /// A node with its live state, for the web page.
@@ -272,81 +274,53 @@ impl Controller {
         Ok(ctl)
     }
 
-    /// Re-queue builds that were queued when the controller stopped, and pick up those that were
-    /// running where their logs end: their agents reconnect and resume within the grace.
+    /// Pick up builds that were queued or running when the controller stopped: each goes on
+    /// from what the store says of its steps (ended ones are not run again); a running step's
+    /// agent resumes it within the grace (its handle is opened here, before any agent can
+    /// reconnect).
     fn recover(
         self: &Arc<Self>,
         unfinished: Vec<BuildRecord>,
         mut steps_of: HashMap<u64, Vec<StepRecord>>,
     ) -> Result<(), String> {
         for b in unfinished {
-            let p = match pipeline::parse(&b.yaml) {
-                Ok(p) => p,
+            let params = store::decode_params(&b.params);
+            let planned = pipeline::parse(&b.yaml).and_then(|p| p.plan_with(&params).map(|plan| (p, plan)));
+            let (p, plan) = match planned {
+                Ok(x) => x,
                 Err(e) => {
                     let m = format!("{e}");
                     self.store_later(move |s| s.finish_build(b.id, BuildState::Failure, &m));
                     continue;
                 }
             };
-            let live = Arc::new(LiveBuild::new(b.id, p));
+            let live = Arc::new(LiveBuild::new(b.id, p, plan));
             live.mark_recovered();
-            if b.state != BuildState::Running {
-                let mut st = self.state();
-                st.queue.push_with(
-                    b.id,
-                    live.pipeline.label_expr.clone(),
-                    live.pipeline.kubernetes.clone().map(Arc::new),
-                );
-                st.builds.insert(b.id, live);
-                log::info!("build {}: queued again after restart", b.id);
-                continue;
+            let mut memo = runner::Memo::default();
+            for r in steps_of.remove(&b.id).unwrap_or_default() {
+                if r.state == StepState::Running {
+                    let node = r.node.clone().or_else(|| b.node.clone()).unwrap_or_default();
+                    if self.state().nodes.contains_key(&node) {
+                        let path = self.logs.step_path(b.id, r.index);
+                        let log = logs::StepLog::open(path.clone())
+                            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+                        let offset = log.stored();
+                        memo.handles.insert(r.index, self.steps.open(&live, r.index, &node, log, true));
+                        log::info!(
+                            "build {} step {}: was running on node {node} when the controller stopped; \
+                             {offset} bytes stored, waiting for the agent to resume it",
+                            b.id,
+                            r.index
+                        );
+                    }
+                }
+                memo.rows.insert(r.index, r);
             }
-            let steps = steps_of.remove(&b.id).unwrap_or_default();
-            let node = b.node.clone().unwrap_or_default();
-            let known = self.state().nodes.contains_key(&node);
-            let next = steps.iter().find(|s| matches!(s.state, StepState::Running | StepState::Pending));
-            let Some(next) = next.filter(|_| known) else {
-                let why = if known { "no step left to run" } else { "its node no longer exists" };
-                log::warn!("build {}: was running when the controller stopped; failing it: {why}", b.id);
-                let m = format!("controller restarted: {why}");
-                self.store_later(move |s| s.finish_build(b.id, BuildState::Failure, &m));
-                continue;
-            };
-            let (step, running) = (next.index, next.state == StepState::Running);
-            live.steps_done.store(step - 1, Ordering::SeqCst);
-            if running {
-                let path = self.logs.step_path(b.id, step);
-                let log = logs::StepLog::open(path.clone())
-                    .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-                let offset = log.stored();
-                let handle = self.steps.open(&live, step, &node, log, true);
-                log::info!(
-                    "build {} step {step}: was running on node {node} when the controller stopped; \
-                     {offset} bytes stored, waiting for the agent to resume it",
-                    b.id
-                );
-                self.spawn_build(live, node, step, Some(handle));
-            } else {
-                log::info!("build {}: continuing with step {step} on node {node} after restart", b.id);
-                self.spawn_build(live, node, step, None);
-            }
+            log::info!("build {}: picked up after restart ({})", b.id, b.state.as_str());
+            self.state().builds.insert(b.id, live.clone());
+            self.ex.spawn(runner::run_build(self.clone(), live, memo)).detach();
         }
         Ok(())
-    }
-
-    fn spawn_build(
-        self: &Arc<Self>,
-        build: Arc<LiveBuild>,
-        node: String,
-        from: u32,
-        running: Option<StepHandle>,
-    ) {
-        {
-            let mut st = self.state();
-            st.builds.insert(build.id, build.clone());
-            st.nodes.update(&node, |n| n.busy += 1);
-        }
-        self.ex.spawn(runner::run_build(self.clone(), build, node, from, running)).detach();
     }
 
     /// This controller as an `Arc`.
@@ -637,25 +611,84 @@ impl Controller {
         session::reconcile(node, held, &self.steps.started_on(node), away)
     }
 
-    /// Queue a pipeline; returns the build number. A large pipeline is parsed off the executor.
-    pub async fn submit(self: &Arc<Self>, yaml: String) -> Result<u64, ApiError> {
-        let (p, yaml) = if yaml.len() <= INLINE_PARSE {
-            (pipeline::parse(&yaml), yaml)
-        } else {
-            smol::unblock(move || (pipeline::parse(&yaml), yaml)).await
+    /// Queue a pipeline with parameter values `params`; returns the build number. A large
+    /// pipeline is parsed off the executor.
+    pub async fn submit(
+        self: &Arc<Self>,
+        yaml: String,
+        params: Vec<(String, String)>,
+    ) -> Result<u64, ApiError> {
+        let plan = move |yaml: String| {
+            let r = pipeline::parse(&yaml).and_then(|p| p.plan_with(&params).map(|plan| (p, plan)));
+            (r, yaml)
         };
-        let p = p.map_err(|e| ApiError::new(400, e.to_string()))?;
-        let names: Vec<String> = p.steps.iter().map(|s| s.name.clone()).collect();
+        let (r, yaml) =
+            if yaml.len() <= INLINE_PARSE { plan(yaml) } else { smol::unblock(move || plan(yaml)).await };
+        let (p, plan) = r.map_err(|e| ApiError::new(400, e.to_string()))?;
         let name = p.name.clone();
-        let id = self.store.call(move |s| s.insert_build(&name, &yaml, &names)).await?;
+        let params = store::encode_params(&plan.params);
+        let rows: Vec<(String, String, bool)> =
+            plan.steps.iter().map(|s| (s.step.name.clone(), s.stage.clone(), s.skipped)).collect();
+        let id = self
+            .store
+            .call(move |s| {
+                let steps: Vec<store::NewStep<'_>> = rows
+                    .iter()
+                    .map(|(n, st, sk)| store::NewStep { name: n, stage: st, skipped: *sk })
+                    .collect();
+                s.insert_build(&name, &yaml, &params, &steps)
+            })
+            .await?;
         log::info!("build {id}: queued ({}, label '{}')", p.name, p.label.as_deref().unwrap_or(""));
+        let live = Arc::new(LiveBuild::new(id, p, plan));
+        self.state().builds.insert(id, live.clone());
+        self.ex.spawn(runner::run_build(self.clone(), live, runner::Memo::default())).detach();
+        Ok(id)
+    }
+
+    /// Queue unit `unit` of `build`: the receiver gets the node dispatch gives it (its busy
+    /// count raised), or why none will come.
+    pub(super) fn request_unit(
+        self: &Arc<Self>,
+        build: &LiveBuild,
+        unit: u32,
+        expr: crate::controller::labels::LabelExpr,
+        inline: Option<crate::controller::cloud::template::PodTemplate>,
+    ) -> smol::channel::Receiver<Result<String, String>> {
+        let (tx, rx) = smol::channel::bounded(1);
         {
             let mut st = self.state();
-            st.queue.push_with(id, p.label_expr.clone(), p.kubernetes.clone().map(Arc::new));
-            st.builds.insert(id, Arc::new(LiveBuild::new(id, p)));
+            st.queue.push_unit(build.id, unit, expr, inline.map(Arc::new));
+            st.waiters.insert((build.id, unit), tx);
         }
         self.dispatch();
-        Ok(id)
+        rx
+    }
+
+    /// Take a queued unit out; false when dispatch already gave it a node.
+    pub(super) fn withdraw_unit(&self, build: u64, unit: u32) -> bool {
+        let mut st = self.state();
+        let was = st.queue.remove_unit(build, unit);
+        if was {
+            st.waiters.remove(&(build, unit));
+        }
+        was
+    }
+
+    /// Take an executor of `node` (a build picked up after a restart goes on where it was);
+    /// false when there is no such node.
+    pub(super) fn reserve_known(&self, node: &str) -> bool {
+        self.state().nodes.update(node, |n| n.busy += 1).is_some()
+    }
+
+    /// Whether `node` is gone (removed, or its pod deleted or failed): a step that ended as
+    /// lost there lost its agent.
+    pub(super) fn node_lost(&self, node: &str) -> bool {
+        let st = self.state();
+        match st.nodes.get(node) {
+            None => true,
+            Some(n) => n.conn.is_none(),
+        }
     }
 
     /// The live build, if queued or running.
@@ -729,30 +762,30 @@ impl Controller {
         Ok(self.store.call(move |s| s.steps(id)).await?)
     }
 
-    /// Cancel a queued or running build.
+    /// Cancel a queued or running build: its queued units are withdrawn, its running steps
+    /// stopped; its runner ends it (after any `post: aborted` steps).
     pub async fn cancel(self: &Arc<Self>, id: u64) -> Result<(), ApiError> {
-        let queued = {
+        let found = {
             let mut st = self.state();
             match st.builds.get(&id).cloned() {
                 None => None,
                 Some(b) => {
-                    b.cancelled.store(true, Ordering::SeqCst);
-                    b.changed.notify(usize::MAX);
-                    let was_queued = st.queue.remove(id);
-                    Some((b, was_queued))
+                    for unit in st.queue.units_of(id) {
+                        st.queue.remove_unit(id, unit);
+                        if let Some(tx) = st.waiters.remove(&(id, unit)) {
+                            let _ = tx.try_send(Err("cancelled while queued".into()));
+                        }
+                    }
+                    Some(b)
                 }
             }
         };
-        let Some((b, was_queued)) = queued else {
+        let Some(b) = found else {
             let rec = self.build(id).await?;
             return Err(ApiError::new(409, format!("build #{id} already finished ({})", rec.state.as_str())));
         };
         log::info!("build {id}: cancel requested");
-        if was_queued {
-            self.store_must(&b, move |s| s.finish_build(id, BuildState::Aborted, "cancelled while queued"))
-                .await;
-            b.changed.notify(usize::MAX);
-        }
+        b.cancel();
         Ok(())
     }
 
@@ -768,30 +801,35 @@ impl Controller {
             let st = &mut *st;
             for d in st.queue.dispatch(&mut st.nodes, &st.clouds) {
                 match d {
-                    Decision::Run { build, node } => {
-                        runs.extend(st.builds.get(&build).map(|b| (b.clone(), node)))
-                    }
-                    Decision::Provision { build, cloud, node } => asks.push((build, cloud, node)),
-                    Decision::Fail { build, message } => {
-                        fails.extend(st.builds.remove(&build).map(|b| (b, message)))
+                    Decision::Run { build, unit, node } => match st.waiters.remove(&(build, unit)) {
+                        Some(tx) => runs.push((st.builds.get(&build).cloned(), tx, node)),
+                        None => {
+                            st.nodes.update(&node, |n| n.busy = n.busy.saturating_sub(1));
+                        }
+                    },
+                    Decision::Provision { build, unit: _, cloud, node } => asks.push((build, cloud, node)),
+                    Decision::Fail { build, unit, message } => {
+                        fails.extend(st.waiters.remove(&(build, unit)).map(|tx| (tx, message)))
                     }
                 }
             }
         }
         self.metrics.dispatch_pass(started.elapsed());
-        for (b, _) in &runs {
-            self.metrics.dispatched(b.queued_at.elapsed());
-        }
-        for (build, node) in runs {
-            self.ex.spawn(runner::run_build(self.clone(), build, node, 1, None)).detach();
+        for (b, tx, node) in runs {
+            if let Some(b) = &b {
+                self.metrics.dispatched(b.queued_at.elapsed());
+            }
+            if tx.try_send(Ok(node.clone())).is_err() {
+                self.state().nodes.update(&node, |n| n.busy = n.busy.saturating_sub(1));
+            }
         }
         for (build, cloud, node) in asks {
             log::info!("build {build}: cloud '{}' reserved node {node} for it", cloud.name());
             let host: Arc<dyn cloud::Host> = self.clone();
             self.ex.spawn(cloud.launch(node, build, host)).detach();
         }
-        for (build, message) in fails {
-            self.ex.spawn(self.clone().fail_queued_build(build, message)).detach();
+        for (tx, message) in fails {
+            let _ = tx.try_send(Err(message));
         }
     }
 
@@ -833,30 +871,18 @@ impl Controller {
         self.metrics.render(snap)
     }
 
-    /// Fail a build that was taken out of the queue before it ran.
-    pub(super) async fn fail_queued_build(self: Arc<Self>, build: Arc<LiveBuild>, message: String) {
-        let id = build.id;
-        log::warn!("build {id}: failed before it ran: {}", message.lines().next().unwrap_or(""));
-        let (b, steps) = self
-            .store_must(&build, move |s| {
-                s.finish_build(id, BuildState::Failure, &message)?;
-                s.build_with_steps(id)
-            })
-            .await;
-        if let Some(b) = b {
-            self.count_final(&b);
-            build.set_final(b, steps);
+    /// A queued unit cannot get a node (its pod failed to start): its runner is told why.
+    pub(super) fn fail_unit(&self, build: u64, unit: u32, message: String) {
+        if let Some(tx) = self.state().waiters.remove(&(build, unit)) {
+            let _ = tx.try_send(Err(message));
         }
-        self.state().builds.remove(&id);
-        build.changed.notify(usize::MAX);
     }
 
-    /// A build's runner is done: free its executor and dispatch again.
-    pub fn build_done(self: &Arc<Self>, build: &LiveBuild, node: &str) {
-        let failed = build.final_record().is_none_or(|r| r.0.state != BuildState::Success);
+    /// A build unit is done with `node`: free its executor, tell the node's cloud (which may
+    /// delete its pod), and dispatch again.
+    pub fn release_unit(self: &Arc<Self>, build: &LiveBuild, node: &str, failed: bool) {
         let after = {
             let mut st = self.state();
-            st.builds.remove(&build.id);
             let origin = st.nodes.get(node).map(|n| n.rec.origin.clone()).unwrap_or_default();
             let after = st
                 .clouds
@@ -877,6 +903,20 @@ impl Controller {
                 cloud::AfterBuild::Release => c.release(node.to_string(), host),
             };
             self.ex.spawn(fut).detach();
+        }
+        build.changed.notify(usize::MAX);
+        self.dispatch();
+    }
+
+    /// A build's runner is done: it is no longer live.
+    pub fn build_ended(self: &Arc<Self>, build: &LiveBuild) {
+        {
+            let mut st = self.state();
+            st.builds.remove(&build.id);
+            for unit in st.queue.units_of(build.id) {
+                st.queue.remove_unit(build.id, unit);
+                st.waiters.remove(&(build.id, unit));
+            }
         }
         build.changed.notify(usize::MAX);
         self.dispatch();
@@ -915,7 +955,8 @@ mod tests {
         let ex = Arc::new(Executor::new());
         let ctl = Controller::open(dir.clone(), ex.clone(), timing()).unwrap();
         let p = pipeline::parse("name: p\nsteps: [{sh: 'true'}]\n").unwrap();
-        let build = Arc::new(LiveBuild::new(1, p));
+        let plan = p.plan.clone();
+        let build = Arc::new(LiveBuild::new(1, p, plan));
         let tries = Arc::new(AtomicU32::new(0));
         let t = tries.clone();
         let b = build.clone();
@@ -950,8 +991,10 @@ mod tests {
         let cloud = TestCloud::new("pods", 1);
         let ctl = Controller::open_with(dir.clone(), ex.clone(), timing(), vec![cloud.clone()]).unwrap();
         smol::block_on(ex.run(async {
-            let id =
-                ctl.submit("name: p\nagent: {label: pods}\nsteps: [{sh: 'true'}]\n".into()).await.unwrap();
+            let id = ctl
+                .submit("name: p\nagent: {label: pods}\nsteps: [{sh: 'true'}]\n".into(), Vec::new())
+                .await
+                .unwrap();
             let deadline = Instant::now() + Duration::from_secs(10);
             while cloud.launched.lock().unwrap().is_empty() {
                 assert!(Instant::now() < deadline, "the cloud was not asked");

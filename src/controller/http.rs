@@ -469,8 +469,9 @@ async fn add_node(
 /// submit and result in one call (like `jenkins-cli build -s`).
 async fn submit(ctl: &Arc<Controller>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let wait = query_param(&req, "wait").map(|w| parse_wait(&w)).transpose()?;
+    let params = submit_params(&req)?;
     let yaml = body_text(req).await?;
-    let id = ctl.submit(yaml).await?;
+    let id = ctl.submit(yaml, params).await?;
     match wait {
         None => Ok(json_response(StatusCode::CREATED, api::Submitted { id })),
         Some(wait) => Ok(json_response(StatusCode::CREATED, build_record(ctl, id, wait).await?)),
@@ -506,6 +507,34 @@ pub(super) fn query_param(req: &Request<Incoming>, name: &str) -> Option<String>
         (decode(k).as_deref() == Some(name)).then(|| decode(v).map(|v| v.into_owned())).flatten()
     })
 }
+
+/// Parameters of a submit: each `?param=NAME=VALUE` (percent-encoded), at most
+/// [`MAX_PARAMS`], a name given once.
+fn submit_params(req: &Request<Incoming>) -> Result<Vec<(String, String)>, ApiError> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for kv in req.uri().query().unwrap_or("").split('&') {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        if decode(k).as_deref() != Some("param") {
+            continue;
+        }
+        let v =
+            decode(v).ok_or_else(|| ApiError::new(400, "a ?param= is not valid percent-encoded UTF-8"))?;
+        let Some((name, value)) = v.split_once('=') else {
+            return Err(ApiError::new(400, format!("?param={v}: give NAME=VALUE")));
+        };
+        if out.iter().any(|(n, _)| n == name) {
+            return Err(ApiError::new(400, format!("parameter {name} is given twice")));
+        }
+        if out.len() == MAX_PARAMS {
+            return Err(ApiError::new(400, format!("more than {MAX_PARAMS} parameters")));
+        }
+        out.push((name.to_string(), value.to_string()));
+    }
+    Ok(out)
+}
+
+/// Parameters one submit may give.
+pub const MAX_PARAMS: usize = 64;
 
 /// Longest `?wait=` a client may ask for, in seconds.
 pub const MAX_WAIT_SECS: u64 = 300;
@@ -661,39 +690,60 @@ async fn send(tx: &Tx, b: impl Into<Bytes>) -> Result<(), ()> {
 const FOLLOW_TICK: Duration = Duration::from_secs(1);
 
 async fn follow_log(ctl: &Controller, id: u64, follow: bool, tx: &Tx) -> Result<(), ()> {
-    let steps = ctl.build_steps(id).await.map_err(|_| ())?;
     // What the reader was last told about why the build waits or stalls.
     let mut told: Option<String> = None;
-    for s in &steps {
+    // Steps in number order; another attempt of a step (a retry) is added as the build runs.
+    let mut next = 0usize;
+    loop {
+        let steps = ctl.build_steps(id).await.map_err(|_| ())?;
+        let Some(s) = steps.get(next).cloned() else {
+            match ctl.live(id) {
+                Some(b) if follow => {
+                    let l = b.changed.listen();
+                    if ctl.live(id).is_none() {
+                        continue;
+                    }
+                    smol::future::or(l, async {
+                        smol::Timer::after(FOLLOW_TICK).await;
+                    })
+                    .await;
+                    continue;
+                }
+                _ => break,
+            }
+        };
+        next += 1;
         // Wait for the step to start (or for the build to end without it).
-        loop {
+        let ran = loop {
             let live = ctl.live(id);
             let listener = live.as_ref().map(|b| b.changed.listen());
             let state = ctl.build_steps(id).await.map_err(|_| ())?.get(s.index as usize - 1).map(|s| s.state);
             match state {
                 Some(StepState::Pending) if follow && listener.is_some() => {
-                    if s.index == 1 {
-                        tell_waiting(ctl, id, &mut told, tx).await?;
-                    }
+                    tell_waiting(ctl, id, &mut told, tx).await?;
                     smol::future::or(listener.unwrap(), async {
                         smol::Timer::after(FOLLOW_TICK).await;
                     })
                     .await;
                 }
-                Some(StepState::Pending | StepState::Skipped) | None => {
-                    return finish(ctl, id, follow, tx).await
-                }
-                Some(_) => break,
+                // Not run (skipped, or the build ended before it), or not yet while not
+                // following: the next step.
+                Some(StepState::Pending | StepState::Skipped) | None => break false,
+                Some(_) => break true,
             }
+        };
+        if !ran {
+            continue;
         }
-        send(tx, format!("==> step {}: {}\n", s.index, s.name)).await?;
+        let stage = if s.stage.is_empty() { String::new() } else { format!(" [{}]", s.stage) };
+        send(tx, format!("==> step {}{stage}: {}\n", s.index, s.name)).await?;
         let mut reader = None;
         let mut last = b'\n';
         let mut tick = smol::Timer::interval(FOLLOW_TICK);
         loop {
             let live = ctl.live(id);
             let listener = live.as_ref().map(|b| smol::future::or(b.changed.listen(), b.output.listen()));
-            let done = live.as_ref().is_none_or(|b| b.steps_done.load(Ordering::SeqCst) >= s.index);
+            let done = live.as_ref().is_none_or(|b| b.is_done(s.index));
             // The file appears with the step's first byte (looked for after `done` is read, so a
             // step that ended with output is never taken for an empty one).
             if reader.is_none() {

@@ -13,6 +13,8 @@ use std::sync::Arc;
 #[derive(Debug, Clone)]
 struct Entry {
     id: u64,
+    /// Which of the build's agent reservations (its plan's unit).
+    unit: u32,
     expr: LabelExpr,
     /// A pod template the pipeline carries inline.
     inline: Option<Arc<PodTemplate>>,
@@ -29,6 +31,8 @@ pub enum Decision {
     Run {
         /// Build number.
         build: u64,
+        /// The build's unit.
+        unit: u32,
         /// Node name.
         node: String,
     },
@@ -36,6 +40,8 @@ pub enum Decision {
     Provision {
         /// Build number.
         build: u64,
+        /// The build's unit.
+        unit: u32,
         /// The cloud.
         cloud: Arc<dyn Cloud>,
         /// Node name.
@@ -45,6 +51,8 @@ pub enum Decision {
     Fail {
         /// Build number.
         build: u64,
+        /// The build's unit.
+        unit: u32,
         /// Why.
         message: String,
     },
@@ -53,11 +61,11 @@ pub enum Decision {
 impl std::fmt::Debug for Decision {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Run { build, node } => write!(f, "Run({build} on {node})"),
-            Self::Provision { build, cloud, node } => {
-                write!(f, "Provision({build}: {node} from {})", cloud.name())
+            Self::Run { build, unit, node } => write!(f, "Run({build}.{unit} on {node})"),
+            Self::Provision { build, unit, cloud, node } => {
+                write!(f, "Provision({build}.{unit}: {node} from {})", cloud.name())
             }
-            Self::Fail { build, message } => write!(f, "Fail({build}: {message})"),
+            Self::Fail { build, unit, message } => write!(f, "Fail({build}.{unit}: {message})"),
         }
     }
 }
@@ -65,12 +73,16 @@ impl std::fmt::Debug for Decision {
 impl PartialEq for Decision {
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {
-            (Self::Run { build: a, node: x }, Self::Run { build: b, node: y }) => a == b && x == y,
+            (Self::Run { build: a, unit: u, node: x }, Self::Run { build: b, unit: v, node: y }) => {
+                a == b && u == v && x == y
+            }
             (
-                Self::Provision { build: a, cloud: c, node: x },
-                Self::Provision { build: b, cloud: d, node: y },
-            ) => a == b && c.name() == d.name() && x == y,
-            (Self::Fail { build: a, message: x }, Self::Fail { build: b, message: y }) => a == b && x == y,
+                Self::Provision { build: a, unit: u, cloud: c, node: x },
+                Self::Provision { build: b, unit: v, cloud: d, node: y },
+            ) => a == b && u == v && c.name() == d.name() && x == y,
+            (Self::Fail { build: a, unit: u, message: x }, Self::Fail { build: b, unit: v, message: y }) => {
+                a == b && u == v && x == y
+            }
             _ => false,
         }
     }
@@ -90,14 +102,31 @@ impl Queue {
 
     /// Queue build `id`, which needs a node that `expr` matches or a pod of its inline template.
     pub fn push_with(&mut self, id: u64, expr: LabelExpr, inline: Option<Arc<PodTemplate>>) {
-        self.entries.push_back(Entry { id, expr, inline, reserved: None, note: None });
+        self.push_unit(id, 0, expr, inline);
     }
 
-    /// Take build `id` out; true if it was queued.
+    /// Queue unit `unit` of build `id` (one of its agent reservations).
+    pub fn push_unit(&mut self, id: u64, unit: u32, expr: LabelExpr, inline: Option<Arc<PodTemplate>>) {
+        self.entries.push_back(Entry { id, unit, expr, inline, reserved: None, note: None });
+    }
+
+    /// Take build `id` out (all its units); true if it was queued.
     pub fn remove(&mut self, id: u64) -> bool {
         let before = self.entries.len();
         self.entries.retain(|e| e.id != id);
         self.entries.len() != before
+    }
+
+    /// Take unit `unit` of build `id` out; true if it was queued.
+    pub fn remove_unit(&mut self, id: u64, unit: u32) -> bool {
+        let before = self.entries.len();
+        self.entries.retain(|e| (e.id, e.unit) != (id, unit));
+        self.entries.len() != before
+    }
+
+    /// The units of build `id` that are queued.
+    pub fn units_of(&self, id: u64) -> Vec<u32> {
+        self.entries.iter().filter(|e| e.id == id).map(|e| e.unit).collect()
     }
 
     /// Builds waiting.
@@ -110,9 +139,18 @@ impl Queue {
         self.entries.is_empty()
     }
 
-    /// The first `limit` queued builds, oldest first.
+    /// The first `limit` queued builds, oldest first (each once, however many units it queued).
     pub fn ids(&self, limit: usize) -> Vec<u64> {
-        self.entries.iter().take(limit).map(|e| e.id).collect()
+        let mut out: Vec<u64> = Vec::new();
+        for e in &self.entries {
+            if out.len() == limit {
+                break;
+            }
+            if !out.contains(&e.id) {
+                out.push(e.id);
+            }
+        }
+        out
     }
 
     /// Whether build `id` is queued.
@@ -120,10 +158,10 @@ impl Queue {
         self.entries.iter().any(|e| e.id == id)
     }
 
-    /// The queued build that node `node` was reserved for, taken out of the queue.
-    pub fn take_reserved(&mut self, node: &str) -> Option<u64> {
+    /// The queued build unit that node `node` was reserved for, taken out of the queue.
+    pub fn take_reserved(&mut self, node: &str) -> Option<(u64, u32)> {
         let i = self.entries.iter().position(|e| e.reserved.as_ref().is_some_and(|(_, n)| n == node))?;
-        self.entries.remove(i).map(|e| e.id)
+        self.entries.remove(i).map(|e| (e.id, e.unit))
     }
 
     /// Start every queued build that has a matching node with a free executor, oldest first
@@ -149,7 +187,7 @@ impl Queue {
                 {
                     f.reserved = e.reserved.clone();
                 }
-                out.push(Decision::Run { build: e.id, node });
+                out.push(Decision::Run { build: e.id, unit: e.unit, node });
                 continue;
             }
             if !full.contains(&e.expr) {
@@ -193,11 +231,11 @@ impl Queue {
                         e.reserved = Some((c.name().to_string(), rec.name.clone()));
                         let node = rec.name.clone();
                         nodes.insert(Node::ephemeral(rec));
-                        out.push(Decision::Provision { build: e.id, cloud: c, node });
+                        out.push(Decision::Provision { build: e.id, unit: e.unit, cloud: c, node });
                     }
                     Some((_, Reserve::Refused(message))) => {
                         let e = self.entries.remove(i).expect("in range");
-                        out.push(Decision::Fail { build: e.id, message });
+                        out.push(Decision::Fail { build: e.id, unit: e.unit, message });
                         continue;
                     }
                     _ => {}
@@ -239,7 +277,7 @@ impl Queue {
                 if matching.len() == 1 { "it is" } else { "all are" }
             ));
         }
-        let ahead = self.entries.iter().take_while(|q| q.id != id).count();
+        let ahead = self.ids(usize::MAX).iter().take_while(|q| **q != id).count();
         let mut why = format!(
             "all executors busy on the {online} online node{} matching {label}",
             if online == 1 { "" } else { "s" }
@@ -307,7 +345,7 @@ mod tests {
         let runs: Vec<_> = d
             .iter()
             .map(|d| match d {
-                Decision::Run { build, node } => (*build, node.as_str()),
+                Decision::Run { build, node, .. } => (*build, node.as_str()),
                 other => panic!("{other:?}"),
             })
             .collect();
@@ -317,7 +355,7 @@ mod tests {
         assert_eq!(q.why(5, &n).unwrap(), "all executors busy on the 2 online nodes matching 'linux'");
         // A freed executor takes the build that waited.
         n.update("b", |x| x.busy -= 1);
-        assert_eq!(q.dispatch(&mut n, &[]), vec![Decision::Run { build: 5, node: "b".into() }]);
+        assert_eq!(q.dispatch(&mut n, &[]), vec![Decision::Run { build: 5, unit: 0, node: "b".into() }]);
         assert!(q.is_empty());
     }
 
@@ -327,7 +365,7 @@ mod tests {
         let mut q = Queue::default();
         q.push(1, expr("windows"));
         q.push(2, expr("linux"));
-        assert_eq!(q.dispatch(&mut n, &[]), vec![Decision::Run { build: 2, node: "a".into() }]);
+        assert_eq!(q.dispatch(&mut n, &[]), vec![Decision::Run { build: 2, unit: 0, node: "a".into() }]);
         assert_eq!(q.why(1, &n).unwrap(), "no node has label 'windows'");
         assert_eq!(q.why(2, &n), None, "no longer queued");
     }
@@ -364,9 +402,9 @@ mod tests {
         assert_eq!(
             d,
             vec![
-                Decision::Provision { build: 1, cloud: c.clone(), node: "k8s-1".into() },
-                Decision::Run { build: 3, node: "a".into() },
-                Decision::Provision { build: 5, cloud: c.clone(), node: "k8s-2".into() },
+                Decision::Provision { build: 1, unit: 0, cloud: c.clone(), node: "k8s-1".into() },
+                Decision::Run { build: 3, unit: 0, node: "a".into() },
+                Decision::Provision { build: 5, unit: 0, cloud: c.clone(), node: "k8s-2".into() },
             ]
         );
         // The reserved nodes are added (offline) for their agents to connect as.
@@ -396,8 +434,11 @@ mod tests {
         // for k8s-1.
         let (tx, _rx) = smol::channel::bounded(1);
         n.update("k8s-2", |x| x.conn = Some(Arc::new(Session::new(1, "k8s-2", "test", tx))));
-        assert_eq!(q.dispatch(&mut n, &clouds), vec![Decision::Run { build: 1, node: "k8s-2".into() }]);
-        assert_eq!(q.take_reserved("k8s-1"), Some(2));
+        assert_eq!(
+            q.dispatch(&mut n, &clouds),
+            vec![Decision::Run { build: 1, unit: 0, node: "k8s-2".into() }]
+        );
+        assert_eq!(q.take_reserved("k8s-1"), Some((2, 0)));
         assert_eq!(q.take_reserved("k8s-2"), None);
     }
 }

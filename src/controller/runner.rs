@@ -4,13 +4,18 @@
 
 pub use super::build::LiveBuild;
 use super::pipeline;
+use super::pipeline::plan::{Block, Exec, PostSteps};
+use super::pipeline::stages::RetryOn;
+use super::pipeline::Kind;
 use super::session::Out;
 use super::steps::{StepEvent, StepHandle};
-use super::store::{self, BuildState, StepState};
+use super::store::{self, BuildState, StepRecord, StepState};
 use super::Controller;
 use crate::proto::{ExitStatus, Frame};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// How long a cancelled step's Exit may take before the build is ended without it.
@@ -42,88 +47,496 @@ pub fn step_result(end: &StepEnd) -> (StepState, String, Option<i32>) {
     }
 }
 
-/// Run a build's steps from `from` on `node`. `running` is given when step `from` is already
-/// running on the agent (picked up after a controller restart): it is not started again.
-pub async fn run_build(
+/// What a build step, block or branch came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Everything in it succeeded.
+    Success,
+    /// Something failed; `lost` when its agent went away (a node gone, a pod failed or deleted,
+    /// no contact within the grace), which `retry: {on: [agent-lost]}` retries.
+    Failure {
+        /// For people.
+        message: String,
+        /// The agent was lost.
+        lost: bool,
+    },
+    /// Cancelled.
+    Aborted(String),
+}
+
+impl Outcome {
+    fn failed(message: String) -> Self {
+        Outcome::Failure { message, lost: false }
+    }
+}
+
+/// What stops a step besides its own end: a cancel of the build (counted from `base`, so a post
+/// block after a cancel runs until the next one) or a failing sibling of a `failFast` group.
+#[derive(Clone, Default)]
+pub struct Stop {
+    base: u32,
+    flags: Vec<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl Stop {
+    /// Whether the build was cancelled (after `base`) or a fail-fast group was stopped.
+    pub fn hit(&self, build: &LiveBuild) -> bool {
+        build.cancels.load(Ordering::SeqCst) > self.base
+            || self.flags.iter().any(|f| f.load(Ordering::SeqCst))
+    }
+
+    fn with_flag(&self, f: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        let mut s = self.clone();
+        s.flags.push(f);
+        s
+    }
+}
+
+/// What the store says of a build that was running when the controller stopped: each step's
+/// row, and a handle for each step that was running (opened before any agent reconnects).
+#[derive(Default)]
+pub struct Memo {
+    /// Rows by step number.
+    pub rows: HashMap<u32, StepRecord>,
+    /// Open handles of the steps that were running, by step number.
+    pub handles: HashMap<u32, StepHandle>,
+}
+
+/// One build's run.
+struct Run {
     ctl: Arc<Controller>,
     build: Arc<LiveBuild>,
-    node: String,
-    from: u32,
-    mut running: Option<StepHandle>,
-) {
+    workspace: String,
+    /// Unit 0's node while held (from its first use to the build's end).
+    main: smol::lock::Mutex<Option<String>>,
+    /// The next number for another attempt of a step.
+    next: std::sync::atomic::AtomicU32,
+    memo: Mutex<Memo>,
+    /// The build is not marked running yet (its first step marks it).
+    unstarted: std::sync::atomic::AtomicBool,
+}
+
+type Boxed<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send + 'a>>;
+
+/// Run a build from its plan, to its end: units reserved as its stages need them, parallel
+/// branches at once, retries and post steps as the plan says. `memo` is what the store holds of
+/// a build picked up after a restart (steps that ended are not run again; running ones are
+/// waited for).
+pub async fn run_build(ctl: Arc<Controller>, build: Arc<LiveBuild>, memo: Memo) {
     let id = build.id;
-    // The build is marked running together with its first step (one store write).
-    let mut start_on = (from == 1).then(|| node.clone());
-    if from == 1 {
-        log::info!("build {id}: running on node {node}");
-    }
-    let workspace = pipeline::workspace_name(&build.pipeline.name);
-    let mut state = BuildState::Success;
-    let mut message = String::new();
-    // Whether the build's end went into the store with its last step.
-    let mut ended = false;
-    let last = build.pipeline.steps.len() as u32;
-    for (i, spec) in build.pipeline.steps.iter().enumerate().skip(from as usize - 1) {
-        let step = i as u32 + 1;
-        if build.cancelled.load(Ordering::SeqCst) {
-            state = BuildState::Aborted;
-            message = "cancelled".into();
-            break;
+    let planned = build.plan.steps.len() as u32;
+    let next = memo.rows.keys().copied().max().unwrap_or(0).max(planned) + 1;
+    let started = memo.rows.values().any(|r| r.state != StepState::Pending && r.state != StepState::Skipped);
+    // Unit 0's node, when a step of it had started before a restart.
+    let main_node = memo
+        .rows
+        .values()
+        .filter(|r| build.plan.step(r.origin.unwrap_or(r.index)).is_some_and(|p| p.unit == 0))
+        .find_map(|r| r.node.clone());
+    let run = Arc::new(Run {
+        workspace: pipeline::workspace_name(&build.pipeline.name),
+        main: smol::lock::Mutex::new(None),
+        next: next.into(),
+        memo: Mutex::new(memo),
+        unstarted: (!started).into(),
+        ctl: ctl.clone(),
+        build: build.clone(),
+    });
+    if let Some(node) = main_node {
+        if ctl.reserve_known(&node) {
+            *run.main.lock().await = Some(node);
+        } else {
+            log::warn!("build {id}: its node {node} no longer exists");
         }
-        let (end, bytes) =
-            run_step(&ctl, &build, &node, step, &workspace, spec, running.take(), start_on.take()).await;
-        let (step_state, exit, code) = step_result(&end);
-        log::info!("build {id} step {step}: {exit} (node {node})");
-        match step_state {
-            StepState::Success => {}
-            StepState::Aborted => {
-                state = BuildState::Aborted;
-                message = format!("cancelled during step {step}");
+    }
+    let outcome = run.clone().exec(build.plan.root.clone(), Stop::default()).await;
+    if let Some(node) = run.main.lock().await.take() {
+        ctl.release_unit(&build, &node, outcome != Outcome::Success);
+    }
+    let (state, message) = match outcome {
+        Outcome::Success => (BuildState::Success, String::new()),
+        Outcome::Failure { message, .. } if build.cancelled.load(Ordering::SeqCst) => {
+            (BuildState::Aborted, message)
+        }
+        Outcome::Failure { message, .. } => (BuildState::Failure, message),
+        Outcome::Aborted(m) => (BuildState::Aborted, m),
+    };
+    log::info!("build {id}: finished {} {message}", state.as_str());
+    let (b, steps) = ctl
+        .store_must(&build, move |s| {
+            s.finish_build(id, state, &message)?;
+            s.build_with_steps(id)
+        })
+        .await;
+    if let Some(b) = b {
+        ctl.count_final(&b);
+        build.set_final(b, steps);
+    }
+    ctl.build_ended(&build);
+}
+
+impl Run {
+    fn exec(self: Arc<Self>, e: Exec, stop: Stop) -> Boxed<'static> {
+        Box::pin(async move {
+            match e {
+                Exec::Seq(list) => {
+                    for x in list {
+                        if stop.hit(&self.build) {
+                            return Outcome::Aborted("cancelled".into());
+                        }
+                        let r = self.clone().exec(x, stop.clone()).await;
+                        if r != Outcome::Success {
+                            return r;
+                        }
+                    }
+                    Outcome::Success
+                }
+                Exec::Par { branches, fail_fast } => {
+                    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    let inner = if fail_fast { stop.with_flag(flag.clone()) } else { stop.clone() };
+                    let tasks: Vec<_> = branches
+                        .into_iter()
+                        .map(|b| {
+                            let (me, inner, flag) = (self.clone(), inner.clone(), flag.clone());
+                            self.ctl.ex.spawn(async move {
+                                let r = me.clone().exec(b, inner).await;
+                                if fail_fast
+                                    && matches!(r, Outcome::Failure { .. })
+                                    && !flag.swap(true, Ordering::SeqCst)
+                                {
+                                    log::info!(
+                                        "build {}: a branch failed; failFast stops the others",
+                                        me.build.id
+                                    );
+                                    me.build.changed.notify(usize::MAX);
+                                }
+                                r
+                            })
+                        })
+                        .collect();
+                    let mut results = Vec::with_capacity(tasks.len());
+                    for t in tasks {
+                        results.push(t.await);
+                    }
+                    // The first failure wins; then a cancel; else success.
+                    if let Some(f) = results.iter().find(|r| matches!(r, Outcome::Failure { .. })) {
+                        return f.clone();
+                    }
+                    results.into_iter().find(|r| matches!(r, Outcome::Aborted(_))).unwrap_or(Outcome::Success)
+                }
+                Exec::Block(b) => self.block(&b, &stop).await,
+                Exec::Post { body, post } => {
+                    let r = self.clone().exec(*body, stop.clone()).await;
+                    let node = match self.unit_node(0, &stop).await {
+                        Ok(n) => n,
+                        Err(e) => return worst(r, e),
+                    };
+                    let p = self.post(&post, 1, &r, &node, &stop).await;
+                    worst(r, p)
+                }
+            }
+        })
+    }
+
+    /// Unit 0's node, reserving it at its first use.
+    async fn unit_node(&self, unit: u32, stop: &Stop) -> Result<String, Outcome> {
+        let mut main = self.main.lock().await;
+        if let Some(n) = main.as_ref().filter(|n| self.ctl.node(n).is_some()) {
+            return Ok(n.clone());
+        }
+        let node = self.reserve(unit, stop).await?;
+        *main = Some(node.clone());
+        Ok(node)
+    }
+
+    /// Queue unit `unit` and wait for its node (or for a cancel).
+    async fn reserve(&self, unit: u32, stop: &Stop) -> Result<String, Outcome> {
+        let u = &self.build.plan.units[unit as usize];
+        let id = self.build.id;
+        let rx = self.ctl.request_unit(&self.build, unit, u.label_expr.clone(), u.kubernetes.clone());
+        loop {
+            let listener = self.build.changed.listen();
+            // (When dispatch gave it a node meanwhile, the node arrives below and the attempt
+            // stops at its first step.)
+            if stop.hit(&self.build) && self.ctl.withdraw_unit(id, unit) {
+                return Err(Outcome::Aborted("cancelled while waiting for an agent".into()));
+            }
+            let got = smol::future::or(async { Some(rx.recv().await) }, async {
+                listener.await;
+                None
+            })
+            .await;
+            match got {
+                Some(Ok(Ok(node))) => return Ok(node),
+                Some(Ok(Err(message))) => return Err(Outcome::failed(message)),
+                Some(Err(_)) => return Err(Outcome::Aborted("cancelled while waiting for an agent".into())),
+                None => {}
+            }
+        }
+    }
+
+    /// A block, with its `retry:`.
+    async fn block(self: &Arc<Self>, b: &Block, stop: &Stop) -> Outcome {
+        if b.skipped {
+            return Outcome::Success;
+        }
+        let id = self.build.id;
+        for attempt in 1..=b.retry.count {
+            if stop.hit(&self.build) {
+                return Outcome::Aborted("cancelled".into());
+            }
+            let r = self.attempt(b, attempt, stop).await;
+            match &r {
+                Outcome::Failure { message, lost }
+                    if attempt < b.retry.count && (*lost || b.retry.on == RetryOn::Failure) =>
+                {
+                    log::info!(
+                        "build {id}: stage {:?} failed ({message}); attempt {} of {} follows",
+                        b.stage,
+                        attempt + 1,
+                        b.retry.count
+                    );
+                }
+                _ => return r,
+            }
+        }
+        Outcome::failed("no attempt left".into())
+    }
+
+    /// One attempt of a block: its unit reserved (or unit 0's node), its steps in order, its post.
+    async fn attempt(self: &Arc<Self>, b: &Block, attempt: u32, stop: &Stop) -> Outcome {
+        let mut nums = Vec::with_capacity(b.steps.len());
+        for &p in &b.steps {
+            nums.push((p, self.number(p, attempt, 1).await));
+        }
+        // A node a step of this attempt had started on before a restart.
+        let known = {
+            let memo = self.memo.lock().unwrap_or_else(|e| e.into_inner());
+            nums.iter().find_map(|(_, n)| memo.rows.get(n).and_then(|r| r.node.clone()))
+        };
+        let own = b.unit != 0;
+        let node = if !own {
+            match self.unit_node(0, stop).await {
+                Ok(n) => n,
+                Err(e) => return e,
+            }
+        } else if let Some(n) = known {
+            if !self.ctl.reserve_known(&n) {
+                return Outcome::Failure { message: format!("node {n} no longer exists"), lost: true };
+            }
+            n
+        } else {
+            match self.reserve(b.unit, stop).await {
+                Ok(n) => n,
+                Err(e) => return e,
+            }
+        };
+        let mut r = Outcome::Success;
+        for (p, n) in nums {
+            if stop.hit(&self.build) {
+                r = Outcome::Aborted("cancelled".into());
+                break;
+            }
+            r = self.step(p, n, attempt, &node, stop).await;
+            if r != Outcome::Success {
+                break;
+            }
+        }
+        let lost = matches!(r, Outcome::Failure { lost: true, .. });
+        if !lost {
+            let post = self.post(&b.post, attempt, &r, &node, stop).await;
+            r = worst(r, post);
+        }
+        if own {
+            self.ctl.release_unit(&self.build, &node, r != Outcome::Success);
+        } else if lost {
+            // Unit 0's node is lost: the next use reserves another.
+            let mut main = self.main.lock().await;
+            if main.as_deref() == Some(node.as_str()) {
+                main.take();
+                self.ctl.release_unit(&self.build, &node, true);
+            }
+        }
+        r
+    }
+
+    /// Post steps by how `r` came out: `always` first, then the block of the result.
+    async fn post(
+        self: &Arc<Self>,
+        post: &PostSteps,
+        attempt: u32,
+        r: &Outcome,
+        node: &str,
+        stop: &Stop,
+    ) -> Outcome {
+        let list = match r {
+            Outcome::Success => &post.success,
+            Outcome::Failure { .. } => &post.failure,
+            Outcome::Aborted(_) => &post.aborted,
+        };
+        if post.always.is_empty() && list.is_empty() {
+            return Outcome::Success;
+        }
+        // After a cancel, post steps run until the next cancel.
+        let stop = match r {
+            Outcome::Aborted(_) => {
+                Stop { base: self.build.cancels.load(Ordering::SeqCst), ..Stop::default() }
+            }
+            _ => stop.clone(),
+        };
+        for &p in post.always.iter().chain(list) {
+            let n = self.number(p, attempt, 1).await;
+            let s = self.step(p, n, attempt, node, &stop).await;
+            if s != Outcome::Success {
+                return s;
+            }
+        }
+        Outcome::Success
+    }
+
+    /// The number of planned step `p`'s attempt `attempt` (the stage's) and `rerun` (the
+    /// step's own): `p` itself for the first, else a new step added to the build (or the one
+    /// added before a restart).
+    async fn number(&self, p: u32, attempt: u32, rerun: u32) -> u32 {
+        if attempt == 1 && rerun == 1 {
+            return p;
+        }
+        {
+            let memo = self.memo.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(r) =
+                memo.rows.values().find(|r| r.origin == Some(p) && r.attempt == attempt && r.rerun == rerun)
+            {
+                return r.index;
+            }
+        }
+        let n = self.next.fetch_add(1, Ordering::SeqCst);
+        let planned = self.build.plan.step(p).expect("planned step");
+        let (name, stage) = (planned.step.name.clone(), planned.stage.clone());
+        let name = if rerun > 1 { format!("{name} (again, {rerun})") } else { name };
+        let stage = if attempt > 1 { format!("{stage} (attempt {attempt})") } else { stage };
+        let id = self.build.id;
+        let (name2, stage2) = (name.clone(), stage.clone());
+        self.ctl
+            .store_must(&self.build, move |s| {
+                s.add_step(
+                    id,
+                    n,
+                    &store::NewStep { name: &name2, stage: &stage2, skipped: false },
+                    p,
+                    attempt,
+                    rerun,
+                )
+            })
+            .await;
+        let rec = StepRecord {
+            index: n,
+            name,
+            state: StepState::Pending,
+            exit: String::new(),
+            code: None,
+            bytes: 0,
+            started: None,
+            finished: None,
+            stage,
+            node: None,
+            origin: Some(p),
+            attempt,
+            rerun,
+        };
+        self.memo.lock().unwrap_or_else(|e| e.into_inner()).rows.insert(n, rec);
+        self.build.changed.notify(usize::MAX);
+        n
+    }
+
+    /// Planned step `p` as step `n`, with its own `retry:`.
+    async fn step(self: &Arc<Self>, p: u32, n: u32, attempt: u32, node: &str, stop: &Stop) -> Outcome {
+        let planned = self.build.plan.step(p).expect("planned step");
+        let mut n = n;
+        let mut rerun = 1;
+        loop {
+            let r = self.one(p, n, node, stop).await;
+            match r {
+                Outcome::Failure { lost: false, .. }
+                    if rerun < planned.attempts && !stop.hit(&self.build) =>
+                {
+                    rerun += 1;
+                    n = self.number(p, attempt, rerun).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Step `n` (planned step `p`) on `node`, once; or what the store says it came to before a
+    /// restart.
+    async fn one(self: &Arc<Self>, p: u32, n: u32, node: &str, stop: &Stop) -> Outcome {
+        let id = self.build.id;
+        let planned = self.build.plan.step(p).expect("planned step");
+        let (row, handle) = {
+            let mut memo = self.memo.lock().unwrap_or_else(|e| e.into_inner());
+            (memo.rows.get(&n).cloned(), memo.handles.remove(&n))
+        };
+        if let Some(r) = &row {
+            match r.state {
+                StepState::Success | StepState::Skipped => return Outcome::Success,
+                StepState::Failure => {
+                    return Outcome::failed(format!("step {n} ({}) failed: {}", r.name, r.exit));
+                }
+                StepState::Aborted => return Outcome::Aborted(format!("cancelled during step {n}")),
+                StepState::Running | StepState::Pending => {}
+            }
+        }
+        let first = self.unstarted.swap(false, Ordering::SeqCst);
+        let (end, bytes) = match planned.kind {
+            Kind::Sh => {
+                run_step(&self.ctl, &self.build, node, n, &self.workspace, &planned.step, handle, first, stop)
+                    .await
             }
             _ => {
-                state = BuildState::Failure;
-                message = format!("step {step} ({}) failed: {exit}", spec.name);
+                let (c, b, nd) = (self.ctl.clone(), self.build.clone(), node.to_string());
+                c.store_must(&b, move |s| s.start_step(id, n, &nd, first)).await;
+                (
+                    StepEnd::Lost(format!(
+                        "{}: this controller cannot run stash, unstash or archive steps yet",
+                        planned.step.name
+                    )),
+                    0,
+                )
             }
-        }
-        if state == BuildState::Failure && build.cancelled.load(Ordering::SeqCst) {
-            state = BuildState::Aborted;
-        }
-        // The build's last step and the build's end are one store write.
-        ended = state != BuildState::Success || step == last;
-        let finish = ended.then(|| (state, message.clone()));
-        // The end is read back in the same store call, so waiters for the result need no read.
-        let record = ctl
-            .store_must(&build, move |s| {
-                let stored = store::StepEnd { state: step_state, exit: &exit, code, bytes };
-                s.end_step(id, step, &stored, finish.as_ref().map(|(st, m)| (*st, m.as_str())))?;
-                finish.as_ref().map(|_| s.build_with_steps(id)).transpose()
+        };
+        let (step_state, exit, code) = step_result(&end);
+        let lost = matches!(end, StepEnd::Lost(_)) && self.ctl.node_lost(node);
+        log::info!("build {id} step {n}: {exit} (node {node})");
+        let stored_exit = exit.clone();
+        self.ctl
+            .store_must(&self.build, move |s| {
+                let stored = store::StepEnd { state: step_state, exit: &stored_exit, code, bytes };
+                s.end_step(id, n, &stored, None)
             })
             .await;
-        if let Some((Some(b), steps)) = record {
-            ctl.count_final(&b);
-            build.set_final(b, steps);
-        }
-        build.steps_done.store(step, Ordering::SeqCst);
-        build.changed.notify(usize::MAX);
-        if ended {
-            break;
-        }
-    }
-    log::info!("build {id}: finished {} {message}", state.as_str());
-    // Cancelled before a step ran (or no step left after a restart): the end is written alone.
-    if !ended {
-        let (b, steps) = ctl
-            .store_must(&build, move |s| {
-                s.finish_build(id, state, &message)?;
-                s.build_with_steps(id)
-            })
-            .await;
-        if let Some(b) = b {
-            ctl.count_final(&b);
-            build.set_final(b, steps);
+        self.build.mark_done(n);
+        self.build.changed.notify(usize::MAX);
+        let what = if planned.stage.is_empty() {
+            format!("step {n} ({})", planned.step.name)
+        } else {
+            format!("step {n} ({}, in {})", planned.step.name, planned.stage)
+        };
+        match step_state {
+            StepState::Success => Outcome::Success,
+            StepState::Aborted => Outcome::Aborted(format!("cancelled during step {n}")),
+            _ if stop.hit(&self.build) => Outcome::Aborted(format!("cancelled during step {n}")),
+            _ => Outcome::Failure { message: format!("{what} failed: {exit}"), lost },
         }
     }
-    ctl.build_done(&build, &node);
+}
+
+/// `a` then `b`: the first that did not succeed.
+fn worst(a: Outcome, b: Outcome) -> Outcome {
+    if a != Outcome::Success {
+        a
+    } else {
+        b
+    }
 }
 
 /// Run one step on `node` and wait for its end. The step survives its agent's absence for
@@ -138,7 +551,8 @@ async fn run_step(
     workspace: &str,
     spec: &pipeline::Step,
     running: Option<StepHandle>,
-    start_on: Option<String>,
+    first: bool,
+    stop: &Stop,
 ) -> (StepEnd, u64) {
     let id = build.id;
     let mut start_write = None;
@@ -165,15 +579,15 @@ async fn run_step(
             let h = ctl.steps.open(build, step, node, log, false);
             // The step starts while its start is written: the store thread keeps the order of the
             // writes, and the step's end is written only after this one has landed (below).
-            let (c, b) = (ctl.clone(), build.clone());
+            let (c, b, on) = (ctl.clone(), build.clone(), node.to_string());
             start_write = Some(ctl.ex.spawn(async move {
-                c.store_must(&b, move |s| s.start_step(id, step, start_on.as_deref())).await;
+                c.store_must(&b, move |s| s.start_step(id, step, &on, first)).await;
                 b.changed.notify(usize::MAX);
             }));
             h
         }
     };
-    let end = wait_step(ctl, build, node, step, workspace, spec, &handle).await;
+    let end = wait_step(ctl, build, node, step, workspace, spec, &handle, stop).await;
     if let Some(w) = start_write {
         w.await;
     }
@@ -191,6 +605,7 @@ async fn wait_step(
     workspace: &str,
     spec: &pipeline::Step,
     handle: &StepHandle,
+    stop: &Stop,
 ) -> StepEnd {
     let id = build.id;
     let grace = ctl.timing.agent_grace;
@@ -200,7 +615,7 @@ async fn wait_step(
         let listener = build.changed.listen();
         let session = ctl.session_of(node);
         if !handle.slot.started() {
-            if build.cancelled.load(Ordering::SeqCst) {
+            if stop.hit(build) {
                 return StepEnd::Exit(ExitStatus::Cancelled, "cancelled before it started".into());
             }
             if let Some(s) = &session {
@@ -242,7 +657,7 @@ async fn wait_step(
                 continue;
             }
         }
-        if build.cancelled.load(Ordering::SeqCst) {
+        if stop.hit(build) {
             cancel_deadline.get_or_insert_with(|| Instant::now() + CANCEL_WAIT);
             if let Some(s) = session.as_ref().filter(|s| s.id != cancel_sent_on) {
                 if s.tx.send(Out::Frame(Frame::Cancel { build: id, step })).await.is_ok() {
@@ -363,7 +778,7 @@ mod tests {
         smol::block_on(ex.run(async {
             let (_s, rx) = add_node(&ctl).await;
             let yaml = "name: r\nagent: {label: l}\nsteps:\n  - sh: a\n  - sh: b\n  - sh: c\n";
-            let id = ctl.submit(yaml.into()).await.unwrap();
+            let id = ctl.submit(yaml.into(), Vec::new()).await.unwrap();
             assert_eq!(next_start(&rx).await, (id, 1));
             agent_runs(&ctl, id, 1, b"one\n", 0).await;
             assert_eq!(next_start(&rx).await, (id, 2));
@@ -394,7 +809,10 @@ mod tests {
         let (ctl, ex, dir) = setup("grace", Duration::from_millis(200));
         smol::block_on(ex.run(async {
             let (s, rx) = add_node(&ctl).await;
-            let id = ctl.submit("name: g\nagent: {label: l}\nsteps:\n  - sh: a\n".into()).await.unwrap();
+            let id = ctl
+                .submit("name: g\nagent: {label: l}\nsteps:\n  - sh: a\n".into(), Vec::new())
+                .await
+                .unwrap();
             assert_eq!(next_start(&rx).await, (id, 1));
             ctl.detach(&s, "test cut");
             let b = loop {
@@ -430,7 +848,7 @@ mod tests {
                 }
             };
             // An agent without the capability bit runs the local step and never sees the other.
-            let id = ctl.submit(yaml.into()).await.unwrap();
+            let id = ctl.submit(yaml.into(), Vec::new()).await.unwrap();
             match rx.recv().await.unwrap() {
                 Out::Start { step: 1, container, .. } => assert_eq!(container, ""),
                 other => panic!("{other:?}"),
@@ -454,7 +872,7 @@ mod tests {
             let newer =
                 Arc::new(Session { capabilities: caps, ..Session::new(ctl.session_id(), "n", "t", tx) });
             assert!(ctl.attach(&newer, None));
-            let id = ctl.submit(yaml.into()).await.unwrap();
+            let id = ctl.submit(yaml.into(), Vec::new()).await.unwrap();
             assert_eq!(next_start(&rx).await, (id, 1));
             agent_runs(&ctl, id, 1, b"", 0).await;
             match rx.recv().await.unwrap() {
@@ -474,7 +892,7 @@ mod tests {
         smol::block_on(ex.run(async {
             let (_s, rx) = add_node(&ctl).await;
             let id = ctl
-                .submit("name: c\nagent: {label: l}\nsteps:\n  - sh: a\n  - sh: b\n".into())
+                .submit("name: c\nagent: {label: l}\nsteps:\n  - sh: a\n  - sh: b\n".into(), Vec::new())
                 .await
                 .unwrap();
             assert_eq!(next_start(&rx).await, (id, 1));

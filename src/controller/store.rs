@@ -25,6 +25,38 @@ pub struct NodeRecord {
 
 pub use super::api::types::{BuildState, StepRecord, StepState};
 
+/// Parameters as stored: one `NAME=VALUE` per line (names never hold `=` or a newline; values
+/// may hold `=`, and a newline is escaped as `\\n`, a backslash as `\\\\`).
+pub fn encode_params(params: &[(String, String)]) -> String {
+    params
+        .iter()
+        .map(|(k, v)| format!("{k}={}\n", v.replace('\\', "\\\\").replace('\n', "\\n").replace('\r', "\\r")))
+        .collect()
+}
+
+/// The inverse of [`encode_params`].
+pub fn decode_params(s: &str) -> Vec<(String, String)> {
+    s.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| {
+            let mut out = String::with_capacity(v.len());
+            let mut it = v.chars();
+            while let Some(c) = it.next() {
+                match (c, c == '\\') {
+                    (_, true) => match it.next() {
+                        Some('n') => out.push('\n'),
+                        Some('r') => out.push('\r'),
+                        Some(x) => out.push(x),
+                        None => {}
+                    },
+                    (c, false) => out.push(c),
+                }
+            }
+            (k.to_string(), out)
+        })
+        .collect()
+}
+
 /// A build as stored.
 #[derive(Debug, Clone, Serialize)]
 pub struct BuildRecord {
@@ -47,6 +79,19 @@ pub struct BuildRecord {
     /// The pipeline as submitted.
     #[serde(skip)]
     pub yaml: String,
+    /// Its parameters as given, `NAME=VALUE` lines (read for recovery only).
+    #[serde(skip)]
+    pub params: String,
+}
+
+/// A step row to add: its name and stage path; `skipped` when planned not to run.
+pub struct NewStep<'a> {
+    /// Display name.
+    pub name: &'a str,
+    /// Stage path ("" for none).
+    pub stage: &'a str,
+    /// Planned not to run (a `when:` that does not hold).
+    pub skipped: bool,
 }
 
 /// How a step ended, as stored.
@@ -62,7 +107,7 @@ pub struct StepEnd<'a> {
 }
 
 /// The schema this code writes (kept in the `meta` table under `schema`).
-pub const SCHEMA_VERSION: u32 = 4;
+pub const SCHEMA_VERSION: u32 = 5;
 
 /// Store errors carry the SQLite message.
 pub type Result<T> = std::result::Result<T, rusqlite::Error>;
@@ -115,8 +160,9 @@ impl Store {
         match version {
             // A store made before the schema was versioned (version 1): nodes had no origin.
             // Version 3 added the clouds table (created above when missing), version 4 the times
-            // of each step.
-            None | Some(1) | Some(2) | Some(3) => {
+            // of each step, version 5 stages: a build's parameters, and each step's stage, node and
+            // attempt.
+            None | Some(1) | Some(2) | Some(3) | Some(4) => {
                 let has = |table: &str, column: &str| -> Result<bool> {
                     db.prepare(&format!(
                         "SELECT 1 FROM pragma_table_info('{table}') WHERE name = '{column}'"
@@ -128,6 +174,16 @@ impl Store {
                 }
                 if !has("steps", "started")? {
                     db.execute_batch("ALTER TABLE steps ADD COLUMN started INTEGER; ALTER TABLE steps ADD COLUMN finished INTEGER;")?;
+                }
+                if !has("steps", "stage")? {
+                    db.execute_batch(
+                        "ALTER TABLE builds ADD COLUMN params TEXT NOT NULL DEFAULT '';
+                         ALTER TABLE steps ADD COLUMN stage TEXT NOT NULL DEFAULT '';
+                         ALTER TABLE steps ADD COLUMN node TEXT;
+                         ALTER TABLE steps ADD COLUMN origin INTEGER;
+                         ALTER TABLE steps ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1;
+                         ALTER TABLE steps ADD COLUMN rerun INTEGER NOT NULL DEFAULT 1;",
+                    )?;
                 }
                 db.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?1)",
@@ -214,37 +270,72 @@ impl Store {
         rows.collect()
     }
 
-    /// Record a new queued build with its steps; returns its number.
-    pub fn insert_build(&self, name: &str, yaml: &str, steps: &[String]) -> Result<u64> {
+    /// Record a new queued build with its parameters (`NAME=VALUE` lines) and its planned steps;
+    /// returns its number.
+    pub fn insert_build(&self, name: &str, yaml: &str, params: &str, steps: &[NewStep<'_>]) -> Result<u64> {
         let tx = self.db.unchecked_transaction()?;
-        tx.prepare_cached("INSERT INTO builds (name, yaml, state, created) VALUES (?1, ?2, 'queued', ?3)")?
-            .execute(params![name, yaml, now()])?;
+        tx.prepare_cached(
+            "INSERT INTO builds (name, yaml, state, created, params) VALUES (?1, ?2, 'queued', ?3, ?4)",
+        )?
+        .execute(params![name, yaml, now(), params])?;
         let id = tx.last_insert_rowid() as u64;
         {
             let mut q = tx.prepare_cached(
-                "INSERT INTO steps (build, idx, name, state) VALUES (?1, ?2, ?3, 'pending')",
+                "INSERT INTO steps (build, idx, name, state, stage) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
             for (i, s) in steps.iter().enumerate() {
-                q.execute(params![id, i as u32 + 1, s])?;
+                let state = if s.skipped { "skipped" } else { "pending" };
+                q.execute(params![id, i as u32 + 1, s.name, state, s.stage])?;
             }
         }
         tx.commit()?;
         Ok(id)
     }
 
-    /// Mark a step running; with `start_on`, also the build running on that node (its first step),
-    /// in one transaction.
-    pub fn start_step(&self, build: u64, idx: u32, start_on: Option<&str>) -> Result<()> {
+    /// Add step `idx` to a build: another attempt (`attempt`, `rerun`) of planned step `origin`.
+    pub fn add_step(
+        &self,
+        build: u64,
+        idx: u32,
+        s: &NewStep<'_>,
+        origin: u32,
+        attempt: u32,
+        rerun: u32,
+    ) -> Result<()> {
+        self.db
+            .prepare_cached(
+                "INSERT OR IGNORE INTO steps (build, idx, name, state, stage, origin, attempt, rerun)
+                 VALUES (?1, ?2, ?3, 'pending', ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![build, idx, s.name, s.stage, origin, attempt, rerun])?;
+        Ok(())
+    }
+
+    /// Mark steps skipped (a post block whose condition did not hold).
+    pub fn skip_steps(&self, build: u64, idx: &[u32]) -> Result<()> {
         let tx = self.db.unchecked_transaction()?;
-        if let Some(node) = start_on {
+        for i in idx {
+            tx.prepare_cached(
+                "UPDATE steps SET state = 'skipped' WHERE build = ?1 AND idx = ?2 AND state = 'pending'",
+            )?
+            .execute(params![build, i])?;
+        }
+        tx.commit()
+    }
+
+    /// Mark a step running on `node`; with `first`, also the build running (its first step), in
+    /// one transaction.
+    pub fn start_step(&self, build: u64, idx: u32, node: &str, first: bool) -> Result<()> {
+        let tx = self.db.unchecked_transaction()?;
+        if first {
             tx.prepare_cached("UPDATE builds SET state = 'running', node = ?2, started = ?3 WHERE id = ?1")?
                 .execute(params![build, node, now()])?;
         }
         tx.prepare_cached(
-            "UPDATE steps SET state = 'running', exit = '', code = NULL, bytes = 0, started = ?3, finished = NULL
-             WHERE build = ?1 AND idx = ?2",
+            "UPDATE steps SET state = 'running', exit = '', code = NULL, bytes = 0, started = ?3, finished = NULL,
+             node = ?4 WHERE build = ?1 AND idx = ?2",
         )?
-        .execute(params![build, idx, now()])?;
+        .execute(params![build, idx, now(), node])?;
         tx.commit()
     }
 
@@ -296,6 +387,7 @@ impl Store {
             created: r.get(6)?,
             started: r.get(7)?,
             finished: r.get(8)?,
+            params: r.get(9).unwrap_or_default(),
         })
     }
 
@@ -303,7 +395,7 @@ impl Store {
     pub fn build(&self, id: u64) -> Result<Option<BuildRecord>> {
         self.db
             .prepare_cached(
-                "SELECT id, name, yaml, state, node, message, created, started, finished FROM builds WHERE id = ?1",
+                "SELECT id, name, yaml, state, node, message, created, started, finished, params FROM builds WHERE id = ?1",
             )?
             .query_row([id], Self::build_row)
             .optional()
@@ -370,7 +462,7 @@ impl Store {
     /// Builds not yet final, oldest first (for recovery at start).
     pub fn unfinished_builds(&self) -> Result<Vec<BuildRecord>> {
         let mut q = self.db.prepare(
-            "SELECT id, name, yaml, state, node, message, created, started, finished FROM builds
+            "SELECT id, name, yaml, state, node, message, created, started, finished, params FROM builds
              WHERE state IN ('queued', 'running') ORDER BY id",
         )?;
         let rows = q.query_map([], Self::build_row)?;
@@ -380,7 +472,8 @@ impl Store {
     /// A build's steps in order.
     pub fn steps(&self, build: u64) -> Result<Vec<StepRecord>> {
         let mut q = self.db.prepare_cached(
-            "SELECT idx, name, state, exit, code, bytes, started, finished FROM steps WHERE build = ?1 ORDER BY idx",
+            "SELECT idx, name, state, exit, code, bytes, started, finished, stage, node, origin, attempt, rerun
+             FROM steps WHERE build = ?1 ORDER BY idx",
         )?;
         let rows = q.query_map([build], |r| {
             let state: String = r.get(2)?;
@@ -393,6 +486,11 @@ impl Store {
                 bytes: r.get(5)?,
                 started: r.get(6)?,
                 finished: r.get(7)?,
+                stage: r.get(8)?,
+                node: r.get(9)?,
+                origin: r.get(10)?,
+                attempt: r.get(11)?,
+                rerun: r.get(12)?,
             })
         })?;
         rows.collect()
@@ -495,8 +593,8 @@ mod tests {
         let s = Store::open(&dir).unwrap();
         let old = s.steps(1).unwrap();
         assert_eq!((old[0].started, old[0].finished, old[0].bytes), (None, None, 3));
-        let id = s.insert_build("new", "y", &["b".to_string()]).unwrap();
-        s.start_step(id, 1, Some("n")).unwrap();
+        let id = s.insert_build("new", "y", "", &[NewStep { name: "b", stage: "", skipped: false }]).unwrap();
+        s.start_step(id, 1, "n", true).unwrap();
         let running = &s.steps(id).unwrap()[0];
         assert!(running.started.is_some() && running.finished.is_none());
         let end = StepEnd { state: StepState::Success, exit: "exit code 0", code: Some(0), bytes: 1 };
@@ -526,8 +624,12 @@ mod tests {
             };
             s.add_node(&n).unwrap();
             assert!(s.add_node(&n).is_err(), "duplicate names are refused");
-            let id = s.insert_build("hello", "name: hello", &["a".into(), "b".into()]).unwrap();
-            s.start_step(id, 1, Some("n1")).unwrap();
+            let steps = [
+                NewStep { name: "a", stage: "", skipped: false },
+                NewStep { name: "b", stage: "", skipped: false },
+            ];
+            let id = s.insert_build("hello", "name: hello", "", &steps).unwrap();
+            s.start_step(id, 1, "n1", true).unwrap();
             assert_eq!(s.build(id).unwrap().unwrap().state, BuildState::Running);
             let end = StepEnd { state: StepState::Success, exit: "exit code 0", code: Some(0), bytes: 12 };
             s.end_step(id, 1, &end, Some((BuildState::Success, ""))).unwrap();

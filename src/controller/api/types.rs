@@ -244,6 +244,25 @@ pub struct StepRecord {
     /// Unix seconds, once ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished: Option<i64>,
+    /// The stage it belongs to ("build / arch=x86_64"; "" for a pipeline of plain steps).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub stage: String,
+    /// The node it ran on, once started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// For another attempt of a step: the step it repeats.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<u32>,
+    /// The stage's attempt it belongs to (from 1).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub attempt: u32,
+    /// The step's own attempt within it (from 1; a step's `retry:`).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub rerun: u32,
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 /// `GET /api/builds/N` (and `POST /api/builds?wait=`): the build with its steps.
@@ -404,6 +423,7 @@ mod tests {
             started: Some(1_700_000_001),
             finished: None,
             yaml: "name: hello".into(),
+            params: String::new(),
         };
         let s = store::StepRecord {
             index: 1,
@@ -414,6 +434,11 @@ mod tests {
             bytes: 12,
             started: Some(1_700_000_001),
             finished: None,
+            stage: "build / arch=x86_64".into(),
+            node: Some("n1".into()),
+            origin: None,
+            attempt: 1,
+            rerun: 1,
         };
         let mut v = serde_json::to_value(&b).unwrap();
         round_trips::<BuildRecord>(v.clone());

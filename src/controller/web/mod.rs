@@ -193,7 +193,7 @@ pub async fn page(
             }
             ["submit"] => {
                 let yaml = form.get("yaml").cloned().unwrap_or_default();
-                return match ctl.submit(yaml.clone()).await {
+                return match ctl.submit(yaml.clone(), Vec::new()).await {
                     Ok(id) => redirect(&format!("{p}/builds/{id}")),
                     Err(e) => render(StatusCode::BAD_REQUEST, &SubmitPage { c, error: e.message, yaml }),
                 };
@@ -205,7 +205,10 @@ pub async fn page(
             },
             ["builds", id, "rebuild"] => match http::parse_id(id) {
                 Ok(n) => match ctl.build(n).await {
-                    Ok(b) => ctl.submit(b.yaml).await.map(|new| format!("{p}/builds/{new}")),
+                    Ok(b) => {
+                        let params = super::store::decode_params(&b.params);
+                        ctl.submit(b.yaml, params).await.map(|new| format!("{p}/builds/{new}"))
+                    }
                     Err(e) => Err(e),
                 },
                 Err(e) => Err(e),
