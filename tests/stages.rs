@@ -311,3 +311,38 @@ fn a_stage_that_loses_its_agent_runs_again_on_another() {
     let log = String::from_utf8(ctl.step_log(id, 2)).unwrap();
     assert_eq!(log, format!("second on {}\n", s[1].3));
 }
+
+/// A controller SIGKILLed while the second stage of a build streams on another agent: after the
+/// restart the first stage is not run again, the second goes on where its log was, and the
+/// build ends with every byte once.
+#[test]
+fn a_multi_stage_build_survives_the_controller_killed_mid_stage() {
+    let mut ctl = Controller::start_on_fixed_ports(&[]);
+    let work = TempDir::new("stages-kill");
+    let _a = node(&ctl, "k1", "one", false, &work);
+    let _b = node(&ctl, "k2", "two", true, &work);
+    let marks = TempDir::new("kmarks");
+    let runs = marks.path().join("first-runs");
+    let yaml = format!(
+        "name: kill\nstages:\n  - name: first\n    agent: {{label: one}}\n    steps: [{{sh: \"echo x >> {}; echo first\"}}]\n  - name: second\n    agent: {{label: two}}\n    steps: [{{sh: \"for i in $(seq 1 60); do echo line $i; sleep 0.1; done\"}}]\n",
+        runs.display()
+    );
+    let id = ctl.submit(&yaml);
+    wait_for("the second stage to stream", Duration::from_secs(30), || {
+        let log = ctl.get(&format!("/api/builds/{id}/steps/2/log"));
+        (log.0 == 200 && String::from_utf8_lossy(&log.1).contains("line 10\n")).then_some(())
+    });
+    ctl.kill();
+    std::thread::sleep(Duration::from_secs(1));
+    ctl.launch();
+    let b = ctl.wait_build_state(id, Duration::from_secs(60));
+    assert_eq!(b["state"], "success", "{b}\n{}", ctl.log_text());
+    let want: String = (1..=60).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(String::from_utf8(ctl.step_log(id, 2)).unwrap(), want);
+    assert_eq!(std::fs::read_to_string(&runs).unwrap(), "x\n", "the first stage ran once");
+    let s = steps(&ctl, id);
+    assert_eq!((s[0].3.as_str(), s[1].3.as_str()), ("k1", "k2"), "{s:?}");
+    let (_, body) = ctl.get("/api/nodes");
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(v["nodes"].as_array().unwrap().iter().all(|n| n["busy"] == 0), "{v}");
+}
