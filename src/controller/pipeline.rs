@@ -27,6 +27,11 @@
 //! same path in every container. An agent too old to forward steps fails such a step with a
 //! message saying so.
 //!
+//! `stages:` (in place of `steps:`), `parallel`, `matrix`, `post`, `retry`, `when`,
+//! `parameters` and the `stash`, `unstash` and `archive` steps are described in [`stages`]; a
+//! parsed pipeline is made concrete for one build (parameters given, cells expanded, steps
+//! numbered) by [`plan`].
+//!
 //! Parsing goes through hand-written serde visitors rather than derived structs so that every
 //! check runs while serde_yaml_ng still knows where it is: errors then carry the field's path and
 //! its line and column, and unknown or repeated fields are refused with the fields that exist.
@@ -240,7 +245,7 @@ pub fn parse(yaml: &str) -> Result<Pipeline, PipelineError> {
     depth::scan(yaml, MAX_NESTING).map_err(|d| PipelineError {
         message: format!(
             "the YAML nests deeper than {MAX_NESTING} levels here (counting [ ], {{ }} and indented \
-             blocks); a pipeline needs 4"
+             blocks); a pipeline with stages needs about 10"
         ),
         at: Some((d.line, d.column)),
         kind: ErrorKind::TooDeep,
