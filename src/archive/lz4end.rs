@@ -48,6 +48,18 @@ impl<R: Read> FrameCheck<R> {
         self.frames > 0 && self.state == State::Magic && self.got == 0
     }
 
+    /// Whether the input has nothing more (reads it: call once the decoder has seen the end).
+    pub(super) fn at_input_end(&mut self) -> io::Result<bool> {
+        let mut byte = [0u8; 1];
+        loop {
+            match self.inner.read(&mut byte) {
+                Ok(n) => return Ok(n == 0),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     fn feed(&mut self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
             if self.skip > 0 {

@@ -155,8 +155,12 @@ pub fn unpack(input: impl Read, dest: &Path, limits: &Limits) -> Result<Unpacked
             return Err(ArchiveError::Stream("data after the end of the archive".into()));
         }
     }
-    if !rest.get_ref().at_frame_end() {
+    let check = rest.get_mut();
+    if !check.at_frame_end() {
         return Err(ArchiveError::Stream("the stream is cut short: it has no LZ4 end mark".into()));
+    }
+    if !check.at_input_end().map_err(stream_err)? {
+        return Err(ArchiveError::Stream("data after the end of the LZ4 frame".into()));
     }
     Ok(u.out)
 }
