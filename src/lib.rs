@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod archive;
 pub mod auth;
 pub mod dial;
 pub mod link;
