@@ -383,6 +383,8 @@ pub fn frame_kind(f: &Frame<'_>) -> &'static str {
         Frame::Pong { .. } => "Pong",
         Frame::InfoRequest => "InfoRequest",
         Frame::AgentInfo { .. } => "AgentInfo",
+        Frame::Put { .. } => "Put",
+        Frame::Taken { .. } => "Taken",
     }
 }
 

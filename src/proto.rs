@@ -46,6 +46,25 @@ pub const CAP_CONTAINER_STEPS: u32 = 1 << 0;
 /// frame it does not know from an older peer.
 pub const CAP_AGENT_INFO: u32 = 1 << 1;
 
+/// `Hello` capability bit: the agent packs and unpacks archives (artifacts and stash): it runs a
+/// `StepStart` whose shell is [`PACK_SHELL`] or [`UNPACK_SHELL`] itself and takes `Put` frames.
+/// A controller sends those only to an agent that sets it.
+pub const CAP_ARCHIVE: u32 = 1 << 2;
+
+/// The `shell` of a `StepStart` that packs files of the step's directory into an archive sent
+/// as the step's output (see `crate::archive`); its `script` is the selection, one pattern per
+/// line, `+PATTERN` to take and `-PATTERN` to leave out. Never a real shell: those are absolute
+/// paths.
+pub const PACK_SHELL: &str = "wisp:pack";
+
+/// The `shell` of a `StepStart` that unpacks the archive the controller sends in `Put` frames
+/// into the step's directory; its `script` is the archive's length in bytes. The step's output
+/// is a line saying what was written.
+pub const UNPACK_SHELL: &str = "wisp:unpack";
+
+/// Longest `data` of one `Put`.
+pub const MAX_PUT_CHUNK: usize = MAX_OUTPUT_CHUNK;
+
 /// Longest field of `AgentInfo`.
 pub const MAX_INFO: usize = 64;
 
@@ -328,6 +347,12 @@ pub enum Frame<'a> {
     InfoRequest,
     /// Agent → controller, answering `InfoRequest`: its version, CPU architecture and OS.
     AgentInfo { version: &'a str, arch: &'a str, os: &'a str },
+    /// Controller → agent (one that set [`CAP_ARCHIVE`]): bytes of the archive an unpack step
+    /// reads, from byte `offset`; empty `data` at the archive's length ends it.
+    Put { build: u64, step: u32, offset: u64, data: &'a [u8] },
+    /// Agent → controller: an unpack step has taken its archive up to `offset` (the controller
+    /// keeps at most a window beyond it in flight, and sends again from here after a resume).
+    Taken { build: u64, step: u32, offset: u64 },
 }
 
 const T_HELLO: u8 = 1;
@@ -353,6 +378,8 @@ const T_PING: u8 = 20;
 const T_PONG: u8 = 21;
 const T_INFO_REQUEST: u8 = 22;
 const T_AGENT_INFO: u8 = 23;
+const T_PUT: u8 = 24;
+const T_TAKEN: u8 = 25;
 
 /// Why a frame could not be decoded or encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -527,6 +554,17 @@ pub fn decode(buf: &[u8]) -> Result<Frame<'_>, CodecError> {
             arch: r.short_str("arch", MAX_INFO)?,
             os: r.short_str("os", MAX_INFO)?,
         },
+        T_PUT => {
+            let build = r.u64()?;
+            let step = r.u32()?;
+            let offset = r.u64()?;
+            let data = r.bytes()?;
+            if data.len() > MAX_PUT_CHUNK {
+                return Err(CodecError::BadField("put length"));
+            }
+            Frame::Put { build, step, offset, data }
+        }
+        T_TAKEN => Frame::Taken { build: r.u64()?, step: r.u32()?, offset: r.u64()? },
         t => return Err(CodecError::UnknownType(t)),
     };
     if !r.buf.is_empty() {
@@ -693,6 +731,22 @@ pub fn encode(frame: &Frame<'_>, buf: &mut [u8]) -> Result<usize, CodecError> {
             w.u64(id)?;
         }
         Frame::InfoRequest => w.u8(T_INFO_REQUEST)?,
+        Frame::Put { build, step, offset, data } => {
+            if data.len() > MAX_PUT_CHUNK {
+                return Err(CodecError::BadField("put length"));
+            }
+            w.u8(T_PUT)?;
+            w.u64(build)?;
+            w.u32(step)?;
+            w.u64(offset)?;
+            w.bytes(data)?;
+        }
+        Frame::Taken { build, step, offset } => {
+            w.u8(T_TAKEN)?;
+            w.u64(build)?;
+            w.u32(step)?;
+            w.u64(offset)?;
+        }
         Frame::AgentInfo { version, arch, os } => {
             w.u8(T_AGENT_INFO)?;
             w.short_str(version, "version", MAX_INFO)?;
@@ -824,6 +878,9 @@ mod tests {
         round_trip(Frame::Pong { id: 4 });
         round_trip(Frame::InfoRequest);
         round_trip(Frame::AgentInfo { version: "0.1.0", arch: "aarch64", os: "linux" });
+        round_trip(Frame::Put { build: 3, step: 4, offset: 1 << 40, data: &[1, 2, 3] });
+        round_trip(Frame::Put { build: 3, step: 4, offset: 9, data: &[] });
+        round_trip(Frame::Taken { build: 3, step: 4, offset: 65536 });
     }
 
     #[test]

@@ -16,6 +16,7 @@
 
 pub mod forward;
 pub mod jnlp;
+pub mod jobs;
 pub mod process;
 pub mod scrub;
 pub mod spool;
@@ -583,6 +584,8 @@ struct StepCtl {
     abandoned: Cell<bool>,
     wake_tx: Sender<()>,
     wake_rx: Receiver<()>,
+    /// An unpack step's input (`Put` frames go here).
+    feed: RefCell<Option<jobs::Feed>>,
 }
 
 impl StepCtl {
@@ -599,6 +602,7 @@ impl StepCtl {
             abandoned: Cell::new(false),
             wake_tx,
             wake_rx,
+            feed: RefCell::new(None),
         }
     }
     fn wake(&self) {
@@ -749,7 +753,7 @@ impl Agent {
     }
 
     async fn handshake(&self, reader: &mut LinkReader, writer: &Writer) -> Result<u32, End> {
-        let caps = proto::CAP_CONTAINER_STEPS | proto::CAP_AGENT_INFO;
+        let caps = proto::CAP_CONTAINER_STEPS | proto::CAP_AGENT_INFO | proto::CAP_ARCHIVE;
         let (mut hs, hello) =
             ClientHandshake::new(&self.cfg.name, &self.cfg.secret, auth::random_nonce(), caps);
         let send_err = |e: LinkError| End::Retry(Setback::link(format!("handshake: {e}")));
@@ -853,6 +857,17 @@ impl Agent {
                         c.exit_acked.set(false);
                         c.generation.set(generation);
                         c.wake();
+                        // An unpack step: tell the controller where to send its archive from.
+                        let written = c.feed.borrow().as_ref().map(|f| f.written.get());
+                        if let Some(offset) = written {
+                            let taken = Frame::Taken { build, step: st, offset };
+                            if timeout(dead_after, async { writer.lock().await.send(&taken).await })
+                                .await
+                                .is_none_or(|r| r.is_err())
+                            {
+                                return Err(End::Retry(Setback::link("could not resume an unstash")));
+                            }
+                        }
                     }
                     None => log::warn!("build {build} step {st}: resume for a step this agent does not hold"),
                 },
@@ -871,6 +886,19 @@ impl Agent {
                         log::info!("build {build} step {st}: cancel requested");
                         c.cancelled.set(true);
                         c.wake();
+                    }
+                }
+                Frame::Put { build, step: st, offset, data } => {
+                    if let Some(c) = step(build, st) {
+                        let r = c.feed.borrow_mut().as_mut().map(|f| f.put(offset, data));
+                        if let Some(Err(m)) = r {
+                            log::warn!("build {build} step {st}: {m}; stopping the unstash");
+                            if let Some(f) = c.feed.borrow_mut().as_mut() {
+                                f.close();
+                            }
+                            c.cancelled.set(true);
+                            c.wake();
+                        }
                     }
                 }
                 Frame::Pong { .. } => {}
@@ -959,14 +987,21 @@ impl Agent {
                     ("NODE_NAME", self.cfg.name.as_str()),
                 ];
                 let env = extra.into_iter().chain(s.env.iter());
-                let child = if s.container.is_empty() {
+                let mut feed = None;
+                let child = if s.shell == proto::PACK_SHELL {
+                    StepChild::Job(jobs::start_pack(&dir, s.script)?)
+                } else if s.shell == proto::UNPACK_SHELL {
+                    let (job, f, rx, writer) = jobs::start_unpack(&dir)?;
+                    feed = Some((f, rx, writer));
+                    StepChild::Job(job)
+                } else if s.container.is_empty() {
                     let child = process::spawn_shell(s.shell, s.script, &dir, env)?;
                     let exited = self.reaper.watch(&self.ex, child.pid);
                     StepChild::Local(child, exited)
                 } else {
                     StepChild::Remote(forward::Remote::start(&self.ex, &self.step_sockets, s, &dir, env)?)
                 };
-                Ok((spool, child))
+                Ok((spool, child, feed))
             });
         match started {
             Err(msg) => {
@@ -986,9 +1021,16 @@ impl Agent {
                     })
                     .detach();
             }
-            Ok((spool, child)) => {
+            Ok((spool, child, feed)) => {
                 let ctl = Rc::new(StepCtl::new(s.credit, generation));
                 self.steps.borrow_mut().insert(key, ctl.clone());
+                if let Some((f, rx, writer)) = feed {
+                    let written = f.written.clone();
+                    *ctl.feed.borrow_mut() = Some(f);
+                    self.ex
+                        .spawn(feed_unpacker(self.clone(), key, ctl.clone(), rx, writer, written))
+                        .detach();
+                }
                 let deadline = (s.timeout_secs > 0)
                     .then(|| Instant::now() + Duration::from_secs(u64::from(s.timeout_secs)));
                 let agent = self.clone();
@@ -1031,6 +1073,43 @@ impl Agent {
     }
 }
 
+/// Write an unpack step's archive, as `Put` frames bring it, into its unpacker's pipe, and tell
+/// the controller how far it got (`Taken`: at the start, every [`jobs::TAKEN_EVERY`] bytes, and
+/// at the end; after a resume the link's handler tells it again).
+async fn feed_unpacker(
+    agent: Rc<Agent>,
+    (build, step): (u64, u32),
+    ctl: Rc<StepCtl>,
+    rx: Receiver<bytes::Bytes>,
+    mut writer: smol::Async<std::fs::File>,
+    written: Rc<Cell<u64>>,
+) {
+    use smol::io::AsyncWriteExt;
+    let tell = |offset: u64| {
+        let link = agent.link_for(ctl.generation.get());
+        async move {
+            if let Some(link) = link {
+                send_on(&link, &Frame::Taken { build, step, offset }).await;
+            }
+        }
+    };
+    tell(0).await;
+    let mut told = 0u64;
+    while let Ok(chunk) = rx.recv().await {
+        if writer.write_all(&chunk).await.is_err() {
+            // The unpacker stopped (its exit says why).
+            break;
+        }
+        written.set(written.get() + chunk.len() as u64);
+        if written.get() - told >= jobs::TAKEN_EVERY {
+            told = written.get();
+            tell(told).await;
+        }
+    }
+    drop(writer);
+    tell(written.get()).await;
+}
+
 fn clip(msg: &str) -> &str {
     if msg.len() <= MAX_MESSAGE {
         return msg;
@@ -1060,6 +1139,8 @@ enum StepChild {
     Local(process::Child, Receiver<WaitStatus>),
     /// A shell the step server of a sibling container started.
     Remote(forward::Remote),
+    /// A pack or unpack the agent runs itself.
+    Job(jobs::Job),
 }
 
 impl StepChild {
@@ -1071,6 +1152,10 @@ impl StepChild {
                 pipe.read(buf).await
             }
             Self::Remote(r) => r.read(buf).await,
+            Self::Job(j) => {
+                let mut pipe = &j.output;
+                pipe.read(buf).await
+            }
         }
     }
 
@@ -1079,6 +1164,7 @@ impl StepChild {
         match self {
             Self::Local(child, _) => process::kill_group(child.pid, sig),
             Self::Remote(r) => r.kill_group(sig),
+            Self::Job(j) => j.stop(),
         }
     }
 
@@ -1095,6 +1181,7 @@ impl StepChild {
                 (status, String::new())
             }),
             Self::Remote(r) => r.ended().recv().await.ok(),
+            Self::Job(j) => j.ended().await,
         };
         match got {
             Some(end) => end,

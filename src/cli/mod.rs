@@ -5,8 +5,8 @@ pub mod client;
 mod demo;
 
 use crate::controller::api::{
-    BuildInfo, BuildList, BuildState, Cancelled, CloudRemoved, CloudView, CloudsApplied, NewNode,
-    NodeCreated, NodeInfo, NodeList, NodeRemoved, Submitted, TemplateView, TokenRotated,
+    ArtifactList, BuildInfo, BuildList, BuildState, Cancelled, CloudRemoved, CloudView, CloudsApplied,
+    NewNode, NodeCreated, NodeInfo, NodeList, NodeRemoved, Submitted, TemplateView, TokenRotated,
 };
 use crate::controller::{labels, start, ServeConfig};
 use argh::FromArgs;
@@ -59,6 +59,8 @@ enum Cmd {
     Builds(Builds),
     Log(LogCmd),
     Cancel(Cancel),
+    Artifacts(Artifacts),
+    Artifact(ArtifactCmd),
     Token(TokenCmd),
     Demo(demo::Demo),
 }
@@ -291,6 +293,36 @@ client_command! {
         /// a parameter's value, NAME=VALUE (the pipeline's `parameters:`); repeat for more
         #[argh(option, short = 'p', long = "param")]
         param: Vec<String>,
+    }
+}
+
+client_command! {
+    /// list a build's artifacts: size, SHA-256, path
+    #[argh(subcommand, name = "artifacts")]
+    struct Artifacts {
+        /// build number
+        #[argh(positional)]
+        id: u64,
+    }
+}
+
+client_command! {
+    /// download an artifact: `wisp artifact get ID PATH [-o FILE]` (to stdout without -o); its
+    /// SHA-256 is checked against the one the controller recorded
+    #[argh(subcommand, name = "artifact")]
+    struct ArtifactCmd {
+        /// get
+        #[argh(positional)]
+        action: String,
+        /// build number
+        #[argh(positional)]
+        id: u64,
+        /// the artifact's path, as `wisp artifacts` lists it
+        #[argh(positional)]
+        path: String,
+        /// write it to this file (written whole, then renamed into place)
+        #[argh(option, short = 'o')]
+        output: Option<PathBuf>,
     }
 }
 
@@ -615,6 +647,26 @@ fn client_command(cmd: Cmd) -> i32 {
             println!("build #{} cancelled", x.id);
             Ok(0)
         }),
+        Cmd::Artifacts(a) => with_client(&a.remote(), |c| async move {
+            let list: ArtifactList = c.get(&format!("/api/builds/{}/artifacts", a.id)).await?;
+            if list.artifacts.is_empty() {
+                eprintln!("build #{} has no artifacts", a.id);
+            }
+            let mut out = std::io::stdout().lock();
+            for x in &list.artifacts {
+                let _ = writeln!(out, "{}\t{}\t{}", x.size, x.sha256, x.path);
+            }
+            Ok(0)
+        }),
+        Cmd::Artifact(a) => {
+            if a.action != "get" {
+                usage(format!("unknown action {:?}: use `wisp artifact get ID PATH [-o FILE]`", a.action));
+            }
+            with_client(
+                &a.remote(),
+                |c| async move { get_artifact(&c, a.id, &a.path, a.output.as_deref()).await },
+            )
+        }
         Cmd::Token(t) => match t.cmd {
             TokenSub::Rotate(r) => with_client(&r.remote(), |c| async move {
                 let t: TokenRotated = c.call(Method::POST, "/api/token/rotate", "").await?;
@@ -624,6 +676,83 @@ fn client_command(cmd: Cmd) -> i32 {
         },
         Cmd::Serve(_) | Cmd::Demo(_) => unreachable!("not client commands"),
     }
+}
+
+/// A writer that hashes what passes through it.
+struct Hashing<W> {
+    inner: W,
+    sha: ring::digest::Context,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.sha.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// `wisp artifact get`: the bytes to `output` (a temporary file renamed into place once its
+/// SHA-256 matches) or stdout.
+async fn get_artifact(c: &Client, id: u64, path: &str, output: Option<&Path>) -> Result<i32, Error> {
+    let list: ArtifactList = c.get(&format!("/api/builds/{id}/artifacts")).await?;
+    let Some(want) = list.artifacts.iter().find(|a| a.path == path) else {
+        return Err(Error::Other(format!(
+            "build #{id} has no artifact {path:?} (`wisp artifacts {id}` lists them)"
+        )));
+    };
+    let url_path: String = path
+        .split('/')
+        .map(|p| percent_encoding::utf8_percent_encode(p, percent_encoding::NON_ALPHANUMERIC).to_string())
+        .collect::<Vec<_>>()
+        .join("/");
+    let route = format!("/api/builds/{id}/artifacts/{url_path}");
+    let check = |sha: ring::digest::Context, bytes: u64| -> Result<(), Error> {
+        let got = hex::encode(sha.finish().as_ref());
+        if got != want.sha256 || bytes != want.size {
+            return Err(Error::Other(format!(
+                "artifact {path:?}: got {bytes} bytes with SHA-256 {got}, expected {} bytes with {}",
+                want.size, want.sha256
+            )));
+        }
+        Ok(())
+    };
+    match output {
+        None => {
+            let mut h = Hashing {
+                inner: std::io::stdout().lock(),
+                sha: ring::digest::Context::new(&ring::digest::SHA256),
+                bytes: 0,
+            };
+            c.stream(&route, &mut h).await?;
+            check(h.sha, h.bytes)?;
+        }
+        Some(file) => {
+            let tmp = file.with_extension("part");
+            let f = std::fs::File::create(&tmp)
+                .map_err(|e| Error::Other(format!("cannot write {}: {e}", tmp.display())))?;
+            let mut h = Hashing {
+                inner: std::io::BufWriter::with_capacity(1 << 20, f),
+                sha: ring::digest::Context::new(&ring::digest::SHA256),
+                bytes: 0,
+            };
+            let r = c.stream(&route, &mut h).await;
+            let r = r.and_then(|_| h.flush().map_err(|e| Error::Other(e.to_string())));
+            if let Err(e) = r.and_then(|_| check(h.sha, h.bytes)) {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+            std::fs::rename(&tmp, file)
+                .map_err(|e| Error::Other(format!("cannot write {}: {e}", file.display())))?;
+            eprintln!("{} ({} bytes, SHA-256 {})", file.display(), want.size, want.sha256);
+        }
+    }
+    Ok(0)
 }
 
 /// Run `f` with a client for `remote`; its error ends the command with `EXIT_ERROR`.

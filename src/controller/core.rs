@@ -301,7 +301,14 @@ impl Controller {
                 if r.state == StepState::Running {
                     let node = r.node.clone().or_else(|| b.node.clone()).unwrap_or_default();
                     if self.state().nodes.contains_key(&node) {
-                        let path = self.logs.step_path(b.id, r.index);
+                        let packs = live.plan.step(r.origin.unwrap_or(r.index)).is_some_and(|p| {
+                            matches!(p.kind, pipeline::Kind::Stash { .. } | pipeline::Kind::Archive { .. })
+                        });
+                        let path = if packs {
+                            super::archives::pack_path(self, b.id, r.index)
+                        } else {
+                            self.logs.step_path(b.id, r.index)
+                        };
                         let log = logs::StepLog::open(path.clone())
                             .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
                         let offset = log.stored();

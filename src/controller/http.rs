@@ -222,6 +222,16 @@ pub async fn route(
             }
         }
         (Method::GET, ["api", "builds", id, "steps", step, "log"]) => step_log(&ctl, id, step).await,
+        (Method::GET, ["api", "builds", id, "artifacts"]) => match parse_id(id) {
+            Ok(id) => list_artifacts(&ctl, id).await,
+            Err(e) => Err(e),
+        },
+        (Method::GET, ["api", "builds", id, "artifacts", rest @ ..]) if !rest.is_empty() => {
+            match parse_id(id) {
+                Ok(id) => get_artifact(&ctl, id, &rest.join("/")).await,
+                Err(e) => Err(e),
+            }
+        }
         _ => Err(ApiError::new(404, format!("no such endpoint: {} {path}", req.method()))),
     };
     result.unwrap_or_else(error)
@@ -589,6 +599,74 @@ pub(super) fn stream_response(rx: smol::channel::Receiver<Bytes>, content_type: 
     let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_str(content_type).unwrap());
     r
+}
+
+/// `{"artifacts": [{"path", "size", "sha256"}]}`: what the build's archive steps kept.
+async fn list_artifacts(ctl: &Arc<Controller>, id: u64) -> Result<Response<Body>, ApiError> {
+    ctl.build(id).await?;
+    let dir = super::archives::artifacts_dir(ctl, id);
+    let list = smol::unblock(move || super::archives::list(&dir))
+        .await
+        .map_err(|e| ApiError::new(500, format!("cannot read the artifacts of build #{id}: {e}")))?;
+    Ok(json_response(StatusCode::OK, api::ArtifactList { artifacts: list }))
+}
+
+/// One artifact's bytes, streamed. Only a path the build's index lists is served, and only as a
+/// regular file reached through real directories (never a symlink).
+async fn get_artifact(ctl: &Arc<Controller>, id: u64, path: &str) -> Result<Response<Body>, ApiError> {
+    ctl.build(id).await?;
+    let dir = super::archives::artifacts_dir(ctl, id);
+    let want = path.to_string();
+    let file = smol::unblock(move || -> Result<(std::fs::File, u64), ApiError> {
+        let list = super::archives::list(&dir)
+            .map_err(|e| ApiError::new(500, format!("cannot read the artifact index: {e}")))?;
+        let Some(a) = list.into_iter().find(|a| a.path == want) else {
+            return Err(ApiError::new(
+                404,
+                format!("build #{id} has no artifact {want:?} (`wisp artifacts {id}` lists them)"),
+            ));
+        };
+        let mut at = dir.join("files");
+        let parts: Vec<&str> = a.path.split('/').collect();
+        for (i, part) in parts.iter().enumerate() {
+            if part.is_empty() || *part == "." || *part == ".." {
+                return Err(ApiError::new(404, format!("no artifact {want:?}")));
+            }
+            at.push(part);
+            let m = std::fs::symlink_metadata(&at)
+                .map_err(|e| ApiError::new(404, format!("artifact {want:?}: {e}")))?;
+            let ok = if i + 1 == parts.len() { m.file_type().is_file() } else { m.file_type().is_dir() };
+            if !ok {
+                return Err(ApiError::new(404, format!("artifact {want:?} is not a regular file here")));
+            }
+        }
+        let f = std::fs::File::open(&at)
+            .map_err(|e| ApiError::new(500, format!("cannot open artifact {want:?}: {e}")))?;
+        Ok((f, a.size))
+    })
+    .await?;
+    let (tx, rx) = smol::channel::bounded(4);
+    ctl.ex
+        .spawn(async move {
+            use smol::io::AsyncReadExt;
+            let mut f = smol::Unblock::with_capacity(256 << 10, file.0);
+            loop {
+                let mut buf = vec![0u8; 256 << 10];
+                match f.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        if tx.send(Bytes::from(buf)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        })
+        .detach();
+    let mut r = stream_response(rx, "application/octet-stream");
+    r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(file.1));
+    Ok(r)
 }
 
 async fn step_log(ctl: &Arc<Controller>, id: &str, step: &str) -> Result<Response<Body>, ApiError> {

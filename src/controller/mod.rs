@@ -1,6 +1,7 @@
 //! The controller: nodes, queue, dispatch, builds and their logs, clouds, and the HTTP API.
 
 pub mod api;
+pub mod archives;
 pub mod build;
 pub mod cloud;
 pub mod clouds;

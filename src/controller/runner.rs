@@ -2,6 +2,7 @@
 //! link it has), waits for the step's end through its [`StepHandle`], survives the agent's absence
 //! for up to the grace, carries a cancel to the agent, and writes each step's end to the store.
 
+use super::archives;
 pub use super::build::LiveBuild;
 use super::pipeline;
 use super::pipeline::plan::{Block, Exec, PostSteps};
@@ -13,6 +14,7 @@ use super::store::{self, BuildState, StepRecord, StepState};
 use super::Controller;
 use crate::proto::{ExitStatus, Frame};
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -162,6 +164,9 @@ pub async fn run_build(ctl: Arc<Controller>, build: Arc<LiveBuild>, memo: Memo) 
         Outcome::Aborted(m) => (BuildState::Aborted, m),
     };
     log::info!("build {id}: finished {} {message}", state.as_str());
+    // Stashes live as long as their build.
+    let stashes = archives::stash_dir(&ctl, id);
+    let _ = smol::unblock(move || std::fs::remove_dir_all(stashes)).await;
     let (b, steps) = ctl
         .store_must(&build, move |s| {
             s.finish_build(id, state, &message)?;
@@ -487,23 +492,88 @@ impl Run {
             }
         }
         let first = self.unstarted.swap(false, Ordering::SeqCst);
-        let (end, bytes) = match planned.kind {
-            Kind::Sh => {
-                run_step(&self.ctl, &self.build, node, n, &self.workspace, &planned.step, handle, first, stop)
-                    .await
+        let (spec, path, feed) = match &planned.kind {
+            Kind::Sh => (planned.step.clone(), self.ctl.logs.step_path(id, n), None),
+            Kind::Stash { .. } | Kind::Archive { .. } => {
+                (archives::pack_step(planned), archives::pack_path(&self.ctl, id, n), None)
             }
-            _ => {
-                let (c, b, nd) = (self.ctl.clone(), self.build.clone(), node.to_string());
-                c.store_must(&b, move |s| s.start_step(id, n, &nd, first)).await;
-                (
-                    StepEnd::Lost(format!(
-                        "{}: this controller cannot run stash, unstash or archive steps yet",
-                        planned.step.name
-                    )),
-                    0,
-                )
+            Kind::Unstash { name } => {
+                let stash = archives::stash_path(&self.ctl, id, name);
+                let st = stash.clone();
+                match smol::unblock(move || std::fs::metadata(&st)).await {
+                    Ok(m) => (
+                        archives::unpack_step(planned, m.len()),
+                        self.ctl.logs.step_path(id, n),
+                        Some((stash, m.len())),
+                    ),
+                    Err(_) => {
+                        let (c, b, nd) = (self.ctl.clone(), self.build.clone(), node.to_string());
+                        c.store_must(&b, move |s| s.start_step(id, n, &nd, first)).await;
+                        let have = archives::stash_names(&self.ctl, id).await;
+                        let m = format!(
+                            "no stash {name:?} in this build{} (a stash step of an earlier stage makes it)",
+                            if have.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" (it has {})", have.join(", "))
+                            }
+                        );
+                        return self.end_step(p, n, node, StepEnd::Lost(m), 0, stop).await;
+                    }
+                }
             }
         };
+        if planned.kind != Kind::Sh && self.ctl.session_of(node).is_some_and(|s| !s.archives()) {
+            let (c, b, nd) = (self.ctl.clone(), self.build.clone(), node.to_string());
+            c.store_must(&b, move |s| s.start_step(id, n, &nd, first)).await;
+            let m = format!(
+                "the agent of node '{node}' cannot stash, unstash or archive (it is older than that): upgrade \
+                 its wisp-agent"
+            );
+            return self.end_step(p, n, node, StepEnd::Lost(m), 0, stop).await;
+        }
+        let (mut end, bytes) = run_step(
+            &self.ctl,
+            &self.build,
+            node,
+            n,
+            &self.workspace,
+            &spec,
+            path,
+            feed,
+            handle,
+            first,
+            stop,
+        )
+        .await;
+        if let (Kind::Stash { .. } | Kind::Archive { .. }, StepEnd::Exit(ExitStatus::Code(0), summary)) =
+            (&planned.kind, &end)
+        {
+            let log = self.ctl.logs.step_path(id, n);
+            let line = match archives::after_pack(&self.ctl, id, n, &planned.kind, summary).await {
+                Ok(line) => line,
+                Err(m) => {
+                    end = StepEnd::Exit(ExitStatus::Code(1), m.clone());
+                    format!("{m}\n")
+                }
+            };
+            let _ = smol::unblock(move || std::fs::write(log, line)).await;
+        }
+        self.end_step(p, n, node, end, bytes, stop).await
+    }
+
+    /// Store how step `n` (planned step `p`) ended and say what it came to.
+    async fn end_step(
+        self: &Arc<Self>,
+        p: u32,
+        n: u32,
+        node: &str,
+        end: StepEnd,
+        bytes: u64,
+        stop: &Stop,
+    ) -> Outcome {
+        let id = self.build.id;
+        let planned = self.build.plan.step(p).expect("planned step");
         let (step_state, exit, code) = step_result(&end);
         let lost = matches!(end, StepEnd::Lost(_)) && self.ctl.node_lost(node);
         log::info!("build {id} step {n}: {exit} (node {node})");
@@ -550,6 +620,8 @@ async fn run_step(
     step: u32,
     workspace: &str,
     spec: &pipeline::Step,
+    path: PathBuf,
+    feed: Option<(PathBuf, u64)>,
     running: Option<StepHandle>,
     first: bool,
     stop: &Stop,
@@ -559,17 +631,13 @@ async fn run_step(
     let handle = match running {
         Some(h) => h,
         None => {
-            let path = ctl.logs.step_path(id, step);
             // A build numbered in this run of the controller has no log files yet (numbers are never
             // reused); one picked up after a restart may have a file from an earlier start.
             let log = if build.recovered() {
                 match smol::unblock(move || super::logs::StepLog::create(path)).await {
                     Ok(l) => l,
                     Err(e) => {
-                        let m = format!(
-                            "cannot reset the step log {}: {e}",
-                            ctl.logs.step_path(id, step).display()
-                        );
+                        let m = format!("cannot reset the step log: {e}");
                         return (StepEnd::Lost(m), 0);
                     }
                 }
@@ -587,7 +655,17 @@ async fn run_step(
             h
         }
     };
-    let end = wait_step(ctl, build, node, step, workspace, spec, &handle, stop).await;
+    let end = match feed {
+        None => wait_step(ctl, build, node, step, workspace, spec, &handle, stop).await,
+        Some((stash, size)) => {
+            let feeding = archives::feed(ctl.clone(), build.clone(), handle.slot.clone(), stash, size);
+            smol::future::or(wait_step(ctl, build, node, step, workspace, spec, &handle, stop), async {
+                feeding.await;
+                std::future::pending().await
+            })
+            .await
+        }
+    };
     if let Some(w) = start_write {
         w.await;
     }

@@ -72,6 +72,17 @@ pub enum Out {
         /// The step.
         spec: super::pipeline::Step,
     },
+    /// Bytes of an unpack step's archive (`Frame::Put`).
+    Put {
+        /// Build number.
+        build: u64,
+        /// Step index.
+        step: u32,
+        /// Where `data` starts in the archive.
+        offset: u64,
+        /// At most `MAX_PUT_CHUNK` bytes; empty at the end.
+        data: bytes::Bytes,
+    },
     /// Refuse and close (the message is for the agent's log).
     Close(String),
 }
@@ -138,6 +149,11 @@ impl Session {
     /// Whether the agent can run steps in sibling containers (`proto::CAP_CONTAINER_STEPS`).
     pub fn runs_container_steps(&self) -> bool {
         self.capabilities & proto::CAP_CONTAINER_STEPS != 0
+    }
+
+    /// Whether the agent packs and unpacks archives (artifacts, stash).
+    pub fn archives(&self) -> bool {
+        self.capabilities & proto::CAP_ARCHIVE != 0
     }
 
     /// Ask the link to close.
@@ -474,6 +490,9 @@ async fn write_loop(
                     Err(e) => Err(e.into()),
                 }
             }
+            Out::Put { build, step, offset, data } => {
+                writer.send(&Frame::Put { build: *build, step: *step, offset: *offset, data }).await
+            }
             Out::Close(m) => {
                 let message = crate::text::truncate(m, proto::MAX_MESSAGE);
                 let _ = writer.send(&Frame::Reject { code: RejectCode::ProtocolError, message }).await;
@@ -555,6 +574,10 @@ async fn read_loop(ctl: &Arc<Controller>, session: &Arc<Session>, reader: &mut L
                     }
                 }
             }
+            Frame::Taken { build, step, offset } => match ctl.steps.on_node(build, step, node) {
+                Some(slot) => slot.taken(offset, session.id),
+                None => log::debug!("node {node}: taken for unknown build {build} step {step}"),
+            },
             Frame::Ping { id } => {
                 let _ = session.tx.send(Out::Frame(Frame::Pong { id })).await;
             }

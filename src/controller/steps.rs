@@ -58,6 +58,8 @@ pub struct Slot {
     /// The node it runs on.
     pub node: String,
     started: AtomicBool,
+    /// For an unpack step: how far the agent has taken the archive, and on which link it said so.
+    taken: Mutex<(u64, u64)>,
     live: Arc<LiveBuild>,
     out: Mutex<Output>,
     events: Sender<StepEvent>,
@@ -96,6 +98,18 @@ impl Slot {
     /// Mark the StepStart as sent (or, after a failed send, as not).
     pub fn set_started(&self, yes: bool) {
         self.started.store(yes, Ordering::SeqCst);
+    }
+
+    /// An unpack step's agent has taken its archive up to `offset` (said on link `link`).
+    pub fn taken(&self, offset: u64, link: u64) {
+        *self.taken.lock().unwrap_or_else(|e| e.into_inner()) = (offset, link);
+        self.live.output.notify(usize::MAX);
+    }
+
+    /// How far the agent has taken an unpack step's archive, and the link it said so on (0:
+    /// not yet).
+    pub fn taken_at(&self) -> (u64, u64) {
+        *self.taken.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Output bytes on disk.
@@ -277,6 +291,7 @@ impl StepTable {
             step,
             node: node.to_string(),
             started: AtomicBool::new(started),
+            taken: Mutex::new((0, 0)),
             live: live.clone(),
             out: Mutex::new(Output {
                 log: Some(log),

@@ -265,6 +265,13 @@ fn is_one(n: &u32) -> bool {
     *n == 1
 }
 
+/// `GET /api/builds/N/artifacts`: what the build's archive steps kept, by path.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ArtifactList {
+    /// The artifacts.
+    pub artifacts: Vec<crate::controller::archives::Artifact>,
+}
+
 /// `GET /api/builds/N` (and `POST /api/builds?wait=`): the build with its steps.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BuildInfo {

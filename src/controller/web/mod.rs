@@ -611,6 +611,10 @@ async fn node_page(
 /// A step as the build page shows it.
 struct StepRow {
     index: u32,
+    /// Its stage's path ("" for a pipeline of plain steps).
+    stage: String,
+    /// The node it ran on ("" before it started).
+    node: String,
     name: String,
     state: &'static str,
     exit: String,
@@ -638,6 +642,8 @@ async fn build_page(ctl: &Arc<Controller>, c: &Chrome, id: &str) -> Result<Respo
         .iter()
         .map(|s| StepRow {
             index: s.index,
+            stage: s.stage.clone(),
+            node: s.node.clone().unwrap_or_default(),
             name: s.name.clone(),
             state: s.state.as_str(),
             exit: s.exit.clone(),
