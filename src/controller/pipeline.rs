@@ -930,7 +930,7 @@ impl<'de> Visitor<'de> for StepMap {
                     kind = Some(StepKind::Stash { name: n.unwrap_or_default(), sel });
                 }
                 "unstash" => {
-                    let text = Text { expecting: "a stash name", check: check_name };
+                    let text = Text { expecting: "a stash name", check: stages::check_stash_name };
                     kind = Some(StepKind::Unstash { name: map.next_value_seed(text)? });
                 }
                 "archive" => {

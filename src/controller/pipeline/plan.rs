@@ -262,13 +262,18 @@ impl Planner<'_> {
                 merged.len()
             )));
         }
+        let stash_name = |name: &str| -> Result<String, PipelineError> {
+            fill(name, &|k| merged.get(k).cloned())
+                .and_then(|n| super::check_name(&n).map_err(|e| format!("the stash name {n:?} {e}")))
+                .map_err(|e| PipelineError::new(format!("{at}: {e}")))
+        };
         let (script, shell, kind) = match &spec.kind {
             StepKind::Sh { script, shell } => (script.clone(), shell.clone(), Kind::Sh),
             StepKind::Stash { name, sel } => {
-                (String::new(), String::new(), Kind::Stash { name: name.clone(), sel: sel.clone() })
+                (String::new(), String::new(), Kind::Stash { name: stash_name(name)?, sel: sel.clone() })
             }
             StepKind::Unstash { name } => {
-                (String::new(), String::new(), Kind::Unstash { name: name.clone() })
+                (String::new(), String::new(), Kind::Unstash { name: stash_name(name)? })
             }
             StepKind::Archive { sel } => (String::new(), String::new(), Kind::Archive { sel: sel.clone() }),
         };
@@ -722,6 +727,26 @@ post:
         assert!(e.contains("failFast is for a stage with parallel branches or a matrix"), "{e}");
         let e = err("name: a\nstages: [{name: s, retry: 2, parallel: [{name: b, steps: [{sh: x}]}]}]\n");
         assert!(e.contains("post, retry and archive go in each parallel branch"), "{e}");
+    }
+
+    #[test]
+    fn stash_names_take_axis_values() {
+        let yaml = "name: a\nstages:\n  - name: s\n    matrix: {axes: {t: [x86_64, armv7]}}\n    steps: [{stash: {name: \"bin-${t}\", paths: [out]}}]\n  - name: u\n    steps: [{unstash: \"bin-armv7\"}]\n";
+        let p = parse(yaml).unwrap();
+        let names: Vec<String> = p
+            .plan
+            .steps
+            .iter()
+            .map(|s| match &s.kind {
+                Kind::Stash { name, .. } | Kind::Unstash { name } => name.clone(),
+                _ => String::new(),
+            })
+            .collect();
+        assert_eq!(names, ["bin-x86_64", "bin-armv7", "bin-armv7"]);
+        let e = err("name: a\nsteps: [{unstash: \"a b\"}]\n");
+        assert!(e.contains("steps[0].unstash: \"a b\" has ' ' at column 2"), "{e}");
+        let e = err("name: a\nparameters: [{name: P, default: \"x y\"}]\nsteps: [{unstash: \"${P}\"}]\n");
+        assert!(e.contains("steps[0]: the stash name \"x y\" \"x y\" has ' '"), "{e}");
     }
 
     #[test]

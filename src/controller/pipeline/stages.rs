@@ -261,8 +261,11 @@ fn check_stage_name(s: &str) -> Result<String, String> {
         .map_err(|e| e.replace("(leave it out to use the script's first line)", "(a stage needs a name)"))
 }
 
-fn check_stash_name(s: &str) -> Result<String, String> {
-    check_name(s).map_err(|e| {
+/// A stash name: `[A-Za-z0-9._-]`, at most 64 characters once `${NAME}`s are filled in (by the
+/// plan; here each stands for a plain word).
+pub(super) fn check_stash_name(s: &str) -> Result<String, String> {
+    let probe = fill(s, &|_| Some("x".to_string())).map_err(|e| format!("{s:?}: {e}"))?;
+    check_name(&probe).map(|_| s.to_string()).map_err(|e| {
         e.replace("give the pipeline a name", "give the stash a name")
             .replace("a pipeline name", "a stash name")
     })
