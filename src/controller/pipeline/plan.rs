@@ -267,15 +267,29 @@ impl Planner<'_> {
                 .and_then(|n| super::check_name(&n).map_err(|e| format!("the stash name {n:?} {e}")))
                 .map_err(|e| PipelineError::new(format!("{at}: {e}")))
         };
+        // Patterns take `${NAME}` too (a matrix cell's own directory), checked again once filled.
+        let fill_sel = |sel: &Selection| -> Result<Selection, PipelineError> {
+            let one = |p: &String| {
+                fill(p, &|k| merged.get(k).cloned())
+                    .and_then(|f| super::stages::check_pattern(&f))
+                    .map_err(|e| PipelineError::new(format!("{at}: pattern {p:?}: {e}")))
+            };
+            Ok(Selection {
+                paths: sel.paths.iter().map(one).collect::<Result<_, _>>()?,
+                exclude: sel.exclude.iter().map(one).collect::<Result<_, _>>()?,
+            })
+        };
         let (script, shell, kind) = match &spec.kind {
             StepKind::Sh { script, shell } => (script.clone(), shell.clone(), Kind::Sh),
             StepKind::Stash { name, sel } => {
-                (String::new(), String::new(), Kind::Stash { name: stash_name(name)?, sel: sel.clone() })
+                (String::new(), String::new(), Kind::Stash { name: stash_name(name)?, sel: fill_sel(sel)? })
             }
             StepKind::Unstash { name } => {
                 (String::new(), String::new(), Kind::Unstash { name: stash_name(name)? })
             }
-            StepKind::Archive { sel } => (String::new(), String::new(), Kind::Archive { sel: sel.clone() }),
+            StepKind::Archive { sel } => {
+                (String::new(), String::new(), Kind::Archive { sel: fill_sel(sel)? })
+            }
         };
         let sel_len = match &kind {
             Kind::Stash { sel, .. } | Kind::Archive { sel } => {
@@ -731,8 +745,9 @@ post:
 
     #[test]
     fn stash_names_take_axis_values() {
-        let yaml = "name: a\nstages:\n  - name: s\n    matrix: {axes: {t: [x86_64, armv7]}}\n    steps: [{stash: {name: \"bin-${t}\", paths: [out]}}]\n  - name: u\n    steps: [{unstash: \"bin-armv7\"}]\n";
+        let yaml = "name: a\nstages:\n  - name: s\n    matrix: {axes: {t: [x86_64, armv7]}}\n    steps: [{stash: {name: \"bin-${t}\", paths: [\"out/${t}/**\"]}}]\n  - name: u\n    steps: [{unstash: \"bin-armv7\"}]\n";
         let p = parse(yaml).unwrap();
+        assert!(matches!(&p.plan.steps[1].kind, Kind::Stash { sel, .. } if sel.paths == ["out/armv7/**"]));
         let names: Vec<String> = p
             .plan
             .steps
@@ -747,6 +762,29 @@ post:
         assert!(e.contains("steps[0].unstash: \"a b\" has ' ' at column 2"), "{e}");
         let e = err("name: a\nparameters: [{name: P, default: \"x y\"}]\nsteps: [{unstash: \"${P}\"}]\n");
         assert!(e.contains("steps[0]: the stash name \"x y\" \"x y\" has ' '"), "{e}");
+    }
+
+    #[test]
+    fn the_self_build_pipeline_plans() {
+        let p = parse(include_str!("../../../.wisp/pipeline.yaml")).unwrap();
+        let plan = p.plan_with(&[("SOURCE".into(), "/src/wisp".into())]).unwrap();
+        let archived: Vec<String> = plan
+            .steps
+            .iter()
+            .filter_map(|s| match &s.kind {
+                Kind::Archive { sel } => Some(sel.paths.join(",")),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            archived,
+            [
+                "out/x86_64-unknown-linux-musl/wisp-agent",
+                "out/aarch64-unknown-linux-musl/wisp-agent",
+                "out/armv7-unknown-linux-musleabihf/wisp-agent"
+            ]
+        );
+        assert_eq!(env(&plan.steps[0], "SOURCE").as_deref(), Some("/src/wisp"));
     }
 
     #[test]
