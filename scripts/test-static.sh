@@ -7,7 +7,8 @@
 #   c. the bare binary (this machine's arch) alone in an empty root (chroot) connects and runs step
 #      requests;
 #   d. the aarch64 and armv7 binaries under qemu-user connect over WebSocket and over TCP and run a
-#      step.
+#      step;
+#   e. wisp builds itself with .wisp/pipeline.yaml on two agents (tests/selfbuild.rs).
 # Installs what it needs (qemu-user-static, podman, runc, busybox-static, file, cross compilers).
 # Everything listens on ephemeral ports of 127.0.0.1; the EXIT trap kills what it started and
 # removes its containers and temp dirs. Ends with `N passed, N failed`; exits 1 if any failed.
@@ -174,6 +175,15 @@ test_arm_under_qemu() {
         { show_log "$WORK/$name.log"; return 1; }
 }
 
+# ---- e. wisp builds itself ----
+# .wisp/pipeline.yaml on a local controller with two agents (TCP and WebSocket): the static agents
+# of (a) are built again through it (a cache hit), stashed, archived and tested in parallel
+# stages; the archived binaries' SHA-256 must be those of target/static (tests/selfbuild.rs).
+test_selfbuild() {
+    cargo test --quiet --test selfbuild -- --ignored --nocapture >"$WORK/selfbuild.log" 2>&1 ||
+        { tail -n 60 "$WORK/selfbuild.log"; return 1; }
+}
+
 check "a: static agents build, are fully static and within budget" test_build_static
 check "b: the FROM-scratch image builds and runs --version as uid 1000" test_image_builds_and_runs
 if start_controller; then
@@ -189,6 +199,7 @@ if start_controller; then
 else
     check "controller starts (tests b to d need it)" false
 fi
+check "e: wisp builds itself: .wisp/pipeline.yaml on two agents, archived agents match" test_selfbuild
 
 printf '%d passed, %d failed\n' "$passed" "$failed"
 [ "$failed" -eq 0 ]
