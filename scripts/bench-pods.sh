@@ -25,16 +25,4 @@ out=$(python3 scripts/bench-pods.py "$rel/wisp" "$rel/wisp-agent" localhost/wisp
 section=$(printf '%s\n\n%s\n\nMade by `%s` on %s (%s cores), %s.\n' "### Pod builds under podman" "$out" \
     "$cmdline" "$(hostname)" "$(nproc)" "$(date -u '+%Y-%m-%d %H:%M UTC')")
 printf '%s\n' "$section"
-if [ "$write" = 1 ]; then
-    python3 - "$section" <<'PY'
-import sys, re
-s = sys.argv[1]
-t = open("BENCHMARKS.md").read()
-block = "<!-- pods:begin -->\n" + s + "\n<!-- pods:end -->"
-if "<!-- pods:begin -->" in t:
-    t = re.sub(r"<!-- pods:begin -->.*?<!-- pods:end -->", lambda _: block, t, flags=re.S)
-else:
-    t = t.rstrip() + "\n\n" + block + "\n"
-open("BENCHMARKS.md", "w").write(t)
-PY
-fi
+[ "$write" = 0 ] || printf '%s\n' "$section" | python3 scripts/bench-section.py pods

@@ -22,16 +22,4 @@ $(python3 scripts/bench-web-log.py "$rel/wisp" "$rel/wisp-agent" 50 40)"
 section=$(printf '%s\n\n%s\n\nMade by `%s` on %s (%s cores), %s.\n' "### The web page" "$out" \
     "$cmdline" "$(hostname)" "$(nproc)" "$(date -u '+%Y-%m-%d %H:%M UTC')")
 printf '%s\n' "$section"
-if [ "$write" = 1 ]; then
-    python3 - "$section" <<'PY'
-import sys, re
-s = sys.argv[1]
-t = open("BENCHMARKS.md").read()
-block = "<!-- web:begin -->\n" + s + "\n<!-- web:end -->"
-if "<!-- web:begin -->" in t:
-    t = re.sub(r"<!-- web:begin -->.*?<!-- web:end -->", lambda _: block, t, flags=re.S)
-else:
-    t = t.rstrip() + "\n\n" + block + "\n"
-open("BENCHMARKS.md", "w").write(t)
-PY
-fi
+[ "$write" = 0 ] || printf '%s\n' "$section" | python3 scripts/bench-section.py web

@@ -154,6 +154,10 @@ struct Serve {
     /// let /metrics answer without the API token (default: a scrape needs it as a bearer token)
     #[argh(switch)]
     metrics_public: bool,
+    /// days a build's artifacts are kept after they were archived (default 30; 0 keeps them
+    /// for ever)
+    #[argh(option, default = "30")]
+    keep_artifacts_days: u32,
     /// executor threads (default 1; more help only with many TLS agents streaming at once)
     #[argh(option)]
     threads: Option<usize>,
@@ -454,6 +458,8 @@ fn serve(s: Serve) -> i32 {
         no_tls: s.no_tls,
         prefix: s.prefix,
         metrics_public: s.metrics_public,
+        keep_artifacts: (s.keep_artifacts_days > 0)
+            .then(|| Duration::from_secs(u64::from(s.keep_artifacts_days) * 86_400)),
         threads: s.threads.unwrap_or(ServeConfig::default().threads).clamp(1, 64),
         handshake_budget: s.handshake_budget.unwrap_or(ServeConfig::default().handshake_budget).max(1),
     };

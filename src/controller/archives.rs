@@ -56,6 +56,31 @@ pub async fn stash_names(ctl: &Controller, build: u64) -> Vec<String> {
     .await
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn old_artifacts_go_and_new_ones_stay() {
+        let root = std::env::temp_dir().join(format!("wisp-expire-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for (b, age_days) in [(1u64, 40u64), (2, 1)] {
+            let arts = root.join(b.to_string()).join("artifacts");
+            std::fs::create_dir_all(arts.join("files")).unwrap();
+            std::fs::write(arts.join("files/a"), b"12345").unwrap();
+            std::fs::write(arts.join("index"), format!("{} 5 a\n", "0".repeat(64))).unwrap();
+            let t = std::time::SystemTime::now() - Duration::from_secs(age_days * 86_400);
+            std::fs::File::options().write(true).open(arts.join("index")).unwrap().set_modified(t).unwrap();
+        }
+        std::fs::create_dir_all(root.join("3")).unwrap();
+        assert_eq!(expire(&root, Duration::from_secs(30 * 86_400)), (1, 5));
+        assert!(!root.join("1/artifacts").exists());
+        assert!(root.join("2/artifacts/files/a").exists());
+        assert_eq!(list(&root.join("2/artifacts")).unwrap()[0].path, "a");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
+
 /// The `StepStart` of a pack step: the selection as `+`/`-` lines in the script.
 pub fn pack_step(p: &Planned) -> Step {
     let sel = match &p.kind {
@@ -136,6 +161,51 @@ pub async fn after_pack(
             .await
         }
         _ => Ok(String::new()),
+    }
+}
+
+/// How often old artifacts are looked for.
+pub const EXPIRE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Remove the artifacts of every build under `builds` archived more than `keep` ago (by their
+/// index's time: the build's last archive); returns how many builds' and bytes. Stashes are not
+/// touched (they go with their build).
+pub fn expire(builds: &Path, keep: Duration) -> (u64, u64) {
+    let now = std::time::SystemTime::now();
+    let (mut count, mut bytes) = (0, 0);
+    let Ok(dir) = std::fs::read_dir(builds) else { return (0, 0) };
+    for e in dir.flatten() {
+        let arts = e.path().join("artifacts");
+        let Ok(m) = std::fs::metadata(arts.join("index")) else { continue };
+        let old = m.modified().ok().and_then(|t| now.duration_since(t).ok()).is_some_and(|age| age > keep);
+        if !old {
+            continue;
+        }
+        let size: u64 = list(&arts).map(|l| l.iter().map(|a| a.size).sum()).unwrap_or(0);
+        match std::fs::remove_dir_all(&arts) {
+            Ok(()) => {
+                count += 1;
+                bytes += size;
+            }
+            Err(err) => log::warn!("cannot remove old artifacts {}: {err}", arts.display()),
+        }
+    }
+    (count, bytes)
+}
+
+/// Remove old artifacts at start and every [`EXPIRE_EVERY`].
+pub async fn expire_loop(ctl: Arc<Controller>, keep: Duration) {
+    let builds = ctl.logs.builds_root();
+    loop {
+        let b = builds.clone();
+        let (n, bytes) = smol::unblock(move || expire(&b, keep)).await;
+        if n > 0 {
+            log::info!(
+                "removed the artifacts of {n} builds ({bytes} bytes) archived more than {} days ago",
+                keep.as_secs() / 86_400
+            );
+        }
+        smol::Timer::after(EXPIRE_EVERY).await;
     }
 }
 

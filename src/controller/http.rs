@@ -613,7 +613,11 @@ async fn list_artifacts(ctl: &Arc<Controller>, id: u64) -> Result<Response<Body>
 
 /// One artifact's bytes, streamed. Only a path the build's index lists is served, and only as a
 /// regular file reached through real directories (never a symlink).
-async fn get_artifact(ctl: &Arc<Controller>, id: u64, path: &str) -> Result<Response<Body>, ApiError> {
+pub(super) async fn get_artifact(
+    ctl: &Arc<Controller>,
+    id: u64,
+    path: &str,
+) -> Result<Response<Body>, ApiError> {
     ctl.build(id).await?;
     let dir = super::archives::artifacts_dir(ctl, id);
     let want = path.to_string();

@@ -23,6 +23,11 @@ impl Logs {
         self.dir.join(build.to_string())
     }
 
+    /// The directory of every build's directory.
+    pub fn builds_root(&self) -> PathBuf {
+        self.dir.clone()
+    }
+
     /// The log of one step.
     pub fn step_path(&self, build: u64, step: u32) -> PathBuf {
         self.build_dir(build).join(format!("{step}.log"))

@@ -59,6 +59,8 @@ pub struct ServeConfig {
     pub handshake_budget: usize,
     /// `/metrics` answers without the API token.
     pub metrics_public: bool,
+    /// How long a build's artifacts are kept after they were archived; `None` for ever.
+    pub keep_artifacts: Option<Duration>,
     /// Path prefix every HTTP path is under (`/ci`; "" for the root), as behind a shared host.
     pub prefix: String,
     /// Plain HTTP and TCP, no TLS on either port (`--no-tls`: tests, or a proxy in front that
@@ -82,6 +84,7 @@ impl Default for ServeConfig {
             no_tls: false,
             prefix: String::new(),
             metrics_public: false,
+            keep_artifacts: Some(Duration::from_secs(30 * 86_400)),
             handshake_budget: server::MAX_HANDSHAKING,
         }
     }
@@ -257,6 +260,9 @@ pub fn launch(cfg: ServeConfig) -> Result<Server, String> {
         ex.spawn(server::http_loop(ctl.clone(), http, tls.clone(), cfg.handshake_budget)),
         ex.spawn(server::agent_loop(ctl.clone(), agent, tls, cfg.handshake_budget)),
     ];
+    if let Some(keep) = cfg.keep_artifacts {
+        ex.spawn(archives::expire_loop(ctl.clone(), keep)).detach();
+    }
     Ok(Server { ctl, loops, threads, run })
 }
 

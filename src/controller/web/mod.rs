@@ -234,6 +234,17 @@ pub async fn page(
             Ok(n) => http::log_stream(ctl, n, false, 0).await,
             Err(e) => Err(e),
         },
+        ["builds", id, "artifacts", rest @ ..] if !rest.is_empty() => match http::parse_id(id) {
+            Ok(n) => http::get_artifact(ctl, n, &rest.join("/")).await.map(|mut r| {
+                // Saved as a file, never shown inline (an artifact's bytes are the build's, not ours).
+                let name = rest.last().map(|n| n.replace(['"', '\\', '\r', '\n'], "_")).unwrap_or_default();
+                if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
+                    r.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+                }
+                r
+            }),
+            Err(e) => Err(e),
+        },
         _ => Err(ApiError::new(404, "no such page")),
     };
     result.unwrap_or_else(|e| error_page(&Chrome { p, csrf, signed_in: true }, e))
@@ -623,6 +634,15 @@ struct StepRow {
     took: String,
 }
 
+/// One artifact on a build's page.
+struct ArtifactRow {
+    path: String,
+    /// The path with each part percent-encoded, for the link.
+    url: String,
+    size: u64,
+    sha256: String,
+}
+
 #[derive(Template)]
 #[template(path = "build.html", config = "src/controller/web/askama.toml")]
 struct BuildPage<'a> {
@@ -631,6 +651,7 @@ struct BuildPage<'a> {
     message: String,
     is_final: bool,
     steps: Vec<StepRow>,
+    artifacts: Vec<ArtifactRow>,
     tail: u64,
 }
 
@@ -656,9 +677,21 @@ async fn build_page(ctl: &Arc<Controller>, c: &Chrome, id: &str) -> Result<Respo
         })
         .collect();
     let is_final = b.state.is_final();
+    let dir = super::archives::artifacts_dir(ctl, id);
+    let artifacts = smol::unblock(move || super::archives::list(&dir))
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|a| ArtifactRow {
+            url: a.path.split('/').map(|p| encode(p)).collect::<Vec<_>>().join("/"),
+            path: a.path,
+            size: a.size,
+            sha256: a.sha256,
+        })
+        .collect();
     Ok(render(
         StatusCode::OK,
-        &BuildPage { c, b: BuildRow::new(&b, None), message, is_final, steps, tail: LOG_TAIL },
+        &BuildPage { c, b: BuildRow::new(&b, None), message, is_final, steps, artifacts, tail: LOG_TAIL },
     ))
 }
 
