@@ -683,7 +683,7 @@ async fn build_page(ctl: &Arc<Controller>, c: &Chrome, id: &str) -> Result<Respo
         .unwrap_or_default()
         .into_iter()
         .map(|a| ArtifactRow {
-            url: a.path.split('/').map(|p| encode(p)).collect::<Vec<_>>().join("/"),
+            url: a.path.split('/').map(encode).collect::<Vec<_>>().join("/"),
             path: a.path,
             size: a.size,
             sha256: a.sha256,
