@@ -12,11 +12,10 @@ use nix::sys::stat::{fstatat, mkdirat, utimensat, Mode, SFlag, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{symlinkat, unlinkat, UnlinkatFlags};
 use ring::digest;
-use std::ffi::OsStr;
+use std::ffi::{CStr, CString};
 use std::fs::{File, FileTimes, Permissions};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
@@ -65,8 +64,7 @@ pub fn unpack(input: impl Read, dest: &Path, limits: &Limits) -> Result<Unpacked
     if let Err(e) = std::fs::create_dir_all(dest) {
         return Err(ArchiveError::io(format!("creating {shown}"), e));
     }
-    let root = nix::fcntl::open(dest, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(|e| ArchiveError::io(format!("opening {shown}"), e.into()))?;
+    let root = super::open_dir_path(dest).map_err(|e| ArchiveError::io(format!("opening {shown}"), e))?;
     let mut tin = TarIn { r: FrameDecoder::new(FrameCheck::new(input)) };
     let mut u = Unpacker {
         root,
@@ -318,7 +316,7 @@ fn mtime(secs: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(secs.min(i64::MAX as u64 / 2))
 }
 
-fn file_kind(dir: BorrowedFd<'_>, name: &str) -> Option<u32> {
+fn file_kind(dir: BorrowedFd<'_>, name: &CStr) -> Option<u32> {
     fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW).ok().map(|st| st.st_mode & SFlag::S_IFMT.bits())
 }
 
@@ -354,6 +352,7 @@ impl Unpacker {
             None => ("", path),
         };
         self.enter(parents, path)?;
+        let leaf = &cstr(leaf);
         match kind {
             EntryType::Directory => self.directory(leaf, path, mode, mtime),
             EntryType::Symlink => self.symlink(leaf, path, link.unwrap_or_default(), mtime),
@@ -394,15 +393,16 @@ impl Unpacker {
         let same = self.stack.iter().zip(&comps).take_while(|(d, c)| d.name == **c).count();
         self.close_to(same)?;
         for (i, comp) in comps.iter().enumerate().skip(same) {
-            let fd = open_dir(self.top(), comp, path, &comps[..=i])?;
+            let fd = open_dir(self.top(), &cstr(comp), path, &comps[..=i])?;
             self.stack.push(OpenDir { name: comp.to_string(), fd, apply: None });
         }
         Ok(())
     }
 
-    fn directory(&mut self, leaf: &str, path: &str, mode: u32, mtime: u64) -> Result<(), ArchiveError> {
+    fn directory(&mut self, leaf: &CStr, path: &str, mode: u32, mtime: u64) -> Result<(), ArchiveError> {
         let fd = open_dir(self.top(), leaf, path, &[path])?;
-        self.stack.push(OpenDir { name: leaf.to_string(), fd, apply: Some((mode, mtime)) });
+        let name = path.rsplit('/').next().unwrap_or(path).to_string();
+        self.stack.push(OpenDir { name, fd, apply: Some((mode, mtime)) });
         self.out.dirs += 1;
         Ok(())
     }
@@ -411,7 +411,7 @@ impl Unpacker {
         &mut self,
         tin: &mut TarIn<R>,
         size: u64,
-        leaf: &str,
+        leaf: &CStr,
         path: &str,
         mode: u32,
         mtime: u64,
@@ -448,7 +448,7 @@ impl Unpacker {
         let parent = top(&self.root, &self.stack);
         let result = result.and_then(|sum| match &temp {
             None => Ok(sum),
-            Some(name) => match renameat(parent, name.as_str(), parent, leaf) {
+            Some(name) => match renameat(parent, name.as_c_str(), parent, leaf) {
                 Ok(()) => Ok(sum),
                 Err(Errno::EISDIR) => Err(ArchiveError::entry(path, "a file would replace a directory")),
                 Err(e) => Err(ArchiveError::io(format!("renaming over {path}"), e.into())),
@@ -458,7 +458,7 @@ impl Unpacker {
             Ok(sum) => sum,
             Err(e) => {
                 if let Some(name) = &temp {
-                    let _ = unlinkat(parent, name.as_str(), UnlinkatFlags::NoRemoveDir);
+                    let _ = unlinkat(parent, name.as_c_str(), UnlinkatFlags::NoRemoveDir);
                 }
                 return Err(e);
             }
@@ -469,7 +469,7 @@ impl Unpacker {
         Ok(())
     }
 
-    fn symlink(&mut self, leaf: &str, path: &str, target: &[u8], mtime: u64) -> Result<(), ArchiveError> {
+    fn symlink(&mut self, leaf: &CStr, path: &str, target: &[u8], mtime: u64) -> Result<(), ArchiveError> {
         if target.is_empty() {
             return Err(ArchiveError::entry(path, "a link with an empty target"));
         }
@@ -479,7 +479,8 @@ impl Unpacker {
         if target.contains(&0) {
             return Err(ArchiveError::entry(path, "a NUL in the link target"));
         }
-        let target = OsStr::from_bytes(target);
+        let target = CString::new(target).unwrap_or_default();
+        let target = target.as_c_str();
         let parent = top(&self.root, &self.stack);
         match symlinkat(target, parent, leaf) {
             Ok(()) => {}
@@ -488,10 +489,10 @@ impl Unpacker {
                     return Err(ArchiveError::entry(path, "a link would replace a directory"));
                 }
                 let name = temp_name(&mut self.tmp, path, |name| symlinkat(target, parent, name))?;
-                match renameat(parent, name.as_str(), parent, leaf) {
+                match renameat(parent, name.as_c_str(), parent, leaf) {
                     Ok(()) => {}
                     Err(e) => {
-                        let _ = unlinkat(parent, name.as_str(), UnlinkatFlags::NoRemoveDir);
+                        let _ = unlinkat(parent, name.as_c_str(), UnlinkatFlags::NoRemoveDir);
                         return Err(match e {
                             Errno::EISDIR => ArchiveError::entry(path, "a link would replace a directory"),
                             e => ArchiveError::io(format!("renaming over {path}"), e.into()),
@@ -573,6 +574,11 @@ fn sum_line(written: &[FileSum], i: usize, line: &[u8]) -> Result<(), ArchiveErr
     Ok(())
 }
 
+/// `s` for a system call (names are checked for NUL before).
+fn cstr(s: &str) -> CString {
+    CString::new(s).unwrap_or_default()
+}
+
 /// The innermost open directory.
 fn top<'a>(root: &'a OwnedFd, stack: &'a [OpenDir]) -> BorrowedFd<'a> {
     stack.last().map_or(root.as_fd(), |d| d.fd.as_fd())
@@ -582,11 +588,11 @@ fn top<'a>(root: &'a OwnedFd, stack: &'a [OpenDir]) -> BorrowedFd<'a> {
 fn temp_name(
     counter: &mut u64,
     path: &str,
-    mut make: impl FnMut(&str) -> Result<(), Errno>,
-) -> Result<String, ArchiveError> {
+    mut make: impl FnMut(&CStr) -> Result<(), Errno>,
+) -> Result<CString, ArchiveError> {
     loop {
         *counter += 1;
-        let name = format!(".wisp-unpack-{}-{}", std::process::id(), counter);
+        let name = cstr(&format!(".wisp-unpack-{}-{}", std::process::id(), counter));
         match make(&name) {
             Ok(()) => return Ok(name),
             Err(Errno::EEXIST) => continue,
@@ -626,7 +632,12 @@ fn write_file<R: Read>(
 
 /// Open directory `name` under `parent` without following a link, creating it if missing.
 /// `comps` is the path of it (for messages) within the entry `path`.
-fn open_dir(parent: BorrowedFd<'_>, name: &str, path: &str, comps: &[&str]) -> Result<OwnedFd, ArchiveError> {
+fn open_dir(
+    parent: BorrowedFd<'_>,
+    name: &CStr,
+    path: &str,
+    comps: &[&str],
+) -> Result<OwnedFd, ArchiveError> {
     let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     let shown = || comps.join("/");
     let mut created = false;
