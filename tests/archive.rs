@@ -209,15 +209,15 @@ fn writing_through_a_link_the_archive_made() {
     let _ = fs::remove_dir_all(t.dest());
     refused(&t, &Tar::default().link("up", "..").file("up/outside/evil", b"x").finish(), "symbolic link");
     let _ = fs::remove_dir_all(t.dest());
-    let a = Tar::default().dir("a").link("a/b", &out).dir("a/b").file("a/b/evil", b"x").finish();
+    let a = Tar::default().dir("a").link("a/b", &out).file("a/b/evil", b"x").finish();
     refused(&t, &a, "a/b is a symbolic link");
     let _ = fs::remove_dir_all(t.dest());
     let a = Tar::default().link("l", &out).dir("l/sub").file("l/sub/evil", b"x").finish();
     refused(&t, &a, "symbolic link");
     let _ = fs::remove_dir_all(t.dest());
-    // A link over a directory the archive made, then a file through it.
+    // A link over a directory the archive made, then a file through it: a path given twice.
     let a = Tar::default().dir("d").link("d", &out).file("d/evil", b"x").finish();
-    refused(&t, &a, "a link would replace a directory");
+    refused(&t, &a, "out of order or given twice");
 }
 
 #[test]
@@ -293,15 +293,19 @@ fn names_that_are_not_accepted() {
 #[test]
 fn replacing_across_kinds() {
     let t = Tmp::new("kinds-replace");
-    refused(&t, &Tar::default().dir("d").file("d", b"x").finish(), "a file would replace a directory");
-    let _ = fs::remove_dir_all(t.dest());
-    refused(&t, &Tar::default().file("f", b"x").dir("f").finish(), "f is not a directory");
-    let _ = fs::remove_dir_all(t.dest());
-    refused(&t, &Tar::default().file("f", b"x").file("f/g", b"y").finish(), "f is not a directory");
-    let _ = fs::remove_dir_all(t.dest());
-    refused(&t, &Tar::default().dir("d").file("d/x", b"").link("d", "/tmp").finish(), "replace a directory");
-    let _ = fs::remove_dir_all(t.dest());
-    refused(&t, &Tar::default().file("f", b"1").file("f", b"2").finish(), "twice");
+    // What is in dest already: a directory, a file.
+    fs::create_dir_all(t.dest().join("d/inner")).unwrap();
+    fs::write(t.dest().join("f"), b"x").unwrap();
+    refused(&t, &Tar::default().file("d", b"x").finish(), "\"d\": a file would replace a directory");
+    refused(&t, &Tar::default().link("d", "/tmp").finish(), "a link would replace a directory");
+    refused(&t, &Tar::default().dir("f").finish(), "f is not a directory");
+    refused(&t, &Tar::default().file("f/g", b"y").finish(), "f is not a directory");
+    assert_eq!(contents(&t.dest()), ["d", "d/inner", "f"]);
+    // Within one archive a path comes once, and in order.
+    refused(&t, &Tar::default().file("f", b"1").file("f", b"2").finish(), "out of order or given twice");
+    refused(&t, &Tar::default().dir("d").file("d", b"x").finish(), "out of order or given twice");
+    refused(&t, &Tar::default().file("b", b"").file("a", b"").finish(), "out of order");
+    refused(&t, &Tar::default().file("a/b", b"").dir("a").finish(), "out of order");
 }
 
 #[test]
@@ -326,9 +330,9 @@ fn bombs_over_the_limits() {
     // Entries: files, directories and links all count.
     let mut tar = Tar::default();
     for i in 0..40 {
-        tar.dir(&format!("d{i}"));
-        tar.link(&format!("d{i}/l"), "x");
-        tar.file(&format!("d{i}/f"), b"");
+        tar.dir(&format!("d{i:02}"));
+        tar.file(&format!("d{i:02}/f"), b"");
+        tar.link(&format!("d{i:02}/l"), "x");
     }
     let limits = Limits { max_entries: 100, ..Limits::default() };
     refused_with(&t, &tar.finish(), &limits, "more than 100 entries");
@@ -374,7 +378,11 @@ fn sums_that_do_not_match() {
     );
     let twice = [good.clone(), only_a.to_vec()].concat();
     let mut again = Tar { buf: tar.buf.clone(), ..Tar::default() };
-    refused(&t, &again.sums(&twice).finish_without_sums(), "listed twice");
+    refused(&t, &again.sums(&twice).finish_without_sums(), "listed in .wisp-sums but not in the archive");
+    // The lines in another order than the files.
+    let swapped = [&good[only_a.len()..], only_a].concat();
+    let mut again = Tar { buf: tar.buf.clone(), ..Tar::default() };
+    refused(&t, &again.sums(&swapped).finish_without_sums(), "\"a\": not listed in .wisp-sums in its place");
     // Malformed lines.
     for bad in [&b"nonsense\n"[..], b"zz 5 a\n", &good[..good.len() - 1]] {
         let mut again = Tar { buf: tar.buf.clone(), ..Tar::default() };
@@ -439,7 +447,7 @@ fn what_is_not_a_wisp_archive() {
     };
     refused(&t, &plain, "not an LZ4 frame");
     // LZ4 holding something that is not tar.
-    refused(&t, &lz4(&[0xa5; 5000]), "reading the archive");
+    refused(&t, &lz4(&[0xa5; 5000]), "a tar header with a bad checksum");
     // A good archive with bytes after the end of the tar inside the frame, or after the frame.
     let mut tar = Tar::default();
     tar.file("a", b"x");

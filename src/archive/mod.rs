@@ -190,5 +190,12 @@ fn show(bytes: &[u8]) -> String {
     }
 }
 
+/// Open a directory given by path (following links: the caller chose it) as a descriptor.
+fn open_dir_path(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = std::fs::OpenOptions::new().read(true).custom_flags(nix::libc::O_DIRECTORY).open(path)?;
+    Ok(dir.into())
+}
+
 /// Permission bits kept: rwx for user, group and others; never setuid, setgid or sticky.
 const MODE_MASK: u32 = 0o777;

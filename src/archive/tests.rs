@@ -447,3 +447,25 @@ mod random {
         }
     }
 }
+
+#[test]
+fn the_heap_sort_sorts_like_std() {
+    use std::ffi::CString;
+    let mut x = 12345u64;
+    for n in [0, 1, 2, 3, 7, 64, 500] {
+        let mut v: Vec<(CString, Option<nix::dir::Type>)> = (0..n)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let len = (x >> 60) as usize;
+                let name: Vec<u8> =
+                    (0..len).map(|i| b"ab.\xc3\xa9z"[((x >> (i * 3)) % 6) as usize]).collect();
+                (CString::new(name).unwrap(), None)
+            })
+            .collect();
+        let mut want: Vec<Vec<u8>> = v.iter().map(|(c, _)| c.as_bytes().to_vec()).collect();
+        want.sort();
+        pack::heap_sort(&mut v);
+        let got: Vec<Vec<u8>> = v.iter().map(|(c, _)| c.as_bytes().to_vec()).collect();
+        assert_eq!(got, want, "{n} names");
+    }
+}

@@ -12,16 +12,14 @@ use nix::sys::stat::{fstatat, mkdirat, utimensat, Mode, SFlag, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{symlinkat, unlinkat, UnlinkatFlags};
 use ring::digest;
-use std::collections::HashMap;
-use std::ffi::OsStr;
+use std::ffi::{CStr, CString};
 use std::fs::{File, FileTimes, Permissions};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
-use tar::EntryType;
+use tar::{EntryType, Header};
 
 /// The longest name of one path component (Linux's NAME_MAX).
 const MAX_NAME: usize = 255;
@@ -66,73 +64,82 @@ pub fn unpack(input: impl Read, dest: &Path, limits: &Limits) -> Result<Unpacked
     if let Err(e) = std::fs::create_dir_all(dest) {
         return Err(ArchiveError::io(format!("creating {shown}"), e));
     }
-    let root = nix::fcntl::open(dest, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(|e| ArchiveError::io(format!("opening {shown}"), e.into()))?;
-    let reader = FrameDecoder::new(FrameCheck::new(BufReader::with_capacity(BUF_SIZE, input)));
-    let mut archive = tar::Archive::new(reader);
+    let root = super::open_dir_path(dest).map_err(|e| ArchiveError::io(format!("opening {shown}"), e))?;
+    let mut tin = TarIn { r: FrameDecoder::new(FrameCheck::new(input)) };
     let mut u = Unpacker {
         root,
         stack: Vec::new(),
         limits: *limits,
         out: Unpacked::default(),
-        index: HashMap::new(),
         buf: vec![0; BUF_SIZE],
         entries: 0,
         tmp: 0,
     };
+    let mut header = Header::new_old();
+    let mut long_name: Option<Vec<u8>> = None;
+    let mut long_link: Option<Vec<u8>> = None;
+    let mut prev = String::new();
     let mut sums_done = false;
-    {
-        let entries = archive.entries().map_err(stream_err)?.raw(true);
-        let mut long_name: Option<Vec<u8>> = None;
-        let mut long_link: Option<Vec<u8>> = None;
-        for item in entries {
-            let mut entry = item.map_err(stream_err)?;
-            if sums_done {
-                return Err(ArchiveError::Stream(format!(
-                    "{SUMS_NAME} is not the last entry of the archive"
-                )));
-            }
-            let kind = entry.header().entry_type();
-            match kind {
-                EntryType::GNULongName | EntryType::GNULongLink => {
-                    let slot = if kind == EntryType::GNULongName { &mut long_name } else { &mut long_link };
-                    if slot.is_some() {
-                        return Err(ArchiveError::Stream("two GNU long-name entries for one entry".into()));
-                    }
-                    *slot = Some(read_long_name(&mut entry)?);
-                    continue;
-                }
-                _ => {}
-            }
-            let raw_path = match long_name.take() {
-                Some(p) => p,
-                None => entry.header().path_bytes().into_owned(),
-            };
-            let link = match long_link.take() {
-                Some(l) => Some(l),
-                None => entry.header().link_name_bytes().map(|l| l.into_owned()),
-            };
-            let path = check_path(&raw_path)?;
-            if path == SUMS_NAME {
-                if kind != EntryType::Regular {
-                    return Err(ArchiveError::entry(path, "the sums entry is not a regular file"));
-                }
-                u.check_sums(&mut entry)?;
-                sums_done = true;
-                continue;
-            }
-            u.entries += 1;
-            if u.entries > u.limits.max_entries {
-                return Err(ArchiveError::Stream(format!(
-                    "more than {} entries: over the limit",
-                    u.limits.max_entries
-                )));
-            }
-            u.entry(&mut entry, kind, &path, link.as_deref())?;
+    loop {
+        if !tin.block(header.as_mut_bytes())? {
+            return Err(ArchiveError::Stream(if sums_done {
+                "the stream is cut short: no end-of-archive block".into()
+            } else {
+                format!("no {SUMS_NAME} entry: the archive is cut short or was not written by wisp")
+            }));
         }
-        if long_name.is_some() || long_link.is_some() {
-            return Err(ArchiveError::Stream("a GNU long-name entry with no entry after it".into()));
+        if header.as_bytes().iter().all(|b| *b == 0) {
+            break;
         }
+        check_header_sum(&header)?;
+        if sums_done {
+            return Err(ArchiveError::Stream(format!("{SUMS_NAME} is not the last entry of the archive")));
+        }
+        let kind = header.entry_type();
+        let size = header.entry_size().map_err(stream_err)?;
+        if kind == EntryType::GNULongName || kind == EntryType::GNULongLink {
+            let slot = if kind == EntryType::GNULongName { &mut long_name } else { &mut long_link };
+            if slot.is_some() {
+                return Err(ArchiveError::Stream("two GNU long-name entries for one entry".into()));
+            }
+            *slot = Some(tin.long_name(size)?);
+            continue;
+        }
+        let raw_path = match long_name.take() {
+            Some(p) => p,
+            None => header.path_bytes().into_owned(),
+        };
+        let link = match long_link.take() {
+            Some(l) => Some(l),
+            None => header.link_name_bytes().map(|l| l.into_owned()),
+        };
+        let path = check_path(&raw_path)?;
+        if path == SUMS_NAME {
+            if kind != EntryType::Regular {
+                return Err(ArchiveError::entry(path, "the sums entry is not a regular file"));
+            }
+            u.check_sums(&mut tin, size)?;
+            sums_done = true;
+            continue;
+        }
+        // pack writes each path once, in order component by component: anything else (a path
+        // twice, a directory come back to) is not one of its archives.
+        if !prev.is_empty() && path.split('/').cmp(prev.split('/')) != std::cmp::Ordering::Greater {
+            return Err(ArchiveError::entry(path, "out of order or given twice"));
+        }
+        prev.clear();
+        prev.push_str(&path);
+        u.entries += 1;
+        if u.entries > u.limits.max_entries {
+            return Err(ArchiveError::Stream(format!(
+                "more than {} entries: over the limit",
+                u.limits.max_entries
+            )));
+        }
+        u.entry(&mut tin, &header, kind, size, &path, link.as_deref())?;
+    }
+    if long_name.is_some() || long_link.is_some() {
+        return Err(ArchiveError::Stream("a GNU long-name entry with no entry after it".into()));
     }
     if !sums_done {
         return Err(ArchiveError::Stream(format!(
@@ -140,11 +147,10 @@ pub fn unpack(input: impl Read, dest: &Path, limits: &Limits) -> Result<Unpacked
         )));
     }
     u.close_to(0)?;
-    // After the tar archive's end: only zeros, then the frame's end mark.
-    let mut rest = archive.into_inner();
+    // After the tar archive's end: only zeros, then the frame's end mark, then nothing.
     let mut trailer = 0u64;
     loop {
-        let n = match rest.read(&mut u.buf) {
+        let n = match tin.r.read(&mut u.buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -155,7 +161,7 @@ pub fn unpack(input: impl Read, dest: &Path, limits: &Limits) -> Result<Unpacked
             return Err(ArchiveError::Stream("data after the end of the archive".into()));
         }
     }
-    let check = rest.get_mut();
+    let check = tin.r.get_mut();
     if !check.at_frame_end() {
         return Err(ArchiveError::Stream("the stream is cut short: it has no LZ4 end mark".into()));
     }
@@ -169,17 +175,81 @@ fn stream_err(e: io::Error) -> ArchiveError {
     ArchiveError::Stream(format!("reading the archive: {e}"))
 }
 
-/// The data of a GNU long-name entry, without its terminating NUL.
-fn read_long_name(entry: &mut impl Read) -> Result<Vec<u8>, ArchiveError> {
-    let mut name = Vec::new();
-    (&mut *entry).take(MAX_PATH as u64 + 2).read_to_end(&mut name).map_err(stream_err)?;
-    if name.len() > MAX_PATH + 1 {
-        return Err(ArchiveError::entry(show(&name), "path longer than 4096 bytes"));
+fn cut_short() -> ArchiveError {
+    ArchiveError::Stream("the stream is cut short".into())
+}
+
+/// A header's checksum: the sum of its bytes with the checksum field taken as spaces.
+fn check_header_sum(h: &Header) -> Result<(), ArchiveError> {
+    let b = h.as_bytes();
+    let sum: u32 = b[..148].iter().chain(&[b' '; 8]).chain(&b[156..]).map(|x| u32::from(*x)).sum();
+    if h.cksum().ok() != Some(sum) {
+        return Err(ArchiveError::Stream("a tar header with a bad checksum".into()));
     }
-    if name.last() == Some(&0) {
-        name.pop();
+    Ok(())
+}
+
+/// The tar layer over the decompressed stream: 512-byte blocks.
+struct TarIn<R> {
+    r: R,
+}
+
+impl<R: Read> TarIn<R> {
+    /// Fill `buf`, or give false at a clean end before its first byte.
+    fn block(&mut self, buf: &mut [u8]) -> Result<bool, ArchiveError> {
+        let mut got = 0;
+        while got < buf.len() {
+            match self.r.read(&mut buf[got..]) {
+                Ok(0) if got == 0 => return Ok(false),
+                Ok(0) => return Err(cut_short()),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(stream_err(e)),
+            }
+        }
+        Ok(true)
     }
-    Ok(name)
+
+    /// Fill `buf` or fail.
+    fn exact(&mut self, buf: &mut [u8]) -> Result<(), ArchiveError> {
+        if buf.is_empty() || self.block(buf)? {
+            Ok(())
+        } else {
+            Err(cut_short())
+        }
+    }
+
+    /// Some of an entry's data: at most `buf.len()` bytes, at least one.
+    fn some(&mut self, buf: &mut [u8]) -> Result<usize, ArchiveError> {
+        loop {
+            match self.r.read(buf) {
+                Ok(0) => return Err(cut_short()),
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(stream_err(e)),
+            }
+        }
+    }
+
+    /// The zeros after `len` bytes of data, up to the next block.
+    fn pad(&mut self, len: u64) -> Result<(), ArchiveError> {
+        let rem = ((512 - len % 512) % 512) as usize;
+        self.exact(&mut [0u8; 512][..rem])
+    }
+
+    /// The data of a GNU long-name entry of `size` bytes, without its terminating NUL.
+    fn long_name(&mut self, size: u64) -> Result<Vec<u8>, ArchiveError> {
+        if size > MAX_PATH as u64 + 1 {
+            return Err(ArchiveError::entry("(a GNU long name)", "path longer than 4096 bytes"));
+        }
+        let mut name = vec![0; size as usize];
+        self.exact(&mut name)?;
+        self.pad(size)?;
+        if name.last() == Some(&0) {
+            name.pop();
+        }
+        Ok(name)
+    }
 }
 
 /// The entry's path, normalised (no empty or `.` components, `/`-separated), or why it is refused.
@@ -237,8 +307,6 @@ struct Unpacker {
     stack: Vec<OpenDir>,
     limits: Limits,
     out: Unpacked,
-    /// Path to its index in `out.written`.
-    index: HashMap<String, usize>,
     buf: Vec<u8>,
     entries: u64,
     tmp: u64,
@@ -248,15 +316,17 @@ fn mtime(secs: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(secs.min(i64::MAX as u64 / 2))
 }
 
-fn file_kind(dir: BorrowedFd<'_>, name: &str) -> Option<u32> {
+fn file_kind(dir: BorrowedFd<'_>, name: &CStr) -> Option<u32> {
     fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW).ok().map(|st| st.st_mode & SFlag::S_IFMT.bits())
 }
 
 impl Unpacker {
     fn entry<R: Read>(
         &mut self,
-        entry: &mut tar::Entry<'_, R>,
+        tin: &mut TarIn<R>,
+        header: &Header,
         kind: EntryType,
+        size: u64,
         path: &str,
         link: Option<&[u8]>,
     ) -> Result<(), ArchiveError> {
@@ -264,7 +334,7 @@ impl Unpacker {
         match kind {
             EntryType::Regular | EntryType::Continuous => {}
             EntryType::Directory | EntryType::Symlink => {
-                if entry.size() != 0 {
+                if size != 0 {
                     return refuse("a directory or link entry with data");
                 }
             }
@@ -275,7 +345,6 @@ impl Unpacker {
             EntryType::XHeader | EntryType::XGlobalHeader => return refuse("PAX headers are not accepted"),
             other => return refuse(&format!("unknown entry type {:?}", other.as_byte() as char)),
         }
-        let header = entry.header();
         let mode = header.mode().map_err(stream_err)? & MODE_MASK;
         let mtime = header.mtime().map_err(stream_err)?;
         let (parents, leaf) = match path.rsplit_once('/') {
@@ -283,10 +352,11 @@ impl Unpacker {
             None => ("", path),
         };
         self.enter(parents, path)?;
+        let leaf = &cstr(leaf);
         match kind {
             EntryType::Directory => self.directory(leaf, path, mode, mtime),
             EntryType::Symlink => self.symlink(leaf, path, link.unwrap_or_default(), mtime),
-            _ => self.file(entry, leaf, path, mode, mtime),
+            _ => self.file(tin, size, leaf, path, mode, mtime),
         }
     }
 
@@ -323,36 +393,34 @@ impl Unpacker {
         let same = self.stack.iter().zip(&comps).take_while(|(d, c)| d.name == **c).count();
         self.close_to(same)?;
         for (i, comp) in comps.iter().enumerate().skip(same) {
-            let fd = open_dir(self.top(), comp, path, &comps[..=i])?;
+            let fd = open_dir(self.top(), &cstr(comp), path, &comps[..=i])?;
             self.stack.push(OpenDir { name: comp.to_string(), fd, apply: None });
         }
         Ok(())
     }
 
-    fn directory(&mut self, leaf: &str, path: &str, mode: u32, mtime: u64) -> Result<(), ArchiveError> {
+    fn directory(&mut self, leaf: &CStr, path: &str, mode: u32, mtime: u64) -> Result<(), ArchiveError> {
         let fd = open_dir(self.top(), leaf, path, &[path])?;
-        self.stack.push(OpenDir { name: leaf.to_string(), fd, apply: Some((mode, mtime)) });
+        let name = path.rsplit('/').next().unwrap_or(path).to_string();
+        self.stack.push(OpenDir { name, fd, apply: Some((mode, mtime)) });
         self.out.dirs += 1;
         Ok(())
     }
 
     fn file<R: Read>(
         &mut self,
-        entry: &mut tar::Entry<'_, R>,
-        leaf: &str,
+        tin: &mut TarIn<R>,
+        size: u64,
+        leaf: &CStr,
         path: &str,
         mode: u32,
         mtime: u64,
     ) -> Result<(), ArchiveError> {
-        let size = entry.size();
         if self.out.bytes.saturating_add(size) > self.limits.max_bytes {
             return Err(ArchiveError::Stream(format!(
                 "more than {} bytes of files: over the limit (at {path})",
                 self.limits.max_bytes
             )));
-        }
-        if self.index.contains_key(path) {
-            return Err(ArchiveError::entry(path, "the archive holds this file twice"));
         }
         let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
         let private = Mode::from_bits_truncate(0o600);
@@ -376,11 +444,11 @@ impl Unpacker {
                 Err(e) => return Err(ArchiveError::io(format!("creating {path}"), e.into())),
             }
         };
-        let result = write_file(entry, &mut self.buf, File::from(fd), path, size, mode, mtime);
+        let result = write_file(tin, &mut self.buf, File::from(fd), path, size, mode, mtime);
         let parent = top(&self.root, &self.stack);
         let result = result.and_then(|sum| match &temp {
             None => Ok(sum),
-            Some(name) => match renameat(parent, name.as_str(), parent, leaf) {
+            Some(name) => match renameat(parent, name.as_c_str(), parent, leaf) {
                 Ok(()) => Ok(sum),
                 Err(Errno::EISDIR) => Err(ArchiveError::entry(path, "a file would replace a directory")),
                 Err(e) => Err(ArchiveError::io(format!("renaming over {path}"), e.into())),
@@ -390,19 +458,18 @@ impl Unpacker {
             Ok(sum) => sum,
             Err(e) => {
                 if let Some(name) = &temp {
-                    let _ = unlinkat(parent, name.as_str(), UnlinkatFlags::NoRemoveDir);
+                    let _ = unlinkat(parent, name.as_c_str(), UnlinkatFlags::NoRemoveDir);
                 }
                 return Err(e);
             }
         };
-        self.index.insert(path.to_string(), self.out.written.len());
         self.out.written.push(FileSum { path: path.to_string(), size, sha256 });
         self.out.files += 1;
         self.out.bytes += size;
         Ok(())
     }
 
-    fn symlink(&mut self, leaf: &str, path: &str, target: &[u8], mtime: u64) -> Result<(), ArchiveError> {
+    fn symlink(&mut self, leaf: &CStr, path: &str, target: &[u8], mtime: u64) -> Result<(), ArchiveError> {
         if target.is_empty() {
             return Err(ArchiveError::entry(path, "a link with an empty target"));
         }
@@ -412,7 +479,8 @@ impl Unpacker {
         if target.contains(&0) {
             return Err(ArchiveError::entry(path, "a NUL in the link target"));
         }
-        let target = OsStr::from_bytes(target);
+        let target = CString::new(target).unwrap_or_default();
+        let target = target.as_c_str();
         let parent = top(&self.root, &self.stack);
         match symlinkat(target, parent, leaf) {
             Ok(()) => {}
@@ -421,10 +489,10 @@ impl Unpacker {
                     return Err(ArchiveError::entry(path, "a link would replace a directory"));
                 }
                 let name = temp_name(&mut self.tmp, path, |name| symlinkat(target, parent, name))?;
-                match renameat(parent, name.as_str(), parent, leaf) {
+                match renameat(parent, name.as_c_str(), parent, leaf) {
                     Ok(()) => {}
                     Err(e) => {
-                        let _ = unlinkat(parent, name.as_str(), UnlinkatFlags::NoRemoveDir);
+                        let _ = unlinkat(parent, name.as_c_str(), UnlinkatFlags::NoRemoveDir);
                         return Err(match e {
                             Errno::EISDIR => ArchiveError::entry(path, "a link would replace a directory"),
                             e => ArchiveError::io(format!("renaming over {path}"), e.into()),
@@ -442,54 +510,73 @@ impl Unpacker {
         Ok(())
     }
 
-    /// Read `.wisp-sums` and check it against the files written: the same files, sizes and sums.
-    fn check_sums(&mut self, entry: &mut impl Read) -> Result<(), ArchiveError> {
-        let mut seen = vec![false; self.out.written.len()];
-        let mut reader = BufReader::with_capacity(BUF_SIZE, entry);
+    /// Read `.wisp-sums` (`size` bytes) and check it against the files written, line by line in
+    /// the same order: the same paths, sizes and sums.
+    fn check_sums<R: Read>(&mut self, tin: &mut TarIn<R>, size: u64) -> Result<(), ArchiveError> {
+        let files = self.out.written.len() as u64;
+        if size > files.saturating_mul(MAX_SUMS_LINE as u64) {
+            return Err(ArchiveError::Stream(format!("{SUMS_NAME} is larger than its {files} files need")));
+        }
         let mut line = Vec::with_capacity(256);
-        loop {
-            line.clear();
-            (&mut reader).take(MAX_SUMS_LINE as u64).read_until(b'\n', &mut line).map_err(stream_err)?;
-            if line.is_empty() {
-                break;
-            }
-            let bad = |why: &str| ArchiveError::Stream(format!("{SUMS_NAME}: {why}"));
-            if line.pop() != Some(b'\n') {
-                return Err(bad("a line too long or without its newline"));
-            }
-            let text = std::str::from_utf8(&line).map_err(|_| bad("not UTF-8"))?;
-            let mut parts = text.splitn(3, ' ');
-            let (Some(hex), Some(size), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
-                return Err(bad(&format!("a malformed line {:?}", show(text.as_bytes()))));
-            };
-            let mut sum = [0u8; 32];
-            if hex.len() != 64 || hex::decode_to_slice(hex, &mut sum).is_err() {
-                return Err(bad(&format!("a malformed sum for {:?}", show(path.as_bytes()))));
-            }
-            let size: u64 = size.parse().map_err(|_| bad(&format!("a malformed size for {path:?}")))?;
-            let Some(&i) = self.index.get(path) else {
-                return Err(ArchiveError::entry(
-                    path,
-                    format!("listed in {SUMS_NAME} but not in the archive"),
-                ));
-            };
-            if seen[i] {
-                return Err(ArchiveError::entry(path, format!("listed twice in {SUMS_NAME}")));
-            }
-            seen[i] = true;
-            let f = &self.out.written[i];
-            if f.size != size || f.sha256 != sum {
-                return Err(ArchiveError::entry(
-                    path,
-                    format!("does not match its SHA-256 and size in {SUMS_NAME}: corrupt or altered"),
-                ));
+        let mut i = 0;
+        let mut left = size;
+        while left > 0 {
+            let want = left.min(self.buf.len() as u64) as usize;
+            let n = tin.some(&mut self.buf[..want])?;
+            left -= n as u64;
+            for piece in self.buf[..n].split_inclusive(|b| *b == b'\n') {
+                line.extend_from_slice(piece);
+                if line.len() > MAX_SUMS_LINE {
+                    return Err(ArchiveError::Stream(format!("{SUMS_NAME}: a line too long")));
+                }
+                if line.last() == Some(&b'\n') {
+                    line.pop();
+                    sum_line(&self.out.written, i, &line)?;
+                    i += 1;
+                    line.clear();
+                }
             }
         }
-        if let Some(i) = seen.iter().position(|s| !s) {
-            return Err(ArchiveError::entry(&self.out.written[i].path, format!("not listed in {SUMS_NAME}")));
+        tin.pad(size)?;
+        if !line.is_empty() {
+            return Err(ArchiveError::Stream(format!("{SUMS_NAME}: the last line has no newline")));
+        }
+        if let Some(f) = self.out.written.get(i) {
+            return Err(ArchiveError::entry(&f.path, format!("not listed in {SUMS_NAME}")));
         }
         Ok(())
     }
+}
+
+/// Check line `i` of the sums (without its newline) against the `i`th file written.
+fn sum_line(written: &[FileSum], i: usize, line: &[u8]) -> Result<(), ArchiveError> {
+    let bad = |why: &str| ArchiveError::Stream(format!("{SUMS_NAME}: {why}"));
+    let text = std::str::from_utf8(line).map_err(|_| bad("not UTF-8"))?;
+    let mut parts = text.splitn(3, ' ');
+    let (Some(hex), Some(size), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(bad(&format!("a malformed line {:?}", show(line))));
+    };
+    let mut sum = [0u8; 32];
+    if hex.len() != 64 || hex::decode_to_slice(hex, &mut sum).is_err() {
+        return Err(bad(&format!("a malformed sum for {:?}", show(path.as_bytes()))));
+    }
+    let size: u64 =
+        size.parse().map_err(|_| bad(&format!("a malformed size for {:?}", show(path.as_bytes()))))?;
+    let Some(f) = written.get(i) else {
+        return Err(ArchiveError::entry(path, format!("listed in {SUMS_NAME} but not in the archive")));
+    };
+    if f.path != path {
+        return Err(ArchiveError::entry(&f.path, format!("not listed in {SUMS_NAME} in its place")));
+    }
+    if f.size != size || f.sha256 != sum {
+        return Err(ArchiveError::entry(path, format!("does not match its SHA-256 and size in {SUMS_NAME}")));
+    }
+    Ok(())
+}
+
+/// `s` for a system call (names are checked for NUL before).
+fn cstr(s: &str) -> CString {
+    CString::new(s).unwrap_or_default()
 }
 
 /// The innermost open directory.
@@ -501,11 +588,11 @@ fn top<'a>(root: &'a OwnedFd, stack: &'a [OpenDir]) -> BorrowedFd<'a> {
 fn temp_name(
     counter: &mut u64,
     path: &str,
-    mut make: impl FnMut(&str) -> Result<(), Errno>,
-) -> Result<String, ArchiveError> {
+    mut make: impl FnMut(&CStr) -> Result<(), Errno>,
+) -> Result<CString, ArchiveError> {
     loop {
         *counter += 1;
-        let name = format!(".wisp-unpack-{}-{}", std::process::id(), counter);
+        let name = cstr(&format!(".wisp-unpack-{}-{}", std::process::id(), counter));
         match make(&name) {
             Ok(()) => return Ok(name),
             Err(Errno::EEXIST) => continue,
@@ -516,7 +603,7 @@ fn temp_name(
 
 /// Write `size` bytes of `entry` to `file`, apply `mode` and `mtime`, and give their SHA-256.
 fn write_file<R: Read>(
-    entry: &mut tar::Entry<'_, R>,
+    tin: &mut TarIn<R>,
     buf: &mut [u8],
     mut file: File,
     path: &str,
@@ -528,18 +615,12 @@ fn write_file<R: Read>(
     let mut left = size;
     while left > 0 {
         let want = left.min(buf.len() as u64) as usize;
-        let n = match entry.read(&mut buf[..want]) {
-            Ok(0) => {
-                return Err(ArchiveError::Stream(format!("the stream is cut short in the data of {path}")))
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(stream_err(e)),
-        };
+        let n = tin.some(&mut buf[..want])?;
         ctx.update(&buf[..n]);
         file.write_all(&buf[..n]).map_err(|e| ArchiveError::io(format!("writing {path}"), e))?;
         left -= n as u64;
     }
+    tin.pad(size)?;
     let what = || format!("setting the mode and mtime of {path}");
     file.set_permissions(Permissions::from_mode(mode)).map_err(|e| ArchiveError::io(what(), e))?;
     file.set_times(FileTimes::new().set_modified(self::mtime(mtime)))
@@ -551,7 +632,12 @@ fn write_file<R: Read>(
 
 /// Open directory `name` under `parent` without following a link, creating it if missing.
 /// `comps` is the path of it (for messages) within the entry `path`.
-fn open_dir(parent: BorrowedFd<'_>, name: &str, path: &str, comps: &[&str]) -> Result<OwnedFd, ArchiveError> {
+fn open_dir(
+    parent: BorrowedFd<'_>,
+    name: &CStr,
+    path: &str,
+    comps: &[&str],
+) -> Result<OwnedFd, ArchiveError> {
     let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     let shown = || comps.join("/");
     let mut created = false;
