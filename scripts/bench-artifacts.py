@@ -207,8 +207,9 @@ stages:
             run_pipeline("plain", plain)
         per_step.append((cpu(ctl.pid) - c0) * 1000 / 300)
 
-    print("A release controller (TLS, its default) and three static agents on loopback, "
-          "one over TCP and two over WebSocket; data on the local disk.")
+    where = "tmpfs" if work.startswith("/dev/shm") else "the local disk"
+    print(f"A release controller (TLS, its default) and three static agents on loopback, "
+          f"one over TCP and two over WebSocket; the controller's data and the agents' work dirs on {where} ({os.path.dirname(work)}).")
     print()
     print(f"| measure (median of {RUNS}) | wisp | comparator, same run | wisp / comparator |")
     print("|---|---|---|---|")

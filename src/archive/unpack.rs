@@ -502,7 +502,8 @@ impl Unpacker {
             }
             Err(e) => return Err(ArchiveError::io(format!("creating the link {path}"), e.into())),
         }
-        let secs = mtime.min(i64::MAX as u64 / 2) as i64;
+        // time_t is 32 bits on some targets (armv7 musl): a later mtime is clamped to its range.
+        let secs = mtime.min(nix::libc::time_t::MAX as u64) as nix::libc::time_t;
         let at = TimeSpec::new(secs, 0);
         utimensat(parent, leaf, &TimeSpec::UTIME_OMIT, &at, UtimensatFlags::NoFollowSymlink)
             .map_err(|e| ArchiveError::io(format!("setting the mtime of {path}"), e.into()))?;
