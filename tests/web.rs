@@ -428,3 +428,42 @@ fn the_page_works_through_haproxy_and_a_pipeline_can_be_uploaded() {
     assert!(b.text("h1").contains("uploaded"), "{}", b.text("h1"));
     b.screenshot("haproxy");
 }
+
+/// A build of stages on two agents shows each step's stage and node, and its artifacts with
+/// their SHA-256, downloadable from the page (through the session, as an attachment).
+#[test]
+fn the_build_page_shows_stages_nodes_and_artifacts() {
+    let c = Controller::start();
+    let work = TempDir::new("web-art");
+    let mut agents = Vec::new();
+    for (name, label) in [("wa", "one"), ("wb", "two")] {
+        let secret = c.add_node(name, label, &[]);
+        let dir = work.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        agents.push(c.agent(name, &secret, true, &dir));
+        c.wait_online(name);
+    }
+    let id = c.submit(
+        "name: art\nstages:\n  - name: make\n    agent: {label: one}\n    steps: [{sh: 'mkdir -p dist; echo payload > dist/out.txt'}]\n    archive: [\"dist/*.txt\"]\n  - name: check\n    agent: {label: two}\n    steps: [{sh: 'echo checked'}]\n",
+    );
+    let done = c.wait_build_state(id, Duration::from_secs(60));
+    assert_eq!(done["state"], "success", "{done}");
+    let b = Browser::start();
+    log_in(&b, &c);
+    b.goto(&format!("{}builds/{id}", c.url()));
+    b.find("#artifacts");
+    let rows = b.text("#steps");
+    assert!(
+        rows.contains("make") && rows.contains("wa") && rows.contains("check") && rows.contains("wb"),
+        "{rows}"
+    );
+    let arts = b.text("#artifacts");
+    let sum = common::sha256(b"payload\n");
+    assert!(arts.contains("dist/out.txt") && arts.contains(&sum), "{arts}");
+    let got = b.js(
+        "const a = document.querySelector('#artifacts a'); return fetch(a.href).then(r => r.text().then(t => [r.headers.get('content-disposition'), t]));",
+    );
+    assert_eq!(got[0], "attachment; filename=\"out.txt\"", "{got}");
+    assert_eq!(got[1], "payload\n", "{got}");
+    b.screenshot("artifacts");
+}

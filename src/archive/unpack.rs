@@ -502,9 +502,10 @@ impl Unpacker {
             }
             Err(e) => return Err(ArchiveError::io(format!("creating the link {path}"), e.into())),
         }
-        // time_t is 32 bits on some targets (armv7 musl): a later mtime is clamped to its range.
-        let secs = mtime.min(nix::libc::time_t::MAX as u64) as nix::libc::time_t;
-        let at = TimeSpec::new(secs, 0);
+        // time_t is 32 bits on 32-bit musl targets (armv7): a later mtime is clamped to its range.
+        #[cfg(target_pointer_width = "32")]
+        let mtime = mtime.min(i32::MAX as u64);
+        let at = TimeSpec::from(std::time::Duration::from_secs(mtime.min(i64::MAX as u64 / 2)));
         utimensat(parent, leaf, &TimeSpec::UTIME_OMIT, &at, UtimensatFlags::NoFollowSymlink)
             .map_err(|e| ArchiveError::io(format!("setting the mtime of {path}"), e.into()))?;
         self.out.links += 1;
