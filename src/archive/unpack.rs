@@ -42,12 +42,15 @@ const MAX_TRAILER: u64 = 1 << 20;
 /// bytes or a component over 255, a name that is not UTF-8, anything under `.wisp` at the top
 /// (the agent's own directory), hard links, devices, fifos, sparse files, PAX headers and
 /// unknown entry types, a file or link that would replace a directory, a directory that would
-/// replace a file or link, a file given twice, more than `limits.max_entries` entries or
-/// `limits.max_bytes` bytes of file contents (checked from the headers before anything is
-/// written), and a `.wisp-sums` that does not match what was written: every file's SHA-256 is
-/// computed while it is written and checked against the sums entry, which must come last; a
-/// missing sums entry, a file it lacks or one it lists that the archive did not hold are errors
-/// too. A stream that is not one LZ4 frame, is corrupt or is cut short is refused.
+/// replace a file or link, entries not in [`pack`](super::pack)'s order (each path once, by
+/// path component by component: a path given twice is refused), more than
+/// `limits.max_entries` entries or `limits.max_bytes` bytes of file contents (checked from the
+/// headers before anything is written), and a `.wisp-sums` that does not match what was
+/// written: every file's SHA-256 is computed while it is written and checked against the sums
+/// entry, which must come last and list the files in the archive's order; a missing sums entry,
+/// a file it lacks or one it lists that the archive did not hold are errors too. A stream that is
+/// not one LZ4 frame, has a bad header checksum, is corrupt, is cut short or has bytes after its
+/// end is refused.
 ///
 /// Written: directories (empty ones too; their modes and mtimes are applied once their entries
 /// are done, so a read-only directory can still be filled), regular files (a new file is created
