@@ -315,7 +315,11 @@ struct Unpacker {
     tmp: u64,
 }
 
+/// An archive's mtime for `File::set_times`. time_t is 32 bits on 32-bit musl targets (armv7),
+/// where std refuses a later time: clamped to its range there, as for links.
 fn mtime(secs: u64) -> SystemTime {
+    #[cfg(target_pointer_width = "32")]
+    let secs = secs.min(i32::MAX as u64);
     SystemTime::UNIX_EPOCH + Duration::from_secs(secs.min(i64::MAX as u64 / 2))
 }
 
