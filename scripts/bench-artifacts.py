@@ -92,6 +92,48 @@ try:
             break
         time.sleep(0.1)
 
+    # 2. (first, on a quiet disk: deleting the big files of 1 leaves it slow for a while) A
+    # node_modules-like tree stashed on a and unstashed on b, against tar c | tar x.
+    subprocess.run(["sync"])
+    ws = os.path.join(agents["a"][1], "workspace", "stash")
+    tree = os.path.join(ws, "tree")
+    block = (b"module.exports = function () { return 42; };\n" * 120)[:5000]
+    for i in range(FILES):
+        d = os.path.join(tree, f"pkg{i // 100:04d}")
+        if i % 100 == 0:
+            os.makedirs(d)
+        with open(os.path.join(d, f"f{i % 100:03d}.js"), "wb") as f:
+            f.write(block[: 4000 + (i * 37) % 2000] + str(i).encode())
+    total = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(tree) for f in fs)
+    stamp = "date +%s.%N"
+    yaml = f"""name: stash
+stages:
+  - name: make
+    agent: {{label: a}}
+    steps: [{{sh: '{stamp}'}}, {{stash: {{name: t, paths: ["tree/**"]}}}}, {{sh: '{stamp}'}}]
+  - name: use
+    agent: {{label: b}}
+    steps: [{{sh: 'rm -rf tree; {stamp}'}}, {{unstash: t}}, {{sh: '{stamp}'}}]
+"""
+    stashes, unstashes = [], []
+    for _ in range(RUNS):
+        run_pipeline("stash", yaml)
+        bid = wisp("builds").splitlines()[0].split("\t")[0].lstrip("#")
+        log = wisp("log", bid)
+        ts = [float(x) for x in re.findall(r"^(\d{10}\.\d+)$", log, re.M)]
+        stashes.append(ts[1] - ts[0])
+        unstashes.append(ts[3] - ts[2])
+    got = os.path.join(agents["b"][1], "workspace", "stash", "tree")
+    assert sum(len(fs) for _, _, fs in os.walk(got)) == FILES, "every file unstashed"
+    pipes = []
+    for _ in range(RUNS):
+        dest = os.path.join(work, "tar-dest")
+        os.makedirs(dest)
+        t0 = time.monotonic()
+        subprocess.run(["bash", "-c", f"tar c -C {ws} tree | tar x -C {dest}"], check=True)
+        pipes.append(time.monotonic() - t0)
+        shutil.rmtree(dest)
+
     # 1. One big artifact up and down, against tar | socat over loopback.
     ws_a = os.path.join(agents["a"][1], "workspace", "up")
     os.makedirs(ws_a)
@@ -143,46 +185,6 @@ try:
         shutil.rmtree(dest)
     mib = size / (1 << 20)
     up, down, floor = mib / median(ups), mib / median(downs), mib / median(socats)
-
-    # 2. A node_modules-like tree stashed on a and unstashed on b, against tar c | tar x.
-    ws = os.path.join(agents["a"][1], "workspace", "stash")
-    tree = os.path.join(ws, "tree")
-    block = (b"module.exports = function () { return 42; };\n" * 120)[:5000]
-    for i in range(FILES):
-        d = os.path.join(tree, f"pkg{i // 100:04d}")
-        if i % 100 == 0:
-            os.makedirs(d)
-        with open(os.path.join(d, f"f{i % 100:03d}.js"), "wb") as f:
-            f.write(block[: 4000 + (i * 37) % 2000] + str(i).encode())
-    total = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(tree) for f in fs)
-    stamp = "date +%s.%N"
-    yaml = f"""name: stash
-stages:
-  - name: make
-    agent: {{label: a}}
-    steps: [{{sh: '{stamp}'}}, {{stash: {{name: t, paths: ["tree/**"]}}}}, {{sh: '{stamp}'}}]
-  - name: use
-    agent: {{label: b}}
-    steps: [{{sh: 'rm -rf tree; {stamp}'}}, {{unstash: t}}, {{sh: '{stamp}'}}]
-"""
-    stashes, unstashes = [], []
-    for _ in range(RUNS):
-        run_pipeline("stash", yaml)
-        bid = wisp("builds").splitlines()[0].split("\t")[0].lstrip("#")
-        log = wisp("log", bid)
-        ts = [float(x) for x in re.findall(r"^(\d{10}\.\d+)$", log, re.M)]
-        stashes.append(ts[1] - ts[0])
-        unstashes.append(ts[3] - ts[2])
-    got = os.path.join(agents["b"][1], "workspace", "stash", "tree")
-    assert sum(len(fs) for _, _, fs in os.walk(got)) == FILES, "every file unstashed"
-    pipes = []
-    for _ in range(RUNS):
-        dest = os.path.join(work, "tar-dest")
-        os.makedirs(dest)
-        t0 = time.monotonic()
-        subprocess.run(["bash", "-c", f"tar c -C {ws} tree | tar x -C {dest}"], check=True)
-        pipes.append(time.monotonic() - t0)
-        shutil.rmtree(dest)
 
     # 3. A 3 x 10 matrix on three agents: the controller's CPU per cell.
     matrix = """name: matrix
