@@ -132,6 +132,7 @@ pub fn is_page(method: &Method, segs: &[&str]) -> bool {
             | (&Method::GET, ["static", _] | ["nodes", _] | ["builds", _])
             | (&Method::POST, ["nodes", _, "remove"] | ["builds", _, "cancel" | "rebuild"])
             | (&Method::GET, ["builds", _, "log", "live" | "raw"])
+            | (&Method::GET, ["builds", _, "artifacts", _, ..])
     )
 }
 
