@@ -120,8 +120,12 @@ fn a_build_runs_in_both_containers_of_its_pod_and_the_pod_goes_after() {
     assert!(out.contains("build reads from-jnlp"), "{out}");
     assert!(out.contains("/bin/busybox"), "{out}");
     wait_for("the pod to be deleted", Duration::from_secs(30), || pods_of(&c).is_empty().then_some(()));
-    let nodes = String::from_utf8_lossy(&c.wisp(&["nodes"]).stdout).into_owned();
-    assert!(!nodes.contains("both-"), "the pod's node is gone: {nodes}");
+    // The node goes once the controller's delete call returns (podman lists the pod as gone a
+    // moment before that).
+    wait_for("the pod's node to go", Duration::from_secs(10), || {
+        let nodes = String::from_utf8_lossy(&c.wisp(&["nodes"]).stdout).into_owned();
+        (!nodes.contains("both-")).then_some(())
+    });
     // /metrics counted the pod (scraped over the controller's TLS with the CLI's own client).
     let remote = wisp::cli::client::Remote {
         url: None,

@@ -1471,7 +1471,7 @@ steps:
             assert_eq!(
                 e.message(),
                 "the YAML nests deeper than 32 levels here (counting [ ], { } and indented blocks); a \
-                 pipeline needs 4"
+                 pipeline with stages needs about 10"
             );
         }
         let e = parse(&one_mib("name: a\nsteps: ", "[")).unwrap_err().to_string();
