@@ -8,13 +8,7 @@ use std::time::{Duration, Instant};
 
 /// A node with `labels` and its agent, online (over WebSocket when `ws`, else TCP).
 fn node(ctl: &Controller, name: &str, labels: &str, ws: bool, work: &TempDir) -> Proc {
-    let secret =
-        ctl.add_node(name, labels, if ws { &["--executors", "4"] } else { &["--tcp", "--executors", "4"] });
-    let dir = work.path().join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let agent = ctl.agent(name, &secret, ws, &dir);
-    ctl.wait_online(name);
-    agent
+    ctl.online_agent(name, labels, ws, 4, work.path())
 }
 
 /// The build's steps as (stage, name, state, node).

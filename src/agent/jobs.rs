@@ -14,13 +14,12 @@ use std::cell::Cell;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::Path;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-/// Bytes of the archive an unpack step holds in memory before the controller must wait for a
-/// `Taken` (the controller keeps at most this much beyond it in flight).
-pub const PUT_WINDOW: u64 = 256 * 1024;
-/// Chunks the feed holds: the window in the smallest chunks a controller sends, and room to spare.
+/// Chunks the feed holds: the controller's window (256 KiB beyond the last `Taken`) in the
+/// smallest chunks it sends, and room to spare.
 const FEED_CHUNKS: usize = 64;
 /// A `Taken` goes out every this many bytes written.
 pub const TAKEN_EVERY: u64 = 64 * 1024;
@@ -55,8 +54,6 @@ pub struct Feed {
     pub written: Rc<Cell<u64>>,
     tx: Option<Sender<Bytes>>,
 }
-
-use std::rc::Rc;
 
 impl Feed {
     /// Take `Put` bytes at `offset`: a resent part is dropped, a gap ignored (the controller

@@ -507,8 +507,6 @@ impl Run {
                         Some((stash, m.len())),
                     ),
                     Err(_) => {
-                        let (c, b, nd) = (self.ctl.clone(), self.build.clone(), node.to_string());
-                        c.store_must(&b, move |s| s.start_step(id, n, &nd, first)).await;
                         let have = archives::stash_names(&self.ctl, id).await;
                         let m = format!(
                             "no stash {name:?} in this build{} (a stash step of an earlier stage makes it)",
@@ -518,19 +516,17 @@ impl Run {
                                 format!(" (it has {})", have.join(", "))
                             }
                         );
-                        return self.end_step(p, n, node, StepEnd::Lost(m), 0, stop).await;
+                        return self.refuse(p, n, node, first, m, stop).await;
                     }
                 }
             }
         };
         if planned.kind != Kind::Sh && self.ctl.session_of(node).is_some_and(|s| !s.archives()) {
-            let (c, b, nd) = (self.ctl.clone(), self.build.clone(), node.to_string());
-            c.store_must(&b, move |s| s.start_step(id, n, &nd, first)).await;
             let m = format!(
                 "the agent of node '{node}' cannot stash, unstash or archive (it is older than that): upgrade \
                  its wisp-agent"
             );
-            return self.end_step(p, n, node, StepEnd::Lost(m), 0, stop).await;
+            return self.refuse(p, n, node, first, m, stop).await;
         }
         let (mut end, bytes) = run_step(
             &self.ctl,
@@ -560,6 +556,21 @@ impl Run {
             let _ = smol::unblock(move || std::fs::write(log, line)).await;
         }
         self.end_step(p, n, node, end, bytes, stop).await
+    }
+
+    /// Step `n` cannot start on `node` (`why`): it is marked started there and failed at once.
+    async fn refuse(
+        self: &Arc<Self>,
+        p: u32,
+        n: u32,
+        node: &str,
+        first: bool,
+        why: String,
+        stop: &Stop,
+    ) -> Outcome {
+        let (id, nd) = (self.build.id, node.to_string());
+        self.ctl.store_must(&self.build, move |s| s.start_step(id, n, &nd, first)).await;
+        self.end_step(p, n, node, StepEnd::Lost(why), 0, stop).await
     }
 
     /// Store how step `n` (planned step `p`) ended and say what it came to.

@@ -246,6 +246,22 @@ impl Controller {
         spawn_logged(cmd, work, name)
     }
 
+    /// Add node `name` with `labels` and `executors`, start its agent in `work/NAME` (over
+    /// WebSocket when `ws`, else TCP) and wait until it is online.
+    pub fn online_agent(&self, name: &str, labels: &str, ws: bool, executors: u32, work: &Path) -> Proc {
+        let n = executors.to_string();
+        let mut extra = vec!["--executors", n.as_str()];
+        if !ws {
+            extra.push("--tcp");
+        }
+        let secret = self.add_node(name, labels, &extra);
+        let dir = work.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let agent = self.agent(name, &secret, ws, &dir);
+        self.wait_online(name);
+        agent
+    }
+
     pub fn node_line(&self, name: &str) -> Option<String> {
         let out = self.wisp(&["nodes"]);
         String::from_utf8(out.stdout)
