@@ -11,9 +11,10 @@ use super::pipeline::{Kind, Planned, Step};
 use super::session::Out;
 use super::steps::Slot;
 use super::Controller;
-use crate::archive::{self, Limits};
+use crate::archive::{self, Limits, Unpacked};
 use crate::proto::{MAX_PUT_CHUNK, PACK_SHELL, UNPACK_SHELL};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,6 +80,80 @@ mod tests {
         assert_eq!(list(&root.join("2/artifacts")).unwrap()[0].path, "a");
         let _ = std::fs::remove_dir_all(&root);
     }
+
+    fn scratch(name: &str) -> PathBuf {
+        let root = std::env::temp_dir().join(format!("wisp-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        root
+    }
+
+    #[test]
+    fn a_merge_joins_directories_replaces_files_and_never_writes_through_a_link() {
+        let root = scratch("merge");
+        let (from, to, outside) = (root.join("from"), root.join("to"), root.join("outside"));
+        std::fs::create_dir_all(from.join("d/e")).unwrap();
+        std::fs::create_dir_all(from.join("l")).unwrap();
+        std::fs::create_dir_all(to.join("d")).unwrap();
+        std::fs::create_dir_all(to.join("f")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(from.join("d/e/new"), b"new").unwrap();
+        std::fs::write(from.join("d/same"), b"second").unwrap();
+        std::fs::write(from.join("f"), b"a file where a directory was").unwrap();
+        std::fs::write(from.join("l/x"), b"x").unwrap();
+        std::fs::write(to.join("d/same"), b"first").unwrap();
+        std::fs::write(to.join("d/kept"), b"kept").unwrap();
+        std::fs::write(to.join("f/old"), b"old").unwrap();
+        std::os::unix::fs::symlink(&outside, to.join("l")).unwrap();
+        merge(&from, &to).unwrap();
+        let read = |p: &str| std::fs::read_to_string(to.join(p)).unwrap();
+        assert_eq!(read("d/e/new"), "new");
+        assert_eq!(read("d/same"), "second");
+        assert_eq!(read("d/kept"), "kept");
+        assert_eq!(read("f"), "a file where a directory was");
+        assert_eq!(read("l/x"), "x");
+        assert!(!std::fs::symlink_metadata(to.join("l")).unwrap().is_symlink());
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "nothing written through the link");
+        assert!(!from.exists());
+        // Into nothing yet: the staging directory itself becomes the artifacts.
+        std::fs::create_dir_all(root.join("again")).unwrap();
+        std::fs::write(root.join("again/a"), b"a").unwrap();
+        merge(&root.join("again"), &root.join("fresh/files")).unwrap();
+        assert_eq!(std::fs::read(root.join("fresh/files/a")).unwrap(), b"a");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_follower_reads_a_file_as_it_grows_and_ends_only_when_told() {
+        use std::io::{Read, Write};
+        let root = scratch("follow");
+        let path = root.join("n.pack");
+        let state = Arc::new(AtomicU8::new(ARRIVING));
+        let mut follow = Follow { path: path.clone(), file: None, state: state.clone() };
+        let writer = std::thread::spawn({
+            let (path, state) = (path.clone(), state.clone());
+            move || {
+                // The file appears late and grows in pieces.
+                std::thread::sleep(Duration::from_millis(30));
+                let mut f = std::fs::File::create(&path).unwrap();
+                for i in 0..20u8 {
+                    f.write_all(&[i; 1000]).unwrap();
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                state.store(COMPLETE, Ordering::SeqCst);
+            }
+        });
+        let mut got = Vec::new();
+        follow.read_to_end(&mut got).unwrap();
+        writer.join().unwrap();
+        assert_eq!(got.len(), 20_000);
+        assert!(got.chunks(1000).enumerate().all(|(i, c)| c.iter().all(|&b| b == i as u8)));
+        // Abandoned: the reader gives up instead of waiting for bytes that will not come.
+        let mut follow = Follow { path: root.join("never"), file: None, state: state.clone() };
+        state.store(ABANDONED, Ordering::SeqCst);
+        assert!(follow.read(&mut [0u8; 16]).is_err());
+        let _ = std::fs::remove_dir_all(&root);
+    }
 }
 
 /// The `StepStart` of a pack step: the selection as `+`/`-` lines in the script.
@@ -107,13 +182,15 @@ pub fn unpack_step(p: &Planned, size: u64) -> Step {
 }
 
 /// A pack step succeeded (`summary` is its agent's word on it): its archive becomes the stash,
-/// or the build's artifacts. Returns the line its log keeps.
+/// or the build's artifacts (from what `unpacking` unpacked while the archive arrived, or, if it
+/// failed, from the stored archive). Returns the line its log keeps.
 pub async fn after_pack(
     ctl: &Arc<Controller>,
     build: u64,
     step: u32,
     kind: &Kind,
     summary: &str,
+    unpacking: Option<Unpacking>,
 ) -> Result<String, String> {
     let pack = pack_path(ctl, build, step);
     match kind {
@@ -131,20 +208,31 @@ pub async fn after_pack(
         }
         Kind::Archive { .. } => {
             let dir = artifacts_dir(ctl, build);
+            let staged = staging_dir(ctl, build, step);
+            let got = match unpacking {
+                Some(u) => u.complete().await,
+                None => Err("not unpacked while it arrived".to_string()),
+            };
             smol::unblock(move || {
-                let files = dir.join("files");
-                std::fs::create_dir_all(&files)
-                    .map_err(|e| format!("cannot create {}: {e}", files.display()))?;
-                let input =
-                    std::fs::File::open(&pack).map_err(|e| format!("cannot read {}: {e}", pack.display()))?;
-                let got = archive::unpack(
-                    std::io::BufReader::with_capacity(64 << 10, input),
-                    &files,
-                    &Limits::default(),
-                )
-                .map_err(|e| format!("the agent's archive was refused: {e}"));
+                let got = match got {
+                    Ok(got) => Ok(got),
+                    Err(why) => {
+                        // Unpacked again from the stored archive, the one that counts (the
+                        // stream may have read bytes a failed write later cut back).
+                        log::info!("{}: unpacking it again from the stored archive ({why})", pack.display());
+                        unpack_file(&pack, &staged)
+                    }
+                };
                 let _ = std::fs::remove_file(&pack);
-                let got = got?;
+                let got = match got {
+                    Ok(got) => got,
+                    Err(e) => {
+                        let _ = std::fs::remove_dir_all(&staged);
+                        return Err(e);
+                    }
+                };
+                merge(&staged, &dir.join("files"))
+                    .map_err(|e| format!("cannot move the artifacts into {}: {e}", dir.display()))?;
                 let mut index = String::new();
                 for f in &got.written {
                     index.push_str(&format!("{} {} {}\n", hex::encode(f.sha256), f.size, f.path));
@@ -161,6 +249,140 @@ pub async fn after_pack(
             .await
         }
         _ => Ok(String::new()),
+    }
+}
+
+/// Where an archive step's files are unpacked before they join the build's artifacts: a failed
+/// or repeated step never leaves half an archive among them.
+fn staging_dir(ctl: &Controller, build: u64, step: u32) -> PathBuf {
+    artifacts_dir(ctl, build).join(format!(".incoming-{step}"))
+}
+
+/// Unpack the stored archive `pack` into `dest` (which is emptied first).
+fn unpack_file(pack: &Path, dest: &Path) -> Result<Unpacked, String> {
+    let _ = std::fs::remove_dir_all(dest);
+    let input = std::fs::File::open(pack).map_err(|e| format!("cannot read {}: {e}", pack.display()))?;
+    archive::unpack(std::io::BufReader::with_capacity(64 << 10, input), dest, &Limits::default())
+        .map_err(|e| format!("the agent's archive was refused: {e}"))
+}
+
+/// Move what `from` holds into `to`, entry by entry: a directory merges with a directory of the
+/// same name, anything else replaces what is there (a link is never followed: an earlier
+/// archive's `d -> /etc` is replaced by this one's directory `d`, not written through). `from`
+/// is gone afterwards.
+fn merge(from: &Path, to: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(to) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = to.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            return std::fs::rename(from, to);
+        }
+        Err(e) => return Err(e),
+        Ok(m) if !m.is_dir() => {
+            std::fs::remove_file(to)?;
+            return std::fs::rename(from, to);
+        }
+        Ok(_) => {}
+    }
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        if entry.file_type()?.is_dir() {
+            merge(&src, &dst)?;
+        } else {
+            if std::fs::symlink_metadata(&dst).is_ok_and(|m| m.is_dir()) {
+                std::fs::remove_dir_all(&dst)?;
+            }
+            std::fs::rename(&src, &dst)?;
+        }
+    }
+    std::fs::remove_dir_all(from)
+}
+
+const ARRIVING: u8 = 0;
+const COMPLETE: u8 = 1;
+const ABANDONED: u8 = 2;
+
+/// An archive step's artifacts unpacked on a thread while the archive arrives (the thread reads
+/// the stored archive as it grows), so the step ends soon after its last byte instead of one
+/// whole unpack later. Dropped before [`Unpacking::complete`], the thread stops and removes what
+/// it wrote.
+pub struct Unpacking {
+    state: Arc<AtomicU8>,
+    done: smol::channel::Receiver<Result<Unpacked, String>>,
+}
+
+impl Unpacking {
+    /// Start following step `step`'s stored archive.
+    pub fn start(ctl: &Controller, build: u64, step: u32) -> Result<Unpacking, String> {
+        let (pack, staged) = (pack_path(ctl, build, step), staging_dir(ctl, build, step));
+        let state = Arc::new(AtomicU8::new(ARRIVING));
+        let (tx, done) = smol::channel::bounded(1);
+        let follow = Follow { path: pack, file: None, state: state.clone() };
+        let seen = state.clone();
+        std::thread::Builder::new()
+            .name("wisp-artifacts".into())
+            .spawn(move || {
+                let _ = std::fs::remove_dir_all(&staged);
+                let input = std::io::BufReader::with_capacity(64 << 10, follow);
+                let got = archive::unpack(input, &staged, &Limits::default())
+                    .map_err(|e| format!("the agent's archive was refused: {e}"));
+                if seen.load(Ordering::SeqCst) == ABANDONED || got.is_err() {
+                    let _ = std::fs::remove_dir_all(&staged);
+                }
+                let _ = tx.send_blocking(got);
+            })
+            .map_err(|e| format!("cannot start a thread: {e}"))?;
+        Ok(Unpacking { state, done })
+    }
+
+    /// The archive is complete: what the thread made of it, once it has read the end.
+    async fn complete(self) -> Result<Unpacked, String> {
+        self.state.store(COMPLETE, Ordering::SeqCst);
+        self.done.recv().await.unwrap_or_else(|_| Err("the unpacking thread stopped".into()))
+    }
+}
+
+impl Drop for Unpacking {
+    fn drop(&mut self) {
+        let _ = self.state.compare_exchange(ARRIVING, ABANDONED, Ordering::SeqCst, Ordering::SeqCst);
+    }
+}
+
+/// Reads a file that is still being written: at its end it waits for more until the writer is
+/// done ([`COMPLETE`]: then the end is the end) or gone ([`ABANDONED`]: an error).
+struct Follow {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+    state: Arc<AtomicU8>,
+}
+
+impl std::io::Read for Follow {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let mut idle = Duration::from_micros(200);
+        loop {
+            // Read the state first: COMPLETE seen before a read that finds nothing means the end.
+            let state = self.state.load(Ordering::SeqCst);
+            if state == ABANDONED {
+                return Err(std::io::Error::other("the archive step ended without its archive"));
+            }
+            if self.file.is_none() {
+                match std::fs::File::open(&self.path) {
+                    Ok(f) => self.file = Some(f),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && state == ARRIVING => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if let Some(f) = &mut self.file {
+                let n = f.read(buf)?;
+                if n > 0 || state == COMPLETE {
+                    return Ok(n);
+                }
+            }
+            std::thread::sleep(idle);
+            idle = (idle * 2).min(Duration::from_millis(20));
+        }
     }
 }
 

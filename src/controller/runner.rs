@@ -528,6 +528,19 @@ impl Run {
             );
             return self.refuse(p, n, node, first, m, stop).await;
         }
+        // Artifacts are unpacked as they arrive; a stash stays as it came.
+        let unpacking = match planned.kind {
+            Kind::Archive { .. } => match archives::Unpacking::start(&self.ctl, id, n) {
+                Ok(u) => Some(u),
+                Err(e) => {
+                    log::warn!(
+                        "build {id} step {n}: {e}; the artifacts will be unpacked once they are all in"
+                    );
+                    None
+                }
+            },
+            _ => None,
+        };
         let (mut end, bytes) = run_step(
             &self.ctl,
             &self.build,
@@ -546,7 +559,7 @@ impl Run {
             (&planned.kind, &end)
         {
             let log = self.ctl.logs.step_path(id, n);
-            let line = match archives::after_pack(&self.ctl, id, n, &planned.kind, summary).await {
+            let line = match archives::after_pack(&self.ctl, id, n, &planned.kind, summary, unpacking).await {
                 Ok(line) => line,
                 Err(m) => {
                     end = StepEnd::Exit(ExitStatus::Code(1), m.clone());
