@@ -162,6 +162,43 @@ pub enum Mode {
     Direct(String),
     /// TCP to the port the controller announces at `URL/tcpSlaveAgentListener/`.
     Discover,
+    /// Records on the node's topic of a Kafka cluster.
+    #[cfg(feature = "kafka")]
+    Kafka(KafkaMode),
+}
+
+/// The Kafka cluster an agent reaches the controller through.
+#[cfg(feature = "kafka")]
+#[derive(Debug, Clone)]
+pub struct KafkaMode(pub Arc<crate::kafka::Config>);
+
+#[cfg(feature = "kafka")]
+impl PartialEq for KafkaMode {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+#[cfg(feature = "kafka")]
+impl Eq for KafkaMode {}
+
+/// Open a new Kafka session as node `name`: its link, with the tasks that move its records
+/// started on smol's global executor (they end with the link).
+#[cfg(feature = "kafka")]
+pub async fn open_kafka(
+    cfg: &crate::kafka::Config,
+    name: &str,
+) -> Result<(LinkReader, LinkWriter), DialError> {
+    let (r, w, reading, producing) = crate::transport::kafka::connect(cfg, name).await.map_err(|e| {
+        if e.is_transient() {
+            DialError::Io { what: "reaching the Kafka cluster".into(), error: e.to_string() }
+        } else {
+            DialError::BadAddress(e.to_string())
+        }
+    })?;
+    smol::spawn(reading).detach();
+    smol::spawn(producing).detach();
+    Ok(link::kafka(r, w))
 }
 
 /// The parts of the controller URL a client uses.
@@ -342,6 +379,8 @@ pub async fn open(
             let port = discover_port(target, tls).await?;
             Ok(link::tcp(open_stream(&target.host, port, tls).await?))
         }
+        #[cfg(feature = "kafka")]
+        Mode::Kafka(k) => open_kafka(&k.0, name).await,
     }
 }
 

@@ -11,6 +11,8 @@ pub mod agent;
 pub mod archive;
 pub mod auth;
 pub mod dial;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod link;
 pub mod logger;
 pub mod proto;

@@ -221,6 +221,12 @@ pub fn websocket(ws: WebSocketStream<BoxIo>) -> (LinkReader, LinkWriter) {
     over(AnyRecv::WebSocket(r), AnySend::WebSocket(w))
 }
 
+/// A link over a Kafka session's two halves.
+#[cfg(feature = "kafka")]
+pub fn kafka(r: transport::kafka::Reader, w: transport::kafka::Writer) -> (LinkReader, LinkWriter) {
+    over(AnyRecv::Kafka(r), AnySend::Kafka(w))
+}
+
 impl LinkReader<AnyRecv> {
     /// Whether the link runs over WebSocket (else TCP).
     pub fn is_websocket(&self) -> bool {

@@ -337,6 +337,12 @@ async fn dial(
             discovered = Mode::Direct(addr.clone());
             (&discovered, addr, "TCP")
         }
+        #[cfg(feature = "kafka")]
+        Mode::Kafka(k) => {
+            let (reader, writer) = dial::open_kafka(&k.0, name).await?;
+            let via = format!("Kafka {} (topic wisp.{name})", k.0.brokers.join(","));
+            return Ok((reader, writer, via));
+        }
     };
     let (reader, writer) = dial::open(target, mode, name, tls).await?;
     let with = if tls.is_some() { " with TLS" } else { "" };

@@ -66,12 +66,61 @@ struct Args {
     /// do not check the controller's certificate at all (unsafe; warns at every connect)
     #[argh(switch)]
     no_certificate_check: bool,
+    /// reach the controller through this Kafka cluster instead: bootstrap brokers
+    /// HOST:PORT[,HOST:PORT...], the first that answers is used (needs an agent built with the
+    /// `kafka` feature; --url is then not needed)
+    #[argh(option)]
+    kafka: Option<String>,
+    /// reach the Kafka brokers over TLS (with the webpki roots and --kafka-cert)
+    #[argh(switch)]
+    kafka_tls: bool,
+    /// extra CA certificate(s) in PEM for the Kafka brokers' TLS (implies --kafka-tls)
+    #[argh(option)]
+    kafka_cert: Option<PathBuf>,
+    /// SASL mechanism for Kafka: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (default PLAIN when a user
+    /// is given)
+    #[argh(option)]
+    kafka_sasl: Option<String>,
+    /// SASL user for Kafka
+    #[argh(option)]
+    kafka_user: Option<String>,
+    /// SASL password for Kafka, or @FILE to read it from a file
+    #[argh(option)]
+    kafka_password: Option<String>,
     /// print the version and exit
     #[argh(switch)]
     version: bool,
     /// SECRET NAME, as Kubernetes pod templates pass them
     #[argh(positional, greedy)]
     positional: Vec<String>,
+}
+
+/// The URL an agent that goes through Kafka is given: nothing is dialed there.
+const KAFKA_URL: &str = "http://kafka.invalid/";
+
+#[cfg(feature = "kafka")]
+fn kafka_mode(
+    brokers: &str,
+    tls: bool,
+    cert: Option<&std::path::Path>,
+    [mechanism, user, password]: [Option<&str>; 3],
+    name: &str,
+) -> wisp::dial::KafkaMode {
+    let client = format!("wisp-agent {name}");
+    let cfg = wisp::kafka::Config::from_options(brokers, tls, cert, mechanism, user, password, &client)
+        .unwrap_or_else(|e| fail(&e));
+    wisp::dial::KafkaMode(std::sync::Arc::new(cfg))
+}
+
+#[cfg(not(feature = "kafka"))]
+fn kafka_mode(
+    _: &str,
+    _: bool,
+    _: Option<&std::path::Path>,
+    _: [Option<&str>; 3],
+    _: &str,
+) -> std::convert::Infallible {
+    fail("this wisp-agent was built without Kafka: build it with `--features kafka` (scripts/build-static.sh --kafka)")
 }
 
 /// A byte count with an optional K, M or G suffix (powers of 1024).
@@ -222,6 +271,10 @@ fn main() {
         },
         None => secret,
     };
+    let kafka = args.kafka.as_deref().map(|brokers| {
+        let sasl = [args.kafka_sasl.as_deref(), args.kafka_user.as_deref(), args.kafka_password.as_deref()];
+        kafka_mode(brokers, args.kafka_tls, args.kafka_cert.as_deref(), sasl, &name)
+    });
     // Steps run as this user and may read /proc/PPID/cmdline and /proc/PPID/environ: the secret
     // must not stay there. Still the only thread here.
     match agent::scrub::scrub_secret(&secret) {
@@ -260,6 +313,7 @@ fn main() {
     };
     let url = args
         .url
+        .or_else(|| kafka.is_some().then(|| KAFKA_URL.to_string()))
         .or_else(|| env("JENKINS_URL"))
         .or_else(|| desc.as_ref().and_then(|d| d.url.clone()))
         .or_else(|| jnlp_name.map(|(base, _)| base))
@@ -276,6 +330,9 @@ fn main() {
         }
     });
     let mode = match (websocket, direct) {
+        _ if kafka.is_some() && explicit => fail("choose one of --kafka, --websocket and --direct"),
+        #[cfg(feature = "kafka")]
+        _ if kafka.is_some() => Mode::Kafka(kafka.expect("checked")),
         (true, Some(_)) => fail("choose one of --websocket and --direct"),
         (true, None) => Mode::WebSocket,
         (false, Some(addr)) => Mode::Direct(addr),

@@ -165,6 +165,26 @@ struct Serve {
     /// 4096)
     #[argh(option)]
     handshake_budget: Option<usize>,
+    /// also serve agents through this Kafka cluster: bootstrap brokers HOST:PORT[,HOST:PORT...]
+    /// (each node's topic is wisp.NAME; see docs/PROTOCOL.md)
+    #[argh(option)]
+    kafka: Option<String>,
+    /// reach the Kafka brokers over TLS (with the webpki roots and --kafka-cert)
+    #[argh(switch)]
+    kafka_tls: bool,
+    /// extra CA certificate(s) in PEM for the Kafka brokers' TLS (implies --kafka-tls)
+    #[argh(option)]
+    kafka_cert: Option<PathBuf>,
+    /// SASL mechanism for Kafka: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (default PLAIN when a user
+    /// is given)
+    #[argh(option)]
+    kafka_sasl: Option<String>,
+    /// SASL user for Kafka
+    #[argh(option)]
+    kafka_user: Option<String>,
+    /// SASL password for Kafka, or @FILE to read it from a file
+    #[argh(option)]
+    kafka_password: Option<String>,
 }
 
 /// add, remove or show the secret of a node
@@ -462,6 +482,22 @@ fn serve(s: Serve) -> i32 {
             .then(|| Duration::from_secs(u64::from(s.keep_artifacts_days) * 86_400)),
         threads: s.threads.unwrap_or(ServeConfig::default().threads).clamp(1, 64),
         handshake_budget: s.handshake_budget.unwrap_or(ServeConfig::default().handshake_budget).max(1),
+        #[cfg(feature = "kafka")]
+        kafka: match &s.kafka {
+            None => None,
+            Some(brokers) => match crate::kafka::Config::from_options(
+                brokers,
+                s.kafka_tls,
+                s.kafka_cert.as_deref(),
+                s.kafka_sasl.as_deref(),
+                s.kafka_user.as_deref(),
+                s.kafka_password.as_deref(),
+                "wisp-controller",
+            ) {
+                Ok(c) => Some(c),
+                Err(e) => die(e),
+            },
+        },
     };
     let created = Created::before(&cfg.data);
     if let Err(e) = start(cfg) {

@@ -9,6 +9,8 @@ pub mod core;
 pub mod deadlines;
 pub mod http;
 pub mod identity;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod labels;
 pub mod logs;
 pub mod metrics;
@@ -66,6 +68,9 @@ pub struct ServeConfig {
     /// Plain HTTP and TCP, no TLS on either port (`--no-tls`: tests, or a proxy in front that
     /// terminates TLS).
     pub no_tls: bool,
+    /// Also serve agents through this Kafka cluster (`--kafka`).
+    #[cfg(feature = "kafka")]
+    pub kafka: Option<crate::kafka::Config>,
 }
 
 impl Default for ServeConfig {
@@ -82,6 +87,8 @@ impl Default for ServeConfig {
             tls_cert: None,
             tls_key: None,
             no_tls: false,
+            #[cfg(feature = "kafka")]
+            kafka: None,
             prefix: String::new(),
             metrics_public: false,
             keep_artifacts: Some(Duration::from_secs(30 * 86_400)),
@@ -262,6 +269,10 @@ pub fn launch(cfg: ServeConfig) -> Result<Server, String> {
     ];
     if let Some(keep) = cfg.keep_artifacts {
         ex.spawn(archives::expire_loop(ctl.clone(), keep)).detach();
+    }
+    #[cfg(feature = "kafka")]
+    if let Some(k) = cfg.kafka.clone() {
+        ex.spawn(kafka::hub(ctl.clone(), k)).detach();
     }
     Ok(Server { ctl, loops, threads, run })
 }

@@ -9,9 +9,11 @@
 //!
 //! - [`tcp`]: a byte stream (TCP, or TLS over TCP): a `u32` big-endian length, then the frame.
 //! - [`websocket`]: one binary WebSocket message per frame.
-//! - Room for more: a message broker (say `kafka.rs`: one record per frame, a topic or partition
-//!   per direction) implements the same two traits and gets a variant in [`AnyRecv`]/[`AnySend`].
+//! - `kafka` (feature `kafka`): one Kafka record per frame, a partition per direction of a
+//!   topic per node.
 
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod tcp;
 pub mod websocket;
 
@@ -105,6 +107,9 @@ pub enum AnyRecv {
     Tcp(tcp::Reader),
     /// One binary message per frame.
     WebSocket(websocket::Reader),
+    /// One Kafka record per frame.
+    #[cfg(feature = "kafka")]
+    Kafka(kafka::Reader),
 }
 
 /// The sending half of any wire this build has.
@@ -113,6 +118,9 @@ pub enum AnySend {
     Tcp(tcp::Writer),
     /// One binary message per frame.
     WebSocket(websocket::Writer),
+    /// One Kafka record per frame.
+    #[cfg(feature = "kafka")]
+    Kafka(kafka::Writer),
 }
 
 impl FrameRecv for AnyRecv {
@@ -120,6 +128,8 @@ impl FrameRecv for AnyRecv {
         match self {
             Self::Tcp(r) => r.recv(max).await,
             Self::WebSocket(r) => r.recv(max).await,
+            #[cfg(feature = "kafka")]
+            Self::Kafka(r) => r.recv(max).await,
         }
     }
 }
@@ -129,6 +139,8 @@ impl FrameSend for AnySend {
         match self {
             Self::Tcp(w) => w.send(buf).await,
             Self::WebSocket(w) => w.send(buf).await,
+            #[cfg(feature = "kafka")]
+            Self::Kafka(w) => w.send(buf).await,
         }
     }
 
@@ -136,6 +148,8 @@ impl FrameSend for AnySend {
         match self {
             Self::Tcp(w) => w.close().await,
             Self::WebSocket(w) => w.close().await,
+            #[cfg(feature = "kafka")]
+            Self::Kafka(w) => w.close().await,
         }
     }
 }
