@@ -2,7 +2,10 @@
 # Builds the fully static, size-optimised `wisp-agent` for musl targets and copies each binary to
 # target/static/<target>/wisp-agent (under CARGO_TARGET_DIR if that is set).
 #
-#   scripts/build-static.sh [--check] [TARGET...]
+#   scripts/build-static.sh [--check] [--kafka] [TARGET...]
+#
+# --kafka builds the agent with the Kafka transport (`--features kafka`) into
+# target/static-kafka/<target>/wisp-agent instead; the default agent has no Kafka code.
 #
 # TARGET is one of x86_64-unknown-linux-musl, aarch64-unknown-linux-musl,
 # armv7-unknown-linux-musleabihf (default: all three); --check runs scripts/check-static.sh on the
@@ -14,11 +17,14 @@ cd "$(dirname "$0")/.."
 source scripts/static-common.sh
 
 check=0
+features=()
+out_dir=$STATIC_DIR
 targets=()
 for arg in "$@"; do
     case $arg in
         --check) check=1 ;;
-        -h | --help) sed -n '2,11s/^# \{0,1\}//p' "$0"; exit 0 ;;
+        --kafka) features=(--features kafka); out_dir=${STATIC_DIR}-kafka ;;
+        -h | --help) sed -n '2,14s/^# \{0,1\}//p' "$0"; exit 0 ;;
         -*) die "unknown option $arg" ;;
         *) check_target "$arg"; targets+=("$arg") ;;
     esac
@@ -54,7 +60,7 @@ for t in "${targets[@]}"; do
 done
 apt_ensure "${debs[@]}"
 
-mkdir -p "$STATIC_DIR"
+mkdir -p "$out_dir"
 for t in "${targets[@]}"; do
     toolchain=
     [ "$t" != armv7-unknown-linux-musleabihf ] || toolchain=$ARMV7_TOOLCHAIN
@@ -62,18 +68,19 @@ for t in "${targets[@]}"; do
     cargo_cmd=(cargo)
     [ -z "$toolchain" ] || cargo_cmd=(cargo "+$toolchain")
     say "building wisp-agent for $t${toolchain:+ (toolchain $toolchain)}"
-    "${cargo_cmd[@]}" build --quiet --profile agent --no-default-features --bin wisp-agent --target "$t"
-    mkdir -p "$STATIC_DIR/$t"
-    cp "$TARGET_DIR/$t/agent/wisp-agent" "$STATIC_DIR/$t/wisp-agent"
+    "${cargo_cmd[@]}" build --quiet --profile agent --no-default-features "${features[@]}" --bin wisp-agent \
+        --target "$t"
+    mkdir -p "$out_dir/$t"
+    cp "$TARGET_DIR/$t/agent/wisp-agent" "$out_dir/$t/wisp-agent"
     # image/Dockerfile finds the binary by container arch: target/static/amd64 -> x86_64-...
-    ln -sfn "$t" "$STATIC_DIR/$(arch_of_target "$t")"
+    ln -sfn "$t" "$out_dir/$(arch_of_target "$t")"
 done
 
 for t in "${targets[@]}"; do
-    bytes=$(stat -c %s "$STATIC_DIR/$t/wisp-agent")
-    printf '%-32s %9d bytes  %s  %s\n' "$t" "$bytes" "$(mib "$bytes")" "$STATIC_DIR/$t/wisp-agent"
+    bytes=$(stat -c %s "$out_dir/$t/wisp-agent")
+    printf '%-32s %9d bytes  %s  %s\n' "$t" "$bytes" "$(mib "$bytes")" "$out_dir/$t/wisp-agent"
 done
 
-if [ "$check" = 1 ]; then
+if [ "$check" = 1 ] && [ ${#features[@]} -eq 0 ]; then
     exec bash scripts/check-static.sh "${targets[@]}"
 fi

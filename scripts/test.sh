@@ -6,7 +6,8 @@
 #   WISP_SKIP_STATIC=1  skip the static-binary, image and ARM tests (for quick local runs)
 # Some tests need root: network namespaces and iptables (tests/faults.rs), a small tmpfs for the
 # full-disk test (tests/controller.rs) and a PID namespace (tests/agent.rs). tests/kube_backend.rs
-# runs kmock, an in-memory Kubernetes API emulator from PyPI (no real API server installs here).
+# runs kmock, an in-memory Kubernetes API emulator from PyPI (no real API server installs here);
+# tests/kafka.rs runs tansu, a Kafka-API broker from crates.io (see scripts/tansu.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -39,6 +40,12 @@ if [ ! -e "$KMOCK_VENV/.kmock-0.8" ]; then
     touch "$KMOCK_VENV/.kmock-0.8"
 fi
 
+# tansu, the Kafka-API broker of tests/kafka.rs (crates.io; no Apache Kafka installs here), is built
+# once per machine and kept outside the checkout (scripts/tansu.sh); where it is missing the build
+# starts now in the background, the test's helper waits for it (a lock), and kafka-python, its
+# independent client, goes into a venv under the target dir when the test first needs it.
+mkdir -p "${CARGO_TARGET_DIR:-target}"
+nice -n 10 bash scripts/tansu.sh >/dev/null 2>"${CARGO_TARGET_DIR:-target}/tansu.log" &
 section "cargo fmt --check"
 cargo fmt --check
 

@@ -343,3 +343,19 @@ fn run_wait_exits_with_the_result_without_the_log() {
     assert!(stdout.contains("FAILURE: step 2") && stdout.contains("(13 output bytes stored)"), "{stdout}");
     assert!(!stdout.contains("twelve"), "no log with --wait: {stdout}");
 }
+
+/// A process that left the step's process group (`setsid`) and holds its output open: the step
+/// still ends, once the pipe has been readable and silent for twice the kill grace, with the
+/// output written before kept.
+#[test]
+fn a_step_ends_though_a_process_outside_its_group_holds_the_output_open() {
+    let ctl = Controller::start();
+    let work = TempDir::new("work");
+    let _agent = online_node(&ctl, "held1", true, &work);
+    let script = "echo before; setsid sleep 60 & echo after";
+    let started = std::time::Instant::now();
+    let (code, out) = ctl.run(&format!("name: held\nsteps:\n  - sh: '{script}'\n"));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("before\n") && out.contains("after\n"), "{out}");
+    assert!(started.elapsed() < Duration::from_secs(40), "ended without waiting for the sleep");
+}

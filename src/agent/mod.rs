@@ -1233,6 +1233,7 @@ async fn run_step(
     let mut message = String::new(); // for the Exit: what went wrong on the agent's side
     let mut fault = false; // the agent failed the step after it had started (see `fail`)
     let mut logged_end = false;
+    let mut drain_since: Option<Instant> = None;
     loop {
         if ctl.abandoned.get() {
             child.kill_group(Signal::SIGKILL);
@@ -1280,6 +1281,19 @@ async fn run_step(
             term_at = Some(Instant::now());
         }
         let link = agent.link_for(ctl.generation.get());
+        // Since when the pipe could have been read all along (credit on the link, or room in the
+        // spool while apart) without bringing anything: only that long a silence after the KILL
+        // says a process outside the group holds the pipe open. Output left in the pipe while the
+        // agent could not read it (the link starved of credit, then lost) is not such a silence.
+        let readable = match &link {
+            Some(_) => sent == spool.produced() && ctl.credit.get() > 0,
+            None => !spool.full(),
+        };
+        if !readable {
+            drain_since = None;
+        } else if drain_since.is_none() {
+            drain_since = Some(Instant::now());
+        }
         if let Some(t) = term_at {
             if !killed && t.elapsed() >= KILL_GRACE {
                 child.kill_group(Signal::SIGKILL);
@@ -1287,7 +1301,7 @@ async fn run_step(
             } else if killed
                 && !eof
                 && status.is_some()
-                && (ctl.credit.get() > 0 || link.is_none())
+                && drain_since.is_some_and(|d| d.elapsed() >= KILL_GRACE * 2)
                 && t.elapsed() >= KILL_GRACE * 2
             {
                 // A process that left the group holds the pipe open; stop waiting for it.
@@ -1338,7 +1352,8 @@ async fn run_step(
         }
         let next_timer = match (term_at, deadline, reason) {
             (Some(_), _, _) if eof || (killed && ctl.credit.get() == 0 && link.is_some()) => None,
-            (Some(t), _, _) => Some(t + if killed { KILL_GRACE * 2 } else { KILL_GRACE }),
+            (Some(t), _, _) if killed => drain_since.map(|d| (d + KILL_GRACE * 2).max(t + KILL_GRACE * 2)),
+            (Some(t), _, _) => Some(t + KILL_GRACE),
             (None, Some(d), None) => Some(d),
             _ => None,
         };
@@ -1377,6 +1392,7 @@ async fn run_step(
         match ev {
             Ev::Read(Ok(0)) => eof = true,
             Ev::Read(Ok(n)) => {
+                drain_since = Some(Instant::now());
                 let at = spool.produced();
                 if let Err(e) = spool.append(&out.space()[..n]) {
                     let what = format!("cannot write the output spool in {}: {e}", spool.dir().display());

@@ -4,6 +4,7 @@
 
 pub mod browser;
 pub mod images;
+pub mod kafka;
 pub mod kmock;
 
 use std::io::{Read, Write};
