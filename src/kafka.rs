@@ -857,9 +857,27 @@ impl Client {
 
     /// The offset the next record of `topic`/`partition` will get (its end).
     pub async fn end_offset(&mut self, topic: &str, partition: i32) -> Result<i64, KafkaError> {
+        self.list_offset(topic, partition, -1).await
+    }
+
+    /// The offset of the first record of `topic`/`partition` written at or after `millis`
+    /// (milliseconds since the epoch); the end when there is none.
+    pub async fn offset_since(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        millis: i64,
+    ) -> Result<i64, KafkaError> {
+        match self.list_offset(topic, partition, millis).await? {
+            o if o >= 0 => Ok(o),
+            _ => self.end_offset(topic, partition).await,
+        }
+    }
+
+    async fn list_offset(&mut self, topic: &str, partition: i32, timestamp: i64) -> Result<i64, KafkaError> {
         let mut p = ListOffsetsPartition::default();
         p.partition_index = partition;
-        p.timestamp = -1;
+        p.timestamp = timestamp;
         p.current_leader_epoch = -1;
         let mut t = ListOffsetsTopic::default();
         t.name = TopicName(StrBytes::from_string(topic.to_string()));

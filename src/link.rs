@@ -232,6 +232,14 @@ impl LinkReader<AnyRecv> {
     pub fn is_websocket(&self) -> bool {
         matches!(self.rx, AnyRecv::WebSocket(_))
     }
+
+    /// Whether the link runs through Kafka.
+    pub fn is_kafka(&self) -> bool {
+        #[cfg(feature = "kafka")]
+        return matches!(self.rx, AnyRecv::Kafka(_));
+        #[cfg(not(feature = "kafka"))]
+        false
+    }
 }
 
 impl<R: FrameRecv> LinkReader<R> {

@@ -121,8 +121,8 @@ pub async fn hub(ctl: Arc<Controller>, cfg: kafka::Config) {
 }
 
 /// Take in the nodes made or removed since the last look: a new one gets its topic (made if
-/// missing) and is read from where [`GROUP`] left it (its start when the topic is new, its end
-/// when the group never read it).
+/// missing) and is read from where [`GROUP`] left it (its start when the topic is new, the
+/// last [`SINCE`] of it when the group never read it).
 async fn refresh(
     ctl: &Controller,
     client: &mut Client,
@@ -144,7 +144,9 @@ async fn refresh(
         let next = match client.committed(GROUP, &topic, TO_CONTROLLER).await? {
             Some(o) => o,
             None if made => 0,
-            None => end_offset(client, &topic).await?,
+            // Never read: from a little before now, so an agent that connected just before its
+            // node was added (or the controller first started) is answered, not what is older.
+            None => since(client, &topic, SINCE).await?,
         };
         log::debug!("Kafka: reading {topic} from offset {next}");
         parts.insert(topic, Part { node, next, committed: next, sessions: Vec::new() });
@@ -152,10 +154,15 @@ async fn refresh(
     Ok(())
 }
 
-async fn end_offset(client: &mut Client, topic: &str) -> Result<i64, KafkaError> {
+/// How far back a topic the controller has never read is read from.
+const SINCE: Duration = Duration::from_secs(30);
+
+async fn since(client: &mut Client, topic: &str, back: Duration) -> Result<i64, KafkaError> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let from = now.saturating_sub(back).as_millis() as i64;
     let mut tries = 0;
     loop {
-        match client.end_offset(topic, TO_CONTROLLER).await {
+        match client.offset_since(topic, TO_CONTROLLER, from).await {
             Err(e) if e.code() == Some(kafka::code::UNKNOWN_TOPIC_OR_PARTITION) && tries < 50 => {
                 tries += 1;
                 smol::Timer::after(Duration::from_millis(100)).await;

@@ -111,8 +111,10 @@ pub struct Session {
     pub close: Event,
     /// The capability bits the agent's `Hello` set (`proto::CAP_*`).
     pub capabilities: u32,
-    /// The link runs over WebSocket (else TCP).
+    /// The link runs over WebSocket (else TCP, or Kafka).
     pub websocket: bool,
+    /// The output credit each of its steps starts with (a larger window through Kafka).
+    pub credit: u32,
     /// The keepalive ping last sent: its id, and when (µs on [`micros`]'s clock).
     pub ping_sent: AtomicU64,
     /// When that ping was sent.
@@ -139,6 +141,7 @@ impl Session {
             close: Event::new(),
             capabilities: 0,
             websocket: false,
+            credit: STEP_CREDIT,
             ping_sent: AtomicU64::new(0),
             ping_at: AtomicU64::new(0),
             rtt_us: AtomicU64::new(0),
@@ -390,15 +393,20 @@ pub async fn serve(ctl: Arc<Controller>, mut reader: LinkReader, mut writer: Lin
     };
     let (tx, rx) = bounded(OUT_QUEUE);
     let websocket = reader.is_websocket();
-    let session =
-        Arc::new(Session { capabilities, websocket, ..Session::new(ctl.session_id(), &name, &peer, tx) });
+    let credit = if reader.is_kafka() { steps::KAFKA_STEP_CREDIT } else { STEP_CREDIT };
+    let session = Arc::new(Session {
+        capabilities,
+        websocket,
+        credit,
+        ..Session::new(ctl.session_id(), &name, &peer, tx)
+    });
     let told = ctl.reconcile(&name, &held);
     ctl.metrics.replayed(told.replayed);
     let ping = ctl.timing.ping_interval;
     let alarm = ctl.deadlines.coarse_until(Instant::now() + ping, keepalive_grid(ping));
     let writer_task = ctl.ex.spawn(write_loop(writer, rx, session.clone(), ping, alarm));
     for (build, step, offset) in told.resume {
-        let f = Frame::Resume { build, step, offset, credit: STEP_CREDIT };
+        let f = Frame::Resume { build, step, offset, credit: session.credit };
         let _ = session.tx.send(Out::Frame(f)).await;
     }
     for (build, step) in told.abandon {
@@ -477,7 +485,7 @@ async fn write_loop(
                             build: *build,
                             step: *step,
                             timeout_secs: spec.timeout_secs,
-                            credit: STEP_CREDIT,
+                            credit: session.credit,
                             workspace,
                             dir: &spec.dir,
                             shell: &spec.shell,

@@ -20,6 +20,9 @@ use std::time::Duration;
 /// Output bytes an agent may send per step before the controller grants more: enough to keep a
 /// loopback link busy, small enough that a stalled controller holds the step's pipe, not memory.
 pub const STEP_CREDIT: u32 = 256 * 1024;
+/// The credit window of a step whose agent goes through Kafka: a round trip there is a produce
+/// and a fetch each way (tens of ms), and one window per round trip is the most a stream gets.
+pub const KAFKA_STEP_CREDIT: u32 = 4 << 20;
 /// Output credit is granted back in batches of this many bytes (a quarter of the window), so a
 /// fast stream costs one Credit frame per 64 KiB instead of one per output frame.
 pub const CREDIT_BATCH: u32 = STEP_CREDIT / 4;
