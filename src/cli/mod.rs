@@ -499,6 +499,11 @@ fn serve(s: Serve) -> i32 {
             },
         },
     };
+    #[cfg(not(feature = "kafka"))]
+    if s.kafka.is_some() || s.kafka_tls || s.kafka_cert.is_some() || s.kafka_sasl.is_some() {
+        let _ = (&s.kafka_user, &s.kafka_password);
+        die("this wisp was built without Kafka: build it with the `kafka` feature (on by default)");
+    }
     let created = Created::before(&cfg.data);
     if let Err(e) = start(cfg) {
         created.undo();
