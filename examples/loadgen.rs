@@ -56,8 +56,8 @@ async fn idle_agent(addr: String, name: String, secret: String) -> Result<(), St
             ClientStep::Send(f) => writer.send(&f).await.map_err(|e| format!("{name}: {e}"))?,
             ClientStep::Done { ping_interval_ms, .. } => {
                 let keys = hs.session_keys().expect("keys");
-                reader.authenticate(&keys.to_agent);
-                writer.authenticate(&keys.to_controller);
+                reader.authenticate(&keys.to_agent, keys.version);
+                writer.authenticate(&keys.to_controller, keys.version);
                 break ping_interval_ms;
             }
             other => return Err(format!("{name}: handshake: {other:?}")),

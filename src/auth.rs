@@ -21,6 +21,9 @@ pub struct SessionKeys {
     pub to_agent: [u8; 32],
     /// Agent → controller frames.
     pub to_controller: [u8; 32],
+    /// The protocol version agreed on, which says how the keys protect frames
+    /// ([`crate::link::LinkReader::authenticate`]).
+    pub version: u16,
 }
 
 impl std::fmt::Debug for SessionKeys {
@@ -29,13 +32,19 @@ impl std::fmt::Debug for SessionKeys {
     }
 }
 
-fn session_keys(secret: &str, name: &str, a: &[u8; NONCE_LEN], c: &[u8; NONCE_LEN]) -> SessionKeys {
+fn session_keys(
+    secret: &str,
+    name: &str,
+    a: &[u8; NONCE_LEN],
+    c: &[u8; NONCE_LEN],
+    version: u16,
+) -> SessionKeys {
     let key = |label| {
         let mut k = [0u8; 32];
         k.copy_from_slice(proof(label, secret, name, a, c).as_ref());
         k
     };
-    SessionKeys { to_agent: key(TO_AGENT_LABEL), to_controller: key(TO_CONTROLLER_LABEL) }
+    SessionKeys { to_agent: key(TO_AGENT_LABEL), to_controller: key(TO_CONTROLLER_LABEL), version }
 }
 
 /// The node's secret as Jenkins derives inbound-agent secrets: hex(HMAC-SHA256(key, name)).
@@ -245,7 +254,7 @@ impl ServerHandshake {
                 let mine = proof(CONTROLLER_LABEL, secret, &self.name, agent_nonce, &self.nonce);
                 let mut p = [0u8; NONCE_LEN];
                 p.copy_from_slice(mine.as_ref());
-                self.keys = Some(session_keys(secret, &self.name, agent_nonce, &self.nonce));
+                self.keys = Some(session_keys(secret, &self.name, agent_nonce, &self.nonce, self.version));
                 self.state = ServerState::Done;
                 ServerStep::Accept(Frame::Welcome { proof: p, ping_interval_ms: self.ping_interval_ms })
             }
@@ -326,7 +335,7 @@ impl<'s> ClientHandshake<'s> {
 
     /// The frame keys, once the controller's nonce is known (use them after `Done`).
     pub fn session_keys(&self) -> Option<SessionKeys> {
-        self.ctl_nonce.map(|c| session_keys(self.secret, self.name, &self.nonce, &c))
+        self.ctl_nonce.map(|c| session_keys(self.secret, self.name, &self.nonce, &c, self.version))
     }
 
     /// Feed the next frame from the controller.
@@ -430,7 +439,7 @@ mod tests {
     #[test]
     fn matching_secrets_authenticate_both_ways() {
         let secret = node_secret(b"k", "n1");
-        assert!(matches!(run(&secret, Some(&secret)).0, ClientStep::Done { version: 1, .. }));
+        assert!(matches!(run(&secret, Some(&secret)).0, ClientStep::Done { version: VERSION_MAX, .. }));
     }
 
     #[test]
@@ -470,6 +479,21 @@ mod tests {
         };
         let reflected = Frame::Welcome { proof: auth, ping_interval_ms: 1 };
         assert!(matches!(c.on_frame(&reflected), ClientStep::Failed(_)));
+    }
+
+    #[test]
+    fn an_agent_of_version_1_gets_version_1_and_a_new_one_the_newest() {
+        for (max, want) in [(1, 1), (VERSION_MAX, VERSION_MAX), (VERSION_MAX + 5, VERSION_MAX)] {
+            let mut s = ServerHandshake::new([2; 32], 1);
+            let hello =
+                Frame::Hello { min_version: 1, max_version: max, name: "n", capabilities: 0, nonce: [1; 32] };
+            assert!(matches!(s.on_frame(&hello), ServerStep::LookupNode("n")));
+            let ServerStep::Send(Frame::Challenge { version, .. }) = s.on_secret(Some("sec")) else {
+                panic!("a challenge")
+            };
+            assert_eq!(version, want, "agent max {max}");
+        }
+        const { assert!(VERSION_MAX >= crate::link::SEALED_VERSION, "this build seals frames") };
     }
 
     #[test]

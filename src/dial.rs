@@ -351,7 +351,7 @@ pub async fn open(
             let ws = with_timeout(
                 || "the WebSocket handshake".into(),
                 async {
-                    match async_tungstenite::client_async_with_config(req, io, Some(link::ws_config())).await {
+                    match async_tungstenite::client_async_with_config(req, io, Some(link::ws_agent_config())).await {
                         Ok((ws, _)) => Ok(ws),
                         Err(tungstenite::Error::Http(resp)) => Err(DialError::Http {
                             message: format!(

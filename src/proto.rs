@@ -11,7 +11,7 @@ use std::time::Duration;
 /// The protocol versions this build speaks (inclusive range).
 pub const VERSION_MIN: u16 = 1;
 /// The newest protocol version this build speaks.
-pub const VERSION_MAX: u16 = 1;
+pub const VERSION_MAX: u16 = 2;
 
 /// Largest encoded frame, without its tag and the transport's framing. Bounds every buffer on
 /// both sides.

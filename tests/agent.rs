@@ -325,13 +325,26 @@ fn a_spool_failure_mid_run_is_not_reported_as_a_failure_to_start() {
     cmd.arg("--websocket");
     let _agent = spawn_logged(cmd, work.path(), "sp");
     ctl.wait_online("sp");
-    // The step puts a file where its output spool goes, then writes: the agent cannot spool it.
-    let id = ctl.submit(
-        "name: sp\nagent: {label: sp}\nsteps:\n  - sh: |\n      \
+    // The step puts a file where its output spool goes, then writes more than the agent holds in
+    // memory while the controller is stopped (so none of it is acknowledged): the agent must
+    // spool it to disk and cannot.
+    let (ready, go) = (work.path().join("ready"), work.path().join("go"));
+    let id = ctl.submit(&format!(
+        "name: sp\nagent: {{label: sp}}\nsteps:\n  - sh: |\n      \
          s=\"$WORKSPACE/../../.wisp/spool/$WISP_BUILD-$WISP_STEP\"\n      \
-         mkdir -p \"${s%/*}\"; rm -rf \"$s\"; : > \"$s\"\n      \
-         echo output; sleep 30\n",
-    );
+         mkdir -p \"${{s%/*}}\"; rm -rf \"$s\"; : > \"$s\"\n      \
+         touch {ready}; while [ ! -e {go} ]; do sleep 0.1; done\n      \
+         head -c 2000000 /dev/zero; sleep 30\n",
+        ready = ready.display(),
+        go = go.display()
+    ));
+    wait_for("the step to be ready", Duration::from_secs(20), || ready.exists().then_some(()));
+    let pid = ctl.proc.as_ref().unwrap().pid().to_string();
+    let signal = |sig: &str| assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
+    signal("-STOP");
+    std::fs::write(&go, "").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    signal("-CONT");
     let b = ctl.wait_build_state(id, Duration::from_secs(20));
     let text = b.to_string();
     assert_eq!(b["state"], "failure", "{text}");

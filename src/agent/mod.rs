@@ -786,8 +786,8 @@ impl Agent {
                 ClientStep::Send(f) => writer.lock().await.send(&f).await.map_err(send_err)?,
                 ClientStep::Done { ping_interval_ms, .. } => {
                     let keys = hs.session_keys().expect("keys are known once the controller answered");
-                    reader.authenticate(&keys.to_agent);
-                    writer.lock().await.authenticate(&keys.to_controller);
+                    reader.authenticate(&keys.to_agent, keys.version);
+                    writer.lock().await.authenticate(&keys.to_controller, keys.version);
                     return Ok(ping_interval_ms);
                 }
                 ClientStep::Rejected(code, m) if is_permanent(code) => {
@@ -1234,6 +1234,7 @@ async fn run_step(
     let mut fault = false; // the agent failed the step after it had started (see `fail`)
     let mut logged_end = false;
     let mut drain_since: Option<Instant> = None;
+    let mut reads = 0u64; // pipe reads that brought output
     loop {
         if ctl.abandoned.get() {
             child.kill_group(Signal::SIGKILL);
@@ -1264,7 +1265,13 @@ async fn run_step(
         }
         spool.release(ctl.stored.get().min(sent));
         if ctl.exit_acked.get() && exit_sent_on != 0 {
-            log::info!("build {build} step {step}: done; spool peak {} bytes", spool.peak());
+            log::info!(
+                "build {build} step {step}: done; {} output bytes in {reads} reads; spool peak {} bytes, {} bytes \
+                 of it written to disk",
+                spool.produced(),
+                spool.peak(),
+                spool.spilled()
+            );
             return child.release();
         }
         if reason.is_none() && ctl.cancelled.get() {
@@ -1285,10 +1292,16 @@ async fn run_step(
         // spool while apart) without bringing anything: only that long a silence after the KILL
         // says a process outside the group holds the pipe open. Output left in the pipe while the
         // agent could not read it (the link starved of credit, then lost) is not such a silence.
-        let readable = match &link {
-            Some(_) => sent == spool.produced() && ctl.credit.get() > 0,
-            None => !spool.full(),
+        // How much of the pipe to read now: while connected only within credit, caught up with
+        // the spool; while apart, until the spool is full (then the step blocks on its write,
+        // nothing is lost).
+        let limit = match &link {
+            Some(_) if sent == spool.produced() => ctl.credit.get().min(MAX_OUTPUT_CHUNK as u64) as usize,
+            Some(_) => 0,
+            None if spool.full() => 0,
+            None => MAX_OUTPUT_CHUNK,
         };
+        let readable = limit > 0;
         if !readable {
             drain_since = None;
         } else if drain_since.is_none() {
@@ -1357,14 +1370,6 @@ async fn run_step(
             (None, Some(d), None) => Some(d),
             _ => None,
         };
-        // Read the pipe while connected only within credit, caught up with the spool; while
-        // apart, until the spool is full (then the step blocks on its write, nothing is lost).
-        let limit = match &link {
-            Some(_) if sent == spool.produced() => ctl.credit.get().min(MAX_OUTPUT_CHUNK as u64) as usize,
-            Some(_) => 0,
-            None if spool.full() => 0,
-            None => MAX_OUTPUT_CHUNK,
-        };
         let read = async {
             if eof || limit == 0 {
                 std::future::pending().await
@@ -1393,6 +1398,7 @@ async fn run_step(
             Ev::Read(Ok(0)) => eof = true,
             Ev::Read(Ok(n)) => {
                 drain_since = Some(Instant::now());
+                reads += 1;
                 let at = spool.produced();
                 if let Err(e) = spool.append(&out.space()[..n]) {
                     let what = format!("cannot write the output spool in {}: {e}", spool.dir().display());

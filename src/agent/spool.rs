@@ -1,19 +1,28 @@
-//! A step's output on disk from the moment it is read from the pipe until the controller says it
-//! has stored it, so a dropped link loses nothing: after a reconnect the agent replays from what
-//! the controller has.
+//! A step's output from the moment it is read from the pipe until the controller says it has
+//! stored it, so a dropped link loses nothing: after a reconnect the agent replays from what the
+//! controller has.
 //!
-//! The spool is a directory of fixed-size segment files: segment `i` holds output bytes
-//! `[i * SEGMENT, (i + 1) * SEGMENT)`. Appending writes the tail segment; acknowledged segments are
-//! deleted whole. Nothing here allocates in proportion to the output: the disk holds at most the
-//! unacknowledged output plus one segment, and the step stops being read once `cap` bytes wait.
+//! The newest `MEMORY` bytes are held in memory, a ring indexed by output offset. While the link
+//! keeps up, the controller acknowledges output before it leaves the ring, so the disk is not
+//! touched. Bytes that must leave the ring unacknowledged (the link is down, slow or far) go to
+//! disk first, in fixed-size segment files: segment `i` holds output
+//! bytes `[i * SEGMENT, (i + 1) * SEGMENT)`; acknowledged segments are deleted whole. Nothing here
+//! allocates in proportion to the output: the disk holds at most the unacknowledged output plus
+//! one segment, and the step stops being read once `cap` bytes wait.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// Bytes per segment file.
 pub const SEGMENT: u64 = 8 << 20;
+
+/// Bytes of output held in memory: a quarter of the controller's credit window for a direct link
+/// (`controller::steps::STEP_CREDIT`), as much as the agent's heap budget (256 KiB, the
+/// counting-allocator tests) leaves room for. On a link that keeps up the controller stores output
+/// and says so before it would leave the ring.
+pub const MEMORY: usize = 64 * 1024;
 
 /// One step's spool.
 pub struct Spool {
@@ -22,27 +31,44 @@ pub struct Spool {
     acked: u64,
     /// Output bytes written so far (the step's output length).
     produced: u64,
+    /// Output from here to `produced` is in `mem`; below it (and from `acked`), on disk.
+    mem_from: u64,
+    /// The ring: output byte `o` at `o % MEMORY`. Empty until the first output arrives.
+    mem: Vec<u8>,
+    /// Output bytes written to disk so far.
+    spilled: u64,
     /// Most bytes waiting at once.
     peak: u64,
     cap: u64,
-    /// The segment being appended to.
+    /// The segment last written to.
     tail: Option<(u64, File)>,
     /// The segment last read from.
     head: Option<(u64, File)>,
-    /// Whether `dir` has been made (on the first output byte: a step with no output costs no
-    /// directory).
+    /// Whether `dir` has been made (when output first goes to disk: most steps never make it).
     made: bool,
 }
 
 impl Spool {
     /// A fresh spool in `dir` (anything left there by an earlier agent is removed; the directory
-    /// itself is made when the first output arrives).
+    /// itself is made when output first has to go to disk).
     pub fn create(dir: PathBuf, cap: u64) -> io::Result<Self> {
         match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
-        Ok(Self { dir, acked: 0, produced: 0, peak: 0, cap: cap.max(1), tail: None, head: None, made: false })
+        Ok(Self {
+            dir,
+            acked: 0,
+            produced: 0,
+            mem_from: 0,
+            mem: Vec::new(),
+            spilled: 0,
+            peak: 0,
+            cap: cap.max(1),
+            tail: None,
+            head: None,
+            made: false,
+        })
     }
 
     fn segment(&self, i: u64) -> PathBuf {
@@ -51,19 +77,20 @@ impl Spool {
 
     /// Append output bytes.
     pub fn append(&mut self, mut data: &[u8]) -> io::Result<()> {
+        if self.mem.is_empty() && !data.is_empty() {
+            self.mem = vec![0; MEMORY];
+        }
         while !data.is_empty() {
-            let i = self.produced / SEGMENT;
-            if self.tail.as_ref().is_none_or(|(t, _)| *t != i) {
-                if !self.made {
-                    std::fs::create_dir_all(&self.dir)?;
-                    self.made = true;
-                }
-                let f = OpenOptions::new().create(true).append(true).open(self.segment(i))?;
-                self.tail = Some((i, f));
+            let n = data.len().min(MEMORY);
+            // The oldest bytes leave the ring to make room: to disk unless already stored.
+            let over = (self.produced - self.mem_from + n as u64).saturating_sub(MEMORY as u64);
+            if over > 0 {
+                self.spill(self.mem_from + over)?;
             }
-            let room = ((i + 1) * SEGMENT - self.produced) as usize;
-            let n = room.min(data.len());
-            self.tail.as_mut().expect("opened above").1.write_all(&data[..n])?;
+            let at = (self.produced % MEMORY as u64) as usize;
+            let first = n.min(MEMORY - at);
+            self.mem[at..at + first].copy_from_slice(&data[..first]);
+            self.mem[..n - first].copy_from_slice(&data[first..n]);
             self.produced += n as u64;
             data = &data[n..];
         }
@@ -71,7 +98,32 @@ impl Spool {
         Ok(())
     }
 
-    /// Read output from `offset` into `buf` (at most to the end of its segment); returns the count.
+    /// Move the ring's bytes below `end` out of it, writing those not yet stored to disk.
+    fn spill(&mut self, end: u64) -> io::Result<()> {
+        let mut from = self.mem_from.max(self.acked);
+        while from < end {
+            let i = from / SEGMENT;
+            let at = (from % MEMORY as u64) as usize;
+            let n = (((i + 1) * SEGMENT).min(end) - from).min((MEMORY - at) as u64) as usize;
+            if self.tail.as_ref().is_none_or(|(t, _)| *t != i) {
+                if !self.made {
+                    std::fs::create_dir_all(&self.dir)?;
+                    self.made = true;
+                }
+                let f = OpenOptions::new().create(true).write(true).truncate(false).open(self.segment(i))?;
+                self.tail = Some((i, f));
+            }
+            let f = &self.tail.as_ref().expect("opened above").1;
+            f.write_all_at(&self.mem[at..at + n], from - i * SEGMENT)?;
+            from += n as u64;
+            self.spilled += n as u64;
+        }
+        self.mem_from = end;
+        Ok(())
+    }
+
+    /// Read output from `offset` into `buf` (at most to the end of the memory ring's contiguous
+    /// part, or of a segment); returns the count.
     pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
         if offset < self.acked || offset > self.produced {
             return Err(io::Error::other(format!(
@@ -79,12 +131,15 @@ impl Spool {
                 self.acked, self.produced
             )));
         }
-        let i = offset / SEGMENT;
-        let end = ((i + 1) * SEGMENT).min(self.produced);
-        let n = ((end - offset) as usize).min(buf.len());
-        if n == 0 {
-            return Ok(0);
+        if offset >= self.mem_from {
+            let at = (offset % MEMORY as u64) as usize;
+            let n = ((self.produced - offset) as usize).min(MEMORY - at).min(buf.len());
+            buf[..n].copy_from_slice(&self.mem[at..at + n]);
+            return Ok(n);
         }
+        let i = offset / SEGMENT;
+        let end = ((i + 1) * SEGMENT).min(self.mem_from);
+        let n = ((end - offset) as usize).min(buf.len());
         if self.head.as_ref().is_none_or(|(h, _)| *h != i) {
             self.head = Some((i, File::open(self.segment(i))?));
         }
@@ -93,22 +148,27 @@ impl Spool {
         Ok(n)
     }
 
-    /// The controller has stored everything below `upto`: delete the segments it covers.
+    /// The controller has stored everything below `upto`: forget it (deleting the segments it
+    /// covers).
     pub fn release(&mut self, upto: u64) {
         let upto = upto.min(self.produced);
         if upto <= self.acked {
             return;
         }
-        for i in self.acked / SEGMENT..upto / SEGMENT {
-            if self.head.as_ref().is_some_and(|(h, _)| *h == i) {
-                self.head = None;
+        if self.made {
+            // Segments that nothing was spilled to are not there; removing them fails harmlessly.
+            for i in self.acked / SEGMENT..upto / SEGMENT {
+                if self.head.as_ref().is_some_and(|(h, _)| *h == i) {
+                    self.head = None;
+                }
+                if self.tail.as_ref().is_some_and(|(t, _)| *t == i) {
+                    self.tail = None;
+                }
+                let _ = std::fs::remove_file(self.segment(i));
             }
-            if self.tail.as_ref().is_some_and(|(t, _)| *t == i) {
-                self.tail = None;
-            }
-            let _ = std::fs::remove_file(self.segment(i));
         }
         self.acked = upto;
+        self.mem_from = self.mem_from.max(upto);
     }
 
     /// Output bytes produced so far.
@@ -129,6 +189,11 @@ impl Spool {
     /// Most bytes held at once.
     pub fn peak(&self) -> u64 {
         self.peak
+    }
+
+    /// Output bytes that went to disk.
+    pub fn spilled(&self) -> u64 {
+        self.spilled
     }
 
     /// True when the cap is reached: stop reading the step's output.
@@ -158,12 +223,34 @@ mod tests {
         std::env::temp_dir().join(format!("wisp-spool-{tag}-{}", std::process::id()))
     }
 
+    fn byte(off: u64) -> u8 {
+        ((off % 100_000) % 251) as u8
+    }
+
+    fn pattern() -> Vec<u8> {
+        (0..100_000u64).map(byte).collect()
+    }
+
+    /// Read everything from `from` to the end back in pieces of at most `piece` bytes and check it.
+    fn check_back(s: &mut Spool, from: u64, piece: usize) {
+        let mut buf = vec![0u8; piece];
+        let mut off = from;
+        while off < s.produced() {
+            let n = s.read_at(off, &mut buf).unwrap();
+            assert!(n > 0, "a read at {off} of {} returned nothing", s.produced());
+            for (k, b) in buf[..n].iter().enumerate() {
+                assert_eq!(*b, byte(off + k as u64), "byte {}", off + k as u64);
+            }
+            off += n as u64;
+        }
+    }
+
     #[test]
     fn bytes_come_back_across_segments_and_acked_segments_go() {
         let dir = temp("a");
         let mut s = Spool::create(dir.clone(), 64 << 20).unwrap();
-        let chunk: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-        let total = SEGMENT * 2 + 12345;
+        let chunk = pattern();
+        let total = SEGMENT * 2 + 12345 + MEMORY as u64;
         let mut written = 0u64;
         while written < total {
             let n = chunk.len().min((total - written) as usize);
@@ -171,40 +258,79 @@ mod tests {
             written += n as u64;
         }
         assert_eq!(s.produced(), total);
+        // All but the newest MEMORY bytes went to disk: three segments.
+        assert_eq!(s.spilled(), total - MEMORY as u64);
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 3);
         // Read across the first segment boundary in pieces.
         let mut buf = vec![0u8; 32 * 1024];
-        let mut off = SEGMENT - 1000;
+        let off = SEGMENT - 1000;
         let n = s.read_at(off, &mut buf).unwrap();
         assert_eq!(n, 1000, "a read stops at its segment's end");
-        for (k, b) in buf[..n].iter().enumerate() {
-            assert_eq!(*b, (((off + k as u64) % 100_000) % 251) as u8);
-        }
-        off += n as u64;
-        let n = s.read_at(off, &mut buf).unwrap();
-        assert_eq!(n, buf.len());
-        assert_eq!(buf[0], (((off % 100_000) % 251) as u8));
+        check_back(&mut s, off, 32 * 1024);
         s.release(SEGMENT + 5);
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2, "the first segment is deleted");
         assert!(s.read_at(10, &mut buf).is_err(), "released bytes are gone");
         assert_eq!(s.pending(), total - SEGMENT - 5);
         assert_eq!(s.peak(), total);
+        check_back(&mut s, SEGMENT + 5, 7000);
         drop(s);
         assert!(!dir.exists(), "dropping the spool removes it");
+    }
+
+    #[test]
+    fn output_stored_before_it_leaves_memory_never_reaches_the_disk() {
+        let dir = temp("m");
+        let mut s = Spool::create(dir.clone(), 64 << 20).unwrap();
+        let chunk = pattern();
+        // A link that keeps up: the controller has stored all but the last window when more comes.
+        let mut at = 0u64;
+        for k in 0..4000u64 {
+            let n = (7919 * (k + 1) % 32768 + 1) as usize;
+            let start = (at % 100_000) as usize;
+            let n = n.min(100_000 - start);
+            s.append(&chunk[start..start + n]).unwrap();
+            at += n as u64;
+            s.release(at.saturating_sub((MEMORY - 32768) as u64));
+            if k % 97 == 0 {
+                let acked = s.acked();
+                check_back(&mut s, acked, 32768);
+            }
+        }
+        assert_eq!(s.spilled(), 0);
+        assert!(!dir.exists(), "no directory was made");
+        // The link goes down: what waits goes to disk as more comes, and all of it reads back.
+        let acked = s.acked();
+        for _ in 0..200 {
+            let start = (at % 100_000) as usize;
+            let n = 30_000.min(100_000 - start);
+            s.append(&chunk[start..start + n]).unwrap();
+            at += n as u64;
+        }
+        assert!(s.spilled() > 0 && dir.exists());
+        assert_eq!(s.pending(), at - acked);
+        check_back(&mut s, acked, 32768);
+        check_back(&mut s, acked + 12345, 1000);
+        // Stored again: the ring and disk both let go.
+        s.release(at - 10);
+        check_back(&mut s, at - 10, 4);
+        drop(s);
+        assert!(!dir.exists());
     }
 
     #[test]
     fn the_cap_says_when_to_stop_reading() {
         let dir = temp("b");
         let mut s = Spool::create(dir.clone(), 10).unwrap();
-        assert!(!dir.exists(), "no directory before the first output");
         s.append(b"123456789").unwrap();
-        assert!(dir.exists());
+        assert!(!dir.exists(), "no directory while the output fits in memory");
         assert!(!s.full());
         s.append(b"0").unwrap();
         assert!(s.full());
         s.release(4);
         assert!(!s.full());
         assert_eq!(s.read_at(s.produced(), &mut [0u8; 4]).unwrap(), 0);
+        let mut b = [0u8; 6];
+        assert_eq!(s.read_at(4, &mut b).unwrap(), 6);
+        assert_eq!(&b, b"567890");
     }
 }

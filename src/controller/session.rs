@@ -242,7 +242,7 @@ async fn reject(writer: &mut LinkWriter, code: RejectCode, message: &str) {
 }
 
 enum Handshake {
-    Accepted(String, Frame<'static>, auth::SessionKeys),
+    Accepted(String, Frame<'static>, Box<auth::SessionKeys>),
     Rejected(RejectCode, String),
     Failed(String),
 }
@@ -286,7 +286,7 @@ async fn handshake(
             }
             ServerStep::Accept(welcome) => {
                 let keys = hs.session_keys().expect("keys exist once the agent is accepted").clone();
-                return Handshake::Accepted(hs.name().to_string(), welcome, keys);
+                return Handshake::Accepted(hs.name().to_string(), welcome, Box::new(keys));
             }
             ServerStep::Reject(code, m) => return Handshake::Rejected(code, m),
             ServerStep::LookupNode(_) => unreachable!("answered above"),
@@ -362,8 +362,8 @@ pub async fn serve(ctl: Arc<Controller>, mut reader: LinkReader, mut writer: Lin
                 return;
             }
             // Every frame from here on is authenticated both ways.
-            writer.authenticate(&keys.to_agent);
-            reader.authenticate(&keys.to_controller);
+            writer.authenticate(&keys.to_agent, keys.version);
+            reader.authenticate(&keys.to_controller, keys.version);
             (name, old)
         }
     };

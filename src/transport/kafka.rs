@@ -22,7 +22,7 @@
 
 use super::{FrameRecv, FrameSend, TransportError, HEADROOM};
 use crate::kafka::{self, Client, KafkaError};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use smol::channel::{bounded, Receiver, Sender};
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -149,18 +149,18 @@ pub fn split_value(value: &Bytes) -> Option<(u64, Bytes)> {
 /// The receiving half: frames handed over in order by whoever reads the partition.
 pub struct Reader {
     rx: Receiver<Result<Bytes, String>>,
-    current: Bytes,
+    current: BytesMut,
 }
 
 impl Reader {
     /// A reader of the frames sent into `rx` (an error ends the link with its sentence).
     pub fn new(rx: Receiver<Result<Bytes, String>>) -> Reader {
-        Reader { rx, current: Bytes::new() }
+        Reader { rx, current: BytesMut::new() }
     }
 }
 
 impl FrameRecv for Reader {
-    async fn recv(&mut self, max: usize) -> Result<Option<&[u8]>, TransportError> {
+    async fn recv(&mut self, max: usize) -> Result<Option<&mut [u8]>, TransportError> {
         match self.rx.recv().await {
             Err(_) => Ok(None),
             Ok(Err(m)) => Err(TransportError::Protocol(m)),
@@ -171,8 +171,7 @@ impl FrameRecv for Reader {
                         frame.len()
                     )));
                 }
-                self.current = frame;
-                Ok(Some(&self.current))
+                Ok(Some(super::hold(&mut self.current, frame)))
             }
         }
     }

@@ -47,12 +47,12 @@ pub trait Transport {
 
 /// The receiving half of a transport.
 pub trait FrameRecv: Send {
-    /// The next whole frame, lent from this half's buffer until the next call; None when the peer
-    /// closed cleanly between frames. A frame over `max` bytes is an error (refused before it is
+    /// The next whole frame, lent from this half's buffer until the next call (mutable, so a
+    /// sealed frame is opened where it lies); None when the peer closed cleanly between frames. A frame over `max` bytes is an error (refused before it is
     /// read where the wire announces lengths), and so is the wire ending inside a frame.
     ///
     /// Not cancel-safe: run it in its own task rather than racing it against other futures.
-    fn recv(&mut self, max: usize) -> impl Future<Output = Result<Option<&[u8]>, TransportError>> + Send;
+    fn recv(&mut self, max: usize) -> impl Future<Output = Result<Option<&mut [u8]>, TransportError>> + Send;
 }
 
 /// The sending half of a transport.
@@ -123,8 +123,21 @@ pub enum AnySend {
     Kafka(kafka::Writer),
 }
 
+/// A received message as a mutable frame kept in `held` until the next one: `b`'s own memory
+/// when nothing else shares it, else a copy in `held`'s memory (reused from frame to frame).
+fn hold(held: &mut bytes::BytesMut, b: bytes::Bytes) -> &mut [u8] {
+    match b.try_into_mut() {
+        Ok(m) => *held = m,
+        Err(b) => {
+            held.clear();
+            held.extend_from_slice(&b);
+        }
+    }
+    &mut held[..]
+}
+
 impl FrameRecv for AnyRecv {
-    async fn recv(&mut self, max: usize) -> Result<Option<&[u8]>, TransportError> {
+    async fn recv(&mut self, max: usize) -> Result<Option<&mut [u8]>, TransportError> {
         match self {
             Self::Tcp(r) => r.recv(max).await,
             Self::WebSocket(r) => r.recv(max).await,

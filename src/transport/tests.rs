@@ -83,9 +83,9 @@ fn tcp_reads_several_frames_that_came_in_one_write() {
         }
         a.write_all(&bytes).await.unwrap();
         let (mut rx, _tx) = tcp::split(Box::pin(b));
-        assert_eq!(rx.recv(100).await.unwrap(), Some(&b"one"[..]));
-        assert_eq!(rx.recv(100).await.unwrap(), Some(&b"two!"[..]));
-        assert_eq!(rx.recv(100).await.unwrap(), Some(&b""[..]));
+        assert_eq!(rx.recv(100).await.unwrap().as_deref(), Some(&b"one"[..]));
+        assert_eq!(rx.recv(100).await.unwrap().as_deref(), Some(&b"two!"[..]));
+        assert_eq!(rx.recv(100).await.unwrap().as_deref(), Some(&b""[..]));
     })
 }
 

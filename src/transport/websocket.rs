@@ -24,6 +24,12 @@ pub fn config() -> WebSocketConfig {
         .max_write_buffer_size(2 * MAX_WIRE_FRAME)
 }
 
+/// The agent's side: what comes to an agent is mostly small control frames (a step's output
+/// goes the other way), so it reads with a smaller buffer and its heap stays within budget.
+pub fn agent_config() -> WebSocketConfig {
+    config().read_buffer_size(4 * 1024)
+}
+
 impl Transport for WebSocketStream<BoxIo> {
     type Recv = Reader;
     type Send = Writer;
@@ -35,26 +41,23 @@ impl Transport for WebSocketStream<BoxIo> {
 /// Split an established WebSocket into its frame halves.
 pub fn split(ws: WebSocketStream<BoxIo>) -> (Reader, Writer) {
     let (w, r) = ws.split();
-    (Reader { r, held: None }, Writer { w, msg: BytesMut::new() })
+    (Reader { r, held: BytesMut::new() }, Writer { w })
 }
 
 /// The receiving half.
 pub struct Reader {
     r: WebSocketReceiver<BoxIo>,
     /// The last message received, kept until the next call so the frame lent out can borrow it.
-    held: Option<Bytes>,
+    held: BytesMut,
 }
 
-/// The sending half, and the buffer each message is built in.
+/// The sending half.
 pub struct Writer {
     w: WebSocketSender<BoxIo>,
-    msg: BytesMut,
 }
 
 impl FrameRecv for Reader {
-    async fn recv(&mut self, max: usize) -> Result<Option<&[u8]>, TransportError> {
-        // Let go of the last message first, so tungstenite may reuse its memory for the next.
-        self.held = None;
+    async fn recv(&mut self, max: usize) -> Result<Option<&mut [u8]>, TransportError> {
         let b = loop {
             match self.r.next().await {
                 None | Some(Err(tungstenite::Error::ConnectionClosed)) => return Ok(None),
@@ -73,16 +76,15 @@ impl FrameRecv for Reader {
                 b.len()
             )));
         }
-        Ok(Some(self.held.insert(b)))
+        Ok(Some(super::hold(&mut self.held, b)))
     }
 }
 
 impl FrameSend for Writer {
     async fn send(&mut self, buf: &mut [u8]) -> Result<(), TransportError> {
-        let frame = &buf[HEADROOM..];
-        self.msg.reserve(frame.len());
-        self.msg.extend_from_slice(frame);
-        self.w.send(Message::Binary(self.msg.split().freeze())).await?;
+        // A message of exactly the frame's size, freed once tungstenite has framed it: a buffer
+        // kept here would grow past the frame while the last message is still held.
+        self.w.send(Message::Binary(Bytes::copy_from_slice(&buf[HEADROOM..]))).await?;
         Ok(())
     }
 
