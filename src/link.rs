@@ -221,12 +221,15 @@ pub struct LinkReader<R = AnyRecv> {
 /// The sending half of a link.
 pub struct LinkWriter<W = AnySend> {
     tx: W,
-    /// Room for the transport's header, one encoded frame and its tag; starts at `SMALL_SEND`.
+    /// Room for the transport's header, one encoded frame and its tag; starts at `FIRST_SEND`.
     buf: Vec<u8>,
     mac: Option<Mac>,
 }
 
-/// Encoding room a writer starts with: every control frame fits (the largest, `Exit` and
+/// Encoding room a writer starts with: pings, credit, acks and the other frames without text fit,
+/// so an idle link holds little.
+const FIRST_SEND: usize = 256;
+/// Encoding room a writer grows to first: every control frame fits (the largest, `Exit` and
 /// `Reject`, carry a message of at most `MAX_MESSAGE` bytes).
 const SMALL_SEND: usize = 2 * 1024;
 
@@ -253,7 +256,7 @@ impl OutputBuf {
 pub fn over<R: FrameRecv, W: FrameSend>(rx: R, tx: W) -> (LinkReader<R>, LinkWriter<W>) {
     (
         LinkReader { rx, mac: None },
-        LinkWriter { tx, buf: vec![0; HEADROOM + SMALL_SEND + TAG_LEN], mac: None },
+        LinkWriter { tx, buf: vec![0; HEADROOM + FIRST_SEND + TAG_LEN], mac: None },
     )
 }
 
@@ -318,13 +321,17 @@ impl<W: FrameSend> LinkWriter<W> {
 
     /// Encode and send one frame, flushing it to the peer.
     pub async fn send(&mut self, frame: &Frame<'_>) -> Result<(), LinkError> {
-        let room = self.buf.len() - TAG_LEN;
-        let mut n = match proto::encode(frame, &mut self.buf[HEADROOM..room]) {
-            Err(CodecError::TooLarge) if self.buf.len() < HEADROOM + MAX_WIRE_FRAME => {
-                self.buf.resize(HEADROOM + MAX_WIRE_FRAME, 0);
-                proto::encode(frame, &mut self.buf[HEADROOM..HEADROOM + MAX_FRAME])?
+        let mut n = loop {
+            let room = self.buf.len() - TAG_LEN;
+            match proto::encode(frame, &mut self.buf[HEADROOM..room]) {
+                // Grow a step at a time: control frames with a message fit `SMALL_SEND`.
+                Err(CodecError::TooLarge) if self.buf.len() < HEADROOM + MAX_WIRE_FRAME => {
+                    let small = HEADROOM + SMALL_SEND + TAG_LEN;
+                    let size = if self.buf.len() < small { small } else { HEADROOM + MAX_WIRE_FRAME };
+                    self.buf.resize(size, 0);
+                }
+                r => break r?,
             }
-            r => r?,
         };
         if let Some(mac) = &mut self.mac {
             let tag = mac.seal(&mut self.buf[HEADROOM..HEADROOM + n]);

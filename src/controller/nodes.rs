@@ -185,7 +185,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn conn(node: &str) -> Arc<Session> {
-        let (tx, _rx) = smol::channel::bounded(1);
+        let (tx, _rx) = crate::controller::session::out_queue(1);
         Arc::new(Session::new(1, node, "test", tx))
     }
 

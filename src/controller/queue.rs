@@ -316,7 +316,7 @@ mod tests {
             origin: "static".into(),
         });
         if online {
-            let (tx, _rx) = smol::channel::bounded(1);
+            let (tx, _rx) = crate::controller::session::out_queue(1);
             n.conn = Some(Arc::new(Session::new(1, name, "test", tx)));
         }
         n
@@ -432,7 +432,7 @@ mod tests {
         q.dispatch(&mut n, &clouds);
         // k8s-2 (reserved for 2) connects first: the older build 1 takes it, and 2 now waits
         // for k8s-1.
-        let (tx, _rx) = smol::channel::bounded(1);
+        let (tx, _rx) = crate::controller::session::out_queue(1);
         n.update("k8s-2", |x| x.conn = Some(Arc::new(Session::new(1, "k8s-2", "test", tx))));
         assert_eq!(
             q.dispatch(&mut n, &clouds),

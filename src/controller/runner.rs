@@ -838,7 +838,7 @@ mod tests {
         (ctl, ex, dir)
     }
 
-    async fn add_node(ctl: &Arc<Controller>) -> (Arc<Session>, Receiver<Out>) {
+    async fn add_node(ctl: &Arc<Controller>) -> (Arc<Session>, Receiver<Box<Out>>) {
         let rec = NodeRecord {
             name: "n".into(),
             labels: vec!["l".into()],
@@ -848,15 +848,15 @@ mod tests {
             origin: "static".into(),
         };
         ctl.add_node(rec).await.unwrap();
-        let (tx, rx) = smol::channel::bounded(64);
+        let (tx, rx) = super::super::session::out_queue(64);
         let s = Arc::new(Session::new(ctl.session_id(), "n", "test", tx));
         assert!(ctl.attach(&s, None));
         (s, rx)
     }
 
-    async fn next_start(rx: &Receiver<Out>) -> (u64, u32) {
+    async fn next_start(rx: &Receiver<Box<Out>>) -> (u64, u32) {
         loop {
-            match rx.recv().await.unwrap() {
+            match *rx.recv().await.unwrap() {
                 Out::Start { build, step, .. } => return (build, step),
                 _ => continue,
             }
@@ -951,7 +951,7 @@ mod tests {
             };
             // An agent without the capability bit runs the local step and never sees the other.
             let id = ctl.submit(yaml.into(), Vec::new()).await.unwrap();
-            match rx.recv().await.unwrap() {
+            match *rx.recv().await.unwrap() {
                 Out::Start { step: 1, container, .. } => assert_eq!(container, ""),
                 other => panic!("{other:?}"),
             }
@@ -969,7 +969,7 @@ mod tests {
             assert!(rx.try_recv().is_err(), "nothing more went to the agent");
             // An agent that sets it gets the container in the step's start.
             ctl.detach(&s, "test: a newer agent");
-            let (tx, rx) = smol::channel::bounded(64);
+            let (tx, rx) = super::super::session::out_queue(64);
             let caps = crate::proto::CAP_CONTAINER_STEPS;
             let newer =
                 Arc::new(Session { capabilities: caps, ..Session::new(ctl.session_id(), "n", "t", tx) });
@@ -977,7 +977,7 @@ mod tests {
             let id = ctl.submit(yaml.into(), Vec::new()).await.unwrap();
             assert_eq!(next_start(&rx).await, (id, 1));
             agent_runs(&ctl, id, 1, b"", 0).await;
-            match rx.recv().await.unwrap() {
+            match *rx.recv().await.unwrap() {
                 Out::Start { step: 2, container, .. } => assert_eq!(container, "build"),
                 other => panic!("{other:?}"),
             }
@@ -1000,7 +1000,7 @@ mod tests {
             assert_eq!(next_start(&rx).await, (id, 1));
             ctl.cancel(id).await.unwrap();
             loop {
-                if let Out::Frame(Frame::Cancel { build, step }) = rx.recv().await.unwrap() {
+                if let Out::Frame(Frame::Cancel { build, step }) = *rx.recv().await.unwrap() {
                     assert_eq!((build, step), (id, 1));
                     break;
                 }

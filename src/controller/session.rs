@@ -96,7 +96,7 @@ pub struct Session {
     /// Peer address, for logs.
     pub peer: String,
     /// Frames to send.
-    pub tx: Sender<Out>,
+    pub tx: OutTx,
     /// Id of the last Pong received.
     pub last_pong: AtomicU64,
     /// Fires on every Pong.
@@ -125,9 +125,42 @@ pub struct Session {
     pub info: std::sync::Mutex<Option<(String, String, String)>>,
 }
 
+/// The sending end of a link's queue of frames to write. Items are boxed: the queue allocates its
+/// `OUT_QUEUE` slots up front, and a slot then holds a pointer, not the largest `Out` (about 1 KiB
+/// per link instead of 14, on every idle agent).
+#[derive(Clone)]
+pub struct OutTx(Sender<Box<Out>>);
+
+/// The link's writer is gone (or, for `try_send`, its queue is full).
+#[derive(Debug)]
+pub struct NotQueued;
+
+impl OutTx {
+    /// Queue `out`, waiting for room; fails once the link's writer is gone.
+    pub async fn send(&self, out: Out) -> Result<(), NotQueued> {
+        self.0.send(Box::new(out)).await.map_err(|_| NotQueued)
+    }
+
+    /// Close the queue: the writer ends once it has sent what is queued.
+    pub fn close(&self) -> bool {
+        self.0.close()
+    }
+
+    /// Queue `out` if there is room now.
+    pub fn try_send(&self, out: Out) -> Result<(), NotQueued> {
+        self.0.try_send(Box::new(out)).map_err(|_| NotQueued)
+    }
+}
+
+/// A queue of at most `cap` frames for one link.
+pub fn out_queue(cap: usize) -> (OutTx, Receiver<Box<Out>>) {
+    let (tx, rx) = bounded(cap);
+    (OutTx(tx), rx)
+}
+
 impl Session {
     /// A session for `node` whose frames go to `tx`.
-    pub fn new(id: u64, node: &str, peer: &str, tx: Sender<Out>) -> Self {
+    pub fn new(id: u64, node: &str, peer: &str, tx: OutTx) -> Self {
         Self {
             id,
             node: node.to_string(),
@@ -391,7 +424,7 @@ pub async fn serve(ctl: Arc<Controller>, mut reader: LinkReader, mut writer: Lin
             return;
         }
     };
-    let (tx, rx) = bounded(OUT_QUEUE);
+    let (tx, rx) = out_queue(OUT_QUEUE);
     let websocket = reader.is_websocket();
     let credit = if reader.is_kafka() { steps::KAFKA_STEP_CREDIT } else { STEP_CREDIT };
     let session = Arc::new(Session {
@@ -437,17 +470,19 @@ pub async fn serve(ctl: Arc<Controller>, mut reader: LinkReader, mut writer: Lin
 /// the reader, which only notes when each frame came, is never woken for a check.
 async fn write_loop(
     mut writer: LinkWriter,
-    rx: Receiver<Out>,
+    rx: Receiver<Box<Out>>,
     session: Arc<Session>,
     ping: Duration,
     mut alarm: Coarse,
 ) -> LinkWriter {
-    let mut env = vec![0u8; proto::MAX_FRAME].into_boxed_slice();
+    // Where a StepStart's environment is encoded: made for the first step, so an idle link costs
+    // nothing here.
+    let mut env = Vec::new();
     let mut ping_id = 0u64;
     let dead_after = ping * DEAD_AFTER_PINGS;
     let mut next_ping = Instant::now() + ping;
     loop {
-        let next = smol::future::or(async { rx.recv().await.ok() }, async {
+        let next = smol::future::or(async { rx.recv().await.ok().map(|b| *b) }, async {
             loop {
                 (&mut alarm).await;
                 let now = Instant::now();
@@ -479,6 +514,9 @@ async fn write_loop(
             Out::Frame(f) => writer.send(f).await,
             Out::Start { build, step, workspace, container, spec } => {
                 let vars = spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+                if env.is_empty() {
+                    env = vec![0u8; proto::MAX_FRAME];
+                }
                 match proto::encode_env(vars, &mut env) {
                     Ok(env) => {
                         let f = Frame::StepStart(StepStart {

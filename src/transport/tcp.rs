@@ -17,7 +17,7 @@ const PREFIX: usize = 4;
 const _: () = assert!(PREFIX <= HEADROOM);
 
 /// Bytes of the reader's buffer while frames are small.
-const SMALL: usize = 4 * 1024;
+const SMALL: usize = 2 * 1024;
 /// Small frames in a row after which a grown buffer shrinks back to `SMALL`.
 const SHRINK_AFTER: u32 = 64;
 
