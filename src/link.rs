@@ -27,17 +27,23 @@ pub use crate::transport::websocket::agent_config as ws_agent_config;
 pub use crate::transport::websocket::config as ws_config;
 pub use crate::transport::{BoxIo, Io};
 
-/// Per-direction frame protection: key, how frames are protected, and the sequence number.
+/// Per-direction frame protection: the key, as the protocol version uses it, and the sequence
+/// number.
 ///
 /// Protocol version 1 tags each frame with HMAC-SHA256(key, sequence number ‖ frame), truncated
 /// to `TAG_LEN` bytes. Version 2 seals it with AES-256-GCM under the same key, the sequence number
 /// as the nonce: the tag is GCM's, and the frame is encrypted too. Both are keyed per link and
 /// direction ([`crate::auth::SessionKeys`], fresh nonces from both sides in every handshake), so a
-/// sequence number is never used twice under one key. GCM costs about a sixth of the HMAC on a
-/// CPU with AES instructions (BENCHMARKS.md, "per-frame protection").
-enum Mac {
-    Hmac { key: hmac::Key, seq: u64 },
-    Seal { key: Box<aead::LessSafeKey>, seq: u64 },
+/// sequence number is never used twice under one key. On a CPU with AES instructions GCM costs
+/// about a fifth of the HMAC (0.15 against 0.77 s per GiB in 32 KiB frames, ring 0.17, x86_64).
+struct Mac {
+    key: FrameKey,
+    seq: u64,
+}
+
+enum FrameKey {
+    Hmac(hmac::Key),
+    Seal(Box<aead::LessSafeKey>),
 }
 
 /// The first protocol version whose frames are sealed rather than tagged.
@@ -45,26 +51,31 @@ pub const SEALED_VERSION: u16 = 2;
 
 impl Mac {
     fn new(key: &[u8; 32], version: u16) -> Self {
-        if version >= SEALED_VERSION {
+        let key = if version >= SEALED_VERSION {
             let key = aead::UnboundKey::new(&aead::AES_256_GCM, key).expect("a 32-byte key");
-            Self::Seal { key: Box::new(aead::LessSafeKey::new(key)), seq: 0 }
+            FrameKey::Seal(Box::new(aead::LessSafeKey::new(key)))
         } else {
-            Self::Hmac { key: hmac::Key::new(hmac::HMAC_SHA256, key), seq: 0 }
-        }
+            FrameKey::Hmac(hmac::Key::new(hmac::HMAC_SHA256, key))
+        };
+        Self { key, seq: 0 }
     }
 
-    fn next_nonce(seq: &mut u64) -> aead::Nonce {
+    /// The next frame's sequence number.
+    fn next(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq - 1
+    }
+
+    fn nonce(seq: u64) -> aead::Nonce {
         let mut n = [0u8; aead::NONCE_LEN];
         n[aead::NONCE_LEN - 8..].copy_from_slice(&seq.to_be_bytes());
-        *seq += 1;
         aead::Nonce::assume_unique_for_key(n)
     }
 
-    fn hmac(key: &hmac::Key, seq: &mut u64, frame: &[u8]) -> [u8; TAG_LEN] {
+    fn hmac(key: &hmac::Key, seq: u64, frame: &[u8]) -> [u8; TAG_LEN] {
         let mut ctx = hmac::Context::with_key(key);
         ctx.update(&seq.to_be_bytes());
         ctx.update(frame);
-        *seq += 1;
         let mut t = [0u8; TAG_LEN];
         t.copy_from_slice(&ctx.sign().as_ref()[..TAG_LEN]);
         t
@@ -72,11 +83,12 @@ impl Mac {
 
     /// Protect `frame` where it lies (version 2 encrypts it) and return its tag.
     fn seal(&mut self, frame: &mut [u8]) -> [u8; TAG_LEN] {
-        match self {
-            Self::Hmac { key, seq } => Self::hmac(key, seq, frame),
-            Self::Seal { key, seq } => {
+        let seq = self.next();
+        match &self.key {
+            FrameKey::Hmac(key) => Self::hmac(key, seq, frame),
+            FrameKey::Seal(key) => {
                 let tag = key
-                    .seal_in_place_separate_tag(Self::next_nonce(seq), aead::Aad::empty(), frame)
+                    .seal_in_place_separate_tag(Self::nonce(seq), aead::Aad::empty(), frame)
                     .expect("a frame is far below GCM's length limit");
                 let mut t = [0u8; TAG_LEN];
                 t.copy_from_slice(tag.as_ref());
@@ -90,14 +102,13 @@ impl Mac {
         let Some(split) = wire.len().checked_sub(TAG_LEN) else {
             return Err(LinkError::Protocol("frame shorter than its authentication tag".into()));
         };
-        let ok = match self {
-            Self::Hmac { key, seq } => {
+        let seq = self.next();
+        let ok = match &self.key {
+            FrameKey::Hmac(key) => {
                 let (frame, tag) = wire.split_at(split);
                 crate::auth::constant_time_eq(&Self::hmac(key, seq, frame), tag)
             }
-            Self::Seal { key, seq } => {
-                key.open_in_place(Self::next_nonce(seq), aead::Aad::empty(), wire).is_ok()
-            }
+            FrameKey::Seal(key) => key.open_in_place(Self::nonce(seq), aead::Aad::empty(), wire).is_ok(),
         };
         if !ok {
             return Err(LinkError::Protocol(
@@ -342,6 +353,8 @@ impl<W: FrameSend> LinkWriter<W> {
     }
 
     /// Send the first `len` bytes of `out`'s space as the output of `step` of `build` at `offset`.
+    /// Under protocol version 2 they are encrypted where they lie: afterwards the space no longer
+    /// holds the output (the agent keeps its copy in the spool).
     pub async fn send_output(
         &mut self,
         out: &mut OutputBuf,

@@ -323,7 +323,7 @@ fn a_spool_failure_mid_run_is_not_reported_as_a_failure_to_start() {
     let secret = ctl.add_node("sp", "sp", &[]);
     let mut cmd = agent_cmd(&ctl, "sp", &secret, &work.path().join("w"));
     cmd.arg("--websocket");
-    let _agent = spawn_logged(cmd, work.path(), "sp");
+    let agent = spawn_logged(cmd, work.path(), "sp");
     ctl.wait_online("sp");
     // The step puts a file where its output spool goes, then writes more than the agent holds in
     // memory while the controller is stopped (so none of it is acknowledged): the agent must
@@ -343,7 +343,9 @@ fn a_spool_failure_mid_run_is_not_reported_as_a_failure_to_start() {
     let signal = |sig: &str| assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
     signal("-STOP");
     std::fs::write(&go, "").unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    wait_for("the agent to fail writing its spool", Duration::from_secs(20), || {
+        agent.log_text().contains("cannot write the output spool").then_some(())
+    });
     signal("-CONT");
     let b = ctl.wait_build_state(id, Duration::from_secs(20));
     let text = b.to_string();

@@ -1288,10 +1288,6 @@ async fn run_step(
             term_at = Some(Instant::now());
         }
         let link = agent.link_for(ctl.generation.get());
-        // Since when the pipe could have been read all along (credit on the link, or room in the
-        // spool while apart) without bringing anything: only that long a silence after the KILL
-        // says a process outside the group holds the pipe open. Output left in the pipe while the
-        // agent could not read it (the link starved of credit, then lost) is not such a silence.
         // How much of the pipe to read now: while connected only within credit, caught up with
         // the spool; while apart, until the spool is full (then the step blocks on its write,
         // nothing is lost).
@@ -1301,8 +1297,11 @@ async fn run_step(
             None if spool.full() => 0,
             None => MAX_OUTPUT_CHUNK,
         };
-        let readable = limit > 0;
-        if !readable {
+        // Since when the pipe could have been read all along (credit on the link, or room in the
+        // spool while apart) without bringing anything: only that long a silence after the KILL
+        // says a process outside the group holds the pipe open. Output left in the pipe while the
+        // agent could not read it (the link starved of credit, then lost) is not such a silence.
+        if limit == 0 {
             drain_since = None;
         } else if drain_since.is_none() {
             drain_since = Some(Instant::now());

@@ -2,11 +2,12 @@
 //! stored it, so a dropped link loses nothing: after a reconnect the agent replays from what the
 //! controller has.
 //!
-//! The newest `MEMORY` bytes are held in memory, a ring indexed by output offset. While the link
-//! keeps up, the controller acknowledges output before it leaves the ring, so the disk is not
-//! touched. Bytes that must leave the ring unacknowledged (the link is down, slow or far) go to
-//! disk first, in fixed-size segment files: segment `i` holds output
-//! bytes `[i * SEGMENT, (i + 1) * SEGMENT)`; acknowledged segments are deleted whole. Nothing here
+//! The newest `MEMORY` bytes are held in memory, a ring indexed by output offset. Output the
+//! controller acknowledges before it leaves the ring (a step that writes no faster than the link
+//! carries and the controller stores) never touches the disk. Bytes that must leave the ring
+//! unacknowledged (the link is down, slow or far, or the controller lags behind a fast stream) go
+//! to disk first, in fixed-size segment files: segment `i` holds output bytes
+//! `[i * SEGMENT, (i + 1) * SEGMENT)`; acknowledged segments are deleted whole. Nothing here
 //! allocates in proportion to the output: the disk holds at most the unacknowledged output plus
 //! one segment, and the step stops being read once `cap` bytes wait.
 
@@ -20,8 +21,8 @@ pub const SEGMENT: u64 = 8 << 20;
 
 /// Bytes of output held in memory: a quarter of the controller's credit window for a direct link
 /// (`controller::steps::STEP_CREDIT`), as much as the agent's heap budget (256 KiB, the
-/// counting-allocator tests) leaves room for. On a link that keeps up the controller stores output
-/// and says so before it would leave the ring.
+/// counting-allocator tests) leaves room for. A stream faster than the controller stores it keeps
+/// the whole window unacknowledged, and what is beyond the ring then goes to disk.
 pub const MEMORY: usize = 64 * 1024;
 
 /// One step's spool.
