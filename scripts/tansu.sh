@@ -15,11 +15,13 @@ exec 9>"$ROOT/.lock"
 flock 9
 if [ ! -x "$BIN" ]; then
     echo "tansu: building tansu $VERSION into $ROOT (once per machine; log: $ROOT/build.log)" >&2
+    start=$SECONDS
     if ! cargo install tansu --version "$VERSION" --locked --features dynostore,libsql --root "$ROOT" \
         >"$ROOT/build.log" 2>&1; then
         tail -20 "$ROOT/build.log" >&2
         echo "tansu: the build failed (log: $ROOT/build.log)" >&2
         exit 1
     fi
+    echo "tansu: built in $((SECONDS - start)) s" >&2
 fi
 echo "$BIN"

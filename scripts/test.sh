@@ -12,7 +12,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
 
-section() { printf '\n==== %s ====\n' "$*"; }
+# Each section header says how long the run has taken so far (CI has a time budget).
+START=$SECONDS
+section() { printf '\n==== %s (at %d s) ====\n' "$*" $((SECONDS - START)); }
 
 section "toolchain"
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
