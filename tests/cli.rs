@@ -271,6 +271,45 @@ fn followers_ride_out_a_controller_restart_and_end_byte_exact() {
     }
 }
 
+/// `wisp run --wait` waits through a controller SIGKILLed and restarted while the build runs
+/// (submitted once, so one build), and ends with the build's result.
+#[test]
+fn run_wait_rides_out_a_controller_restart_with_one_build() {
+    let mut ctl = Controller::start_on_fixed_ports(&[]);
+    let work = TempDir::new("run-wait");
+    let secret = ctl.add_node("rw1", "follow", &[]);
+    let _agent = ctl.agent("rw1", &secret, true, work.path());
+    ctl.wait_online("rw1");
+    let file = ctl.data.path().join("long.yaml");
+    std::fs::write(&file, TEN_SECONDS).unwrap();
+    let (out, err) = (work.path().join("run.out"), work.path().join("run.err"));
+    let mut run = Command::new(WISP)
+        .args(["run", file.to_str().unwrap(), "--wait", "--data"])
+        .arg(ctl.data.path())
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let log = ctl.data.path().join("builds/1/1.log");
+    wait_for("the build to stream", Duration::from_secs(30), || {
+        std::fs::read_to_string(&log).ok().filter(|l| l.contains("line 5\n")).map(|_| ())
+    });
+    ctl.kill();
+    std::thread::sleep(Duration::from_secs(2));
+    ctl.launch();
+    let st = wait_for("wisp run to end", Duration::from_secs(60), || run.try_wait().unwrap());
+    let (out, err) = (std::fs::read_to_string(out).unwrap(), std::fs::read_to_string(err).unwrap());
+    assert_eq!(st.code(), Some(0), "{out}{err}");
+    let bytes = (1..=100).map(|i| format!("line {i}\n").len()).sum::<usize>() + "done\n".len();
+    assert_eq!(out, format!("build #1 SUCCESS ({bytes} output bytes stored)\n"), "{err}");
+    assert!(err.contains("lost the controller") && err.contains("retrying in"), "{err}");
+    let (status, body) = ctl.get("/api/builds");
+    let builds: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(builds["builds"].as_array().map(|b| b.len()), Some(1), "one submit, one build: {builds}");
+}
+
 /// The notice of why a build waits comes before its log and is not counted in the byte offset a
 /// follower resumes at: after a restart the log goes on where it broke, nothing twice or lost.
 #[test]

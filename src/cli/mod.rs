@@ -835,23 +835,22 @@ async fn submit(c: &Client, yaml: &str, file: &Path, query: &str) -> Result<u64,
     Ok(s.id)
 }
 
-/// Submit and wait for the result in one call (`POST /api/builds?wait=`), asking again while
-/// the build runs longer than the controller's longest wait, or the controller is away.
+/// Submit, then wait for the result, asking again while the build runs longer than the
+/// controller's longest wait, or the controller is away. Two calls, not one `POST ?wait=`: a
+/// wait that a controller restart cuts off can be asked again, a submit could not be (it may
+/// have been taken before the cut, and a second one would start a second build).
 async fn submit_and_wait(c: &Client, yaml: &str, file: &Path, query: &str) -> Result<i32, Error> {
-    let mut b: BuildInfo = c
-        .call(Method::POST, &format!("/api/builds?wait=300{query}"), yaml.to_string())
-        .await
-        .map_err(|e| pipeline_refused(e, file))?;
-    let id = b.build.id;
+    let id = submit(c, yaml, file, query).await?;
     eprintln!("build #{id} queued at {}", c.url());
     let mut retry = Retry::new(c.url());
-    while !b.build.state.is_final() {
-        match c.get(&format!("/api/builds/{id}?wait=300")).await {
-            Ok(next) => (b, retry) = (next, Retry::new(c.url())),
+    let b = loop {
+        match c.get::<BuildInfo>(&format!("/api/builds/{id}?wait=300")).await {
+            Ok(b) if b.build.state.is_final() => break b,
+            Ok(_) => retry = Retry::new(c.url()),
             Err(Error::Unreachable { cause, .. }) => retry.wait(&cause).await?,
             Err(e) => return Err(e),
         }
-    }
+    };
     let message = Some(b.build.message.as_str()).filter(|m| !m.is_empty()).map(|m| format!(": {m}"));
     let bytes: u64 = b.steps.iter().map(|s| s.bytes).sum();
     println!(
