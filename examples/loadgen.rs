@@ -1,25 +1,36 @@
 //! Load generator for `scripts/bench.sh` (issue 6). Not part of the agent binary.
 //!
-//!   loadgen idle --url URL --data DIR --addr HOST:PORT --n N --prefix P
-//!       adds N nodes (label `idle`) through the API, connects each over TCP from this one process,
-//!       runs the real handshake and answers the controller's pings; prints `connected N` once all
-//!       are online, then serves until killed.
+//!   loadgen idle --url URL --data DIR (--addr HOST:PORT | --ws) --n N --prefix P [--reconnect]
+//!       adds N nodes (label `idle`) through the API, connects each from this one process (TCP to
+//!       HOST:PORT, or WebSocket at URL/wsagents/; TLS with the identity in DIR/fingerprint pinned
+//!       when URL is https), runs the real handshake and answers the controller's pings; prints
+//!       `connected N` once all are online, then serves until killed. A lost link ends the run,
+//!       unless `--reconnect`: then each agent dials again with the agent's own backoff (1 s,
+//!       doubling to 10 s, plus up to half again of jitter), and once all N are back after a loss
+//!       it prints `reconnected N at NS` (the wall clock in ns since the epoch).
 //!   loadgen dispatch --url URL --data DIR --label L --builds K --concurrency C
 //!       submits K one-step `true` builds for label L (C at a time), waits for each result (one
 //!       `POST /api/builds?wait=60` per build, on kept-alive connections) and
 //!       prints `latency_ms p50 p99 min max`, `builds_per_s X` and `failures F`.
-use std::time::{Duration, Instant};
+//!   loadgen probe --url URL --data DIR --path P --seconds S [--every-ms M]
+//!       GETs P one call after another (M ms apart, default 100) for S seconds and prints
+//!       `latency_ms p50 p99 min max` of the calls answered, `answered N` and `errors E`.
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 
-use smol::net::TcpStream;
 use smol::Timer;
 use wisp::auth::{self, ClientHandshake, ClientStep};
 use wisp::cli::client::{Client, Remote};
 use wisp::controller::api::{BuildInfo, NewNode, NodeCreated};
-use wisp::link::{self, BoxIo};
+use wisp::dial::{self, Mode, Target, Tls};
 use wisp::proto::Frame;
 
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+}
+
+fn flag(args: &[String], name: &str) -> bool {
+    args.iter().any(|a| a == name)
 }
 
 fn need(args: &[String], name: &str) -> String {
@@ -41,34 +52,94 @@ fn client(args: &[String]) -> Client {
     })
 }
 
-async fn idle_agent(addr: String, name: String, secret: String) -> Result<(), String> {
-    let stream = TcpStream::connect(addr.as_str()).await.map_err(|e| format!("{name}: connect: {e}"))?;
-    let (mut reader, mut writer) = link::tcp(Box::pin(stream) as BoxIo);
-    let (mut hs, hello) = ClientHandshake::new(&name, &secret, auth::random_nonce(), 0);
-    writer.send(&hello).await.map_err(|e| format!("{name}: {e}"))?;
+/// How the idle agents reach the controller: as `wisp-agent` does, through `wisp::dial`.
+struct Dialer {
+    target: Target,
+    mode: Mode,
+    tls: Option<Tls>,
+}
+
+impl Dialer {
+    fn from_args(args: &[String]) -> Result<Dialer, String> {
+        let url = need(args, "--url");
+        let target = dial::parse_url(&url).map_err(|e| e.to_string())?;
+        let mode = match (arg(args, "--addr"), flag(args, "--ws")) {
+            (Some(addr), false) => Mode::Direct(addr),
+            (None, true) => Mode::WebSocket,
+            _ => return Err("give one of --addr HOST:PORT and --ws".into()),
+        };
+        let tls = if target.tls {
+            let path = std::path::Path::new(&need(args, "--data")).join("fingerprint");
+            let fp = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let trust = wisp::tls::Trust {
+                pin: Some(wisp::tls::parse_fingerprint(fp.trim())?),
+                ..Default::default()
+            };
+            Some(Tls::new(&trust)?)
+        } else {
+            None
+        };
+        Ok(Dialer { target, mode, tls })
+    }
+}
+
+/// Agents through the handshake now.
+static CONNECTED: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts an agent in [`CONNECTED`] while it lives.
+struct Online;
+
+impl Online {
+    fn new() -> Online {
+        CONNECTED.fetch_add(1, Ordering::SeqCst);
+        Online
+    }
+}
+
+impl Drop for Online {
+    fn drop(&mut self) {
+        CONNECTED.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The agent's reconnect delay after `failures` failed dials in a row.
+fn backoff(failures: u32) -> Duration {
+    let base = wisp::agent::BACKOFF_MIN.saturating_mul(1 << failures.min(8)).min(wisp::agent::BACKOFF_MAX);
+    let r = auth::random_nonce();
+    base.mul_f64(1.0 + f64::from(u16::from_be_bytes([r[0], r[1]])) / f64::from(u16::MAX) * 0.5)
+}
+
+/// One idle agent: dial, handshake, then ping and answer pings until the link ends. `Ok(true)`
+/// once it got through the handshake.
+async fn idle_agent(d: &Dialer, name: &str, secret: &str) -> Result<(), (bool, String)> {
+    let (mut reader, mut writer) = dial::open(&d.target, &d.mode, name, d.tls.as_ref())
+        .await
+        .map_err(|e| (false, format!("{name}: {e}")))?;
+    let fail = |e: String| (false, format!("{name}: {e}"));
+    let (mut hs, hello) = ClientHandshake::new(name, secret, auth::random_nonce(), 0);
+    writer.send(&hello).await.map_err(|e| fail(e.to_string()))?;
     let interval_ms = loop {
         let frame = match reader.next().await {
             Ok(Some(f)) => f,
-            Ok(None) => return Err(format!("{name}: closed during the handshake")),
-            Err(e) => return Err(format!("{name}: {e}")),
+            Ok(None) => return Err(fail("closed during the handshake".into())),
+            Err(e) => return Err(fail(e.to_string())),
         };
         match hs.on_frame(&frame) {
-            ClientStep::Send(f) => writer.send(&f).await.map_err(|e| format!("{name}: {e}"))?,
+            ClientStep::Send(f) => writer.send(&f).await.map_err(|e| fail(e.to_string()))?,
             ClientStep::Done { ping_interval_ms, .. } => {
                 let keys = hs.session_keys().expect("keys");
                 reader.authenticate(&keys.to_agent, keys.version);
                 writer.authenticate(&keys.to_controller, keys.version);
                 break ping_interval_ms;
             }
-            other => return Err(format!("{name}: handshake: {other:?}")),
+            other => return Err(fail(format!("handshake: {other:?}"))),
         }
     };
     // Like the agent: list the steps this agent holds (none) right after the handshake.
     let mut buf = [0u8; 0];
-    let steps =
-        wisp::proto::encode_steps(std::iter::empty(), &mut buf).map_err(|e| format!("{name}: {e}"))?;
-    writer.send(&Frame::Running { steps }).await.map_err(|e| format!("{name}: {e}"))?;
-    CONNECTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let steps = wisp::proto::encode_steps(std::iter::empty(), &mut buf).map_err(|e| fail(e.to_string()))?;
+    writer.send(&Frame::Running { steps }).await.map_err(|e| fail(e.to_string()))?;
+    let _online = Online::new();
     // The controller drops a link that sends nothing for a few ping intervals: ping as the agent
     // does, and answer its pings. One writer task; the reader hands it the ids to answer.
     let (tx, rx) = smol::channel::bounded::<u64>(8);
@@ -100,8 +171,8 @@ async fn idle_agent(addr: String, name: String, secret: String) -> Result<(), St
                 let _ = tx.send(id).await;
             }
             Ok(Some(_)) => {}
-            Ok(None) => break Err(format!("{name}: closed")),
-            Err(e) => break Err(format!("{name}: {e}")),
+            Ok(None) => break Err((true, format!("{name}: closed"))),
+            Err(e) => break Err((true, format!("{name}: {e}"))),
         }
     };
     drop(tx);
@@ -109,11 +180,31 @@ async fn idle_agent(addr: String, name: String, secret: String) -> Result<(), St
     result
 }
 
-static CONNECTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// An idle agent for the whole run: with `reconnect`, it dials again after each loss.
+async fn idle_forever(d: std::rc::Rc<Dialer>, name: String, secret: String, reconnect: bool) -> String {
+    let mut failures = 0;
+    loop {
+        let (was_online, e) =
+            idle_agent(&d, &name, &secret).await.expect_err("an idle agent only ends with an error");
+        if !reconnect {
+            return e;
+        }
+        failures = if was_online { 0 } else { failures + 1 };
+        Timer::after(backoff(failures)).await;
+    }
+}
 
 async fn idle(args: Vec<String>) -> i32 {
     let c = client(&args);
-    let addr = need(&args, "--addr");
+    let dialer = match Dialer::from_args(&args) {
+        Ok(d) => std::rc::Rc::new(d),
+        Err(e) => {
+            eprintln!("loadgen: {e}");
+            return 2;
+        }
+    };
+    let websocket = dialer.mode == Mode::WebSocket;
+    let reconnect = flag(&args, "--reconnect");
     let n: usize = need(&args, "--n").parse().expect("--n");
     let prefix = arg(&args, "--prefix").unwrap_or_else(|| "idle".into());
     let ex = smol::LocalExecutor::new();
@@ -125,7 +216,7 @@ async fn idle(args: Vec<String>) -> i32 {
                 name: name.clone(),
                 labels: "idle".into(),
                 executors: 1,
-                websocket: false,
+                websocket,
                 work_dir: String::new(),
             };
             let body = serde_json::to_string(&node).expect("a node serialises");
@@ -136,16 +227,11 @@ async fn idle(args: Vec<String>) -> i32 {
                     return 1;
                 }
             };
-            let secret = v.secret;
             let failed = failed.clone();
-            ex.spawn({
-                let addr = addr.clone();
-                async move {
-                    if let Err(e) = idle_agent(addr, name, secret).await {
-                        eprintln!("loadgen: {e}");
-                        failed.set(failed.get() + 1);
-                    }
-                }
+            let agent = idle_forever(dialer.clone(), name, v.secret, reconnect);
+            ex.spawn(async move {
+                eprintln!("loadgen: {}", agent.await);
+                failed.set(failed.get() + 1);
             })
             .detach();
             if i % 64 == 63 {
@@ -153,11 +239,11 @@ async fn idle(args: Vec<String>) -> i32 {
             }
         }
         let deadline = Instant::now() + Duration::from_secs(120);
-        while CONNECTED.load(std::sync::atomic::Ordering::SeqCst) < n {
+        while CONNECTED.load(Ordering::SeqCst) < n {
             if Instant::now() > deadline || failed.get() > 0 {
                 eprintln!(
                     "loadgen: only {} of {n} connected ({} failed)",
-                    CONNECTED.load(std::sync::atomic::Ordering::SeqCst),
+                    CONNECTED.load(Ordering::SeqCst),
                     failed.get()
                 );
                 return 1;
@@ -165,15 +251,71 @@ async fn idle(args: Vec<String>) -> i32 {
             Timer::after(Duration::from_millis(20)).await;
         }
         println!("connected {n}");
+        // Whether some agents are down now, waiting to be all back.
+        let mut down = false;
         loop {
-            Timer::after(Duration::from_secs(1)).await;
+            Timer::after(Duration::from_millis(20)).await;
             if failed.get() > 0 {
                 eprintln!("loadgen: {} idle agents lost their link", failed.get());
                 return 1;
             }
+            let now = CONNECTED.load(Ordering::SeqCst);
+            if now < n && !down {
+                down = true;
+                eprintln!("loadgen: links lost: {} of {n} down", n - now);
+            } else if now == n && down {
+                down = false;
+                let ns = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).expect("clock").as_nanos();
+                println!("reconnected {n} at {ns}");
+            }
         }
     })
     .await
+}
+
+/// GET one path over and over; prints the latency of the calls answered.
+async fn probe(args: Vec<String>) -> i32 {
+    let c = client(&args);
+    let path = need(&args, "--path");
+    let secs: f64 = need(&args, "--seconds").parse().expect("--seconds");
+    let every = Duration::from_millis(
+        arg(&args, "--every-ms").map(|s| s.parse().expect("--every-ms")).unwrap_or(100),
+    );
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let (mut lat, mut errors) = (Vec::new(), 0usize);
+    while Instant::now() < end {
+        let t0 = Instant::now();
+        match c.get::<serde_json::Value>(&path).await {
+            Ok(_) => lat.push(t0.elapsed().as_secs_f64() * 1000.0),
+            Err(e) => {
+                if errors == 0 {
+                    eprintln!("loadgen: GET {path}: {e}");
+                }
+                errors += 1;
+            }
+        }
+        Timer::at(t0 + every).await;
+    }
+    lat.sort_by(|a, b| a.total_cmp(b));
+    if lat.is_empty() {
+        eprintln!("loadgen: no GET {path} was answered");
+        return 1;
+    }
+    println!(
+        "latency_ms {:.3} {:.3} {:.3} {:.3}",
+        quantile(&lat, 0.5),
+        quantile(&lat, 0.99),
+        lat[0],
+        lat[lat.len() - 1]
+    );
+    println!("answered {}", lat.len());
+    println!("errors {errors}");
+    0
+}
+
+/// The `p` quantile of sorted `v` (nearest rank).
+fn quantile(v: &[f64], p: f64) -> f64 {
+    v[(((v.len() as f64) * p).ceil() as usize).saturating_sub(1).min(v.len() - 1)]
 }
 
 async fn one_build(c: &Client, yaml: &str) -> Result<(f64, bool), String> {
@@ -238,8 +380,13 @@ async fn dispatch(args: Vec<String>) -> i32 {
         eprintln!("loadgen: no build completed");
         return 1;
     }
-    let q = |p: f64| v[(((v.len() as f64) * p).ceil() as usize).saturating_sub(1).min(v.len() - 1)];
-    println!("latency_ms {:.3} {:.3} {:.3} {:.3}", q(0.5), q(0.99), v[0], v[v.len() - 1]);
+    println!(
+        "latency_ms {:.3} {:.3} {:.3} {:.3}",
+        quantile(&v, 0.5),
+        quantile(&v, 0.99),
+        v[0],
+        v[v.len() - 1]
+    );
     println!("builds_per_s {:.1}", v.len() as f64 / secs);
     println!("failures {}", errs.len());
     i32::from(!errs.is_empty())
@@ -250,8 +397,9 @@ fn main() {
     let code = match args.first().map(String::as_str) {
         Some("idle") => smol::block_on(idle(args)),
         Some("dispatch") => smol::block_on(dispatch(args)),
+        Some("probe") => smol::block_on(probe(args)),
         _ => {
-            eprintln!("usage: loadgen idle|dispatch ... (see the source)");
+            eprintln!("usage: loadgen idle|dispatch|probe ... (see the source)");
             2
         }
     };
