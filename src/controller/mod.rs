@@ -191,22 +191,14 @@ pub fn launch(cfg: ServeConfig) -> Result<Server, String> {
     } else {
         Some(Arc::new(identity::load(&cfg.data, cfg.tls_cert.as_deref(), cfg.tls_key.as_deref())?))
     };
-    let (http, agent) = smol::block_on(async {
-        let http =
-            smol::net::TcpListener::bind(SocketAddr::new(cfg.bind, cfg.http_port)).await.map_err(|e| {
-                format!(
-                    "cannot listen for HTTP on {}:{}: {e} (choose another --http-port)",
-                    cfg.bind, cfg.http_port
-                )
-            })?;
-        let agent =
-            smol::net::TcpListener::bind(SocketAddr::new(cfg.bind, cfg.agent_port)).await.map_err(|e| {
-                format!(
-                    "cannot listen for agents on {}:{}: {e} (choose another --agent-port)",
-                    cfg.bind, cfg.agent_port
-                )
-            })?;
-        Ok::<_, String>((http, agent))
+    let http = listen(SocketAddr::new(cfg.bind, cfg.http_port)).map_err(|e| {
+        format!("cannot listen for HTTP on {}:{}: {e} (choose another --http-port)", cfg.bind, cfg.http_port)
+    })?;
+    let agent = listen(SocketAddr::new(cfg.bind, cfg.agent_port)).map_err(|e| {
+        format!(
+            "cannot listen for agents on {}:{}: {e} (choose another --agent-port)",
+            cfg.bind, cfg.agent_port
+        )
     })?;
     let (ha, aa) =
         (http.local_addr().map_err(|e| e.to_string())?, agent.local_addr().map_err(|e| e.to_string())?);
@@ -288,9 +280,64 @@ fn raise_fd_limit() {
     }
 }
 
+/// Connections a listening socket holds before they are accepted. std's 128 overflows when
+/// thousands of agents dial at once (after a controller restart): the kernel drops the SYNs
+/// beyond it, and each dropped one costs its agent a second or more before it tries again, then
+/// a doubled backoff. The kernel caps it at `net.core.somaxconn` (4096 by default).
+const BACKLOG: i32 = 4096;
+
+/// Listen on `addr` (address reuse on, as std does) with a backlog of [`BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<smol::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    smol::net::TcpListener::try_from(std::net::TcpListener::from(socket))
+}
+
 /// Whether `p` may be a path prefix: `/`-separated segments of URL-safe characters.
 fn valid_prefix(p: &str) -> bool {
     p.len() <= 200
         && p.split('/').all(|seg| seg != "." && seg != "..")
         && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 1,000 agents dialling at once all get through the handshake while the controller has
+    /// not yet accepted one (with std's backlog of 128, the rest would wait a second or more).
+    #[test]
+    fn a_burst_of_connects_beyond_stds_backlog_is_queued_not_dropped() {
+        let l = listen(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        let addr = l.local_addr().unwrap();
+        let connected = smol::block_on(async {
+            let dials: Vec<_> = (0..1000)
+                .map(|_| {
+                    smol::spawn(async move {
+                        let dial = async { smol::net::TcpStream::connect(addr).await.ok() };
+                        let late = async {
+                            smol::Timer::after(std::time::Duration::from_millis(500)).await;
+                            None
+                        };
+                        smol::future::or(dial, late).await
+                    })
+                })
+                .collect();
+            let mut streams = Vec::new();
+            for d in dials {
+                streams.extend(d.await);
+            }
+            streams.len()
+        });
+        // The kernel caps the backlog at net.core.somaxconn (4096 unless someone lowered it).
+        let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(4096);
+        assert_eq!(connected, 1000.min(somaxconn.min(BACKLOG as usize) + 1));
+        drop(l);
+    }
 }
