@@ -49,12 +49,45 @@ fn usage_errors_exit_64_never_the_build_failed_code() {
     assert_eq!(out.status.code(), Some(0));
 }
 
+/// The version both binaries print: the package's, with the commit of this checkout when git
+/// can tell it (the binaries are built from the tree the tests run in).
+fn expected_version() -> String {
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| text(&o.stdout).trim().to_string());
+    match head {
+        Some(c) => format!("{} ({c})", env!("CARGO_PKG_VERSION")),
+        None => env!("CARGO_PKG_VERSION").to_string(),
+    }
+}
+
 #[test]
-fn version_prints_the_version() {
-    let out = wisp_alone(&["--version"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let v = text(&out.stdout);
-    assert!(v.starts_with(&format!("wisp {}", env!("CARGO_PKG_VERSION"))), "{v}");
+fn version_prints_the_version_and_commit() {
+    for (bin, name) in [(WISP, "wisp"), (AGENT, "wisp-agent")] {
+        let out = Command::new(bin).arg("--version").output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), format!("{name} {}\n", expected_version()));
+    }
+}
+
+/// The agent tells the controller its build, and `wisp nodes` shows it in its last column.
+#[test]
+fn nodes_shows_each_connected_agents_version_and_architecture() {
+    let ctl = Controller::start();
+    let work = TempDir::new("nodes-version");
+    let _agent = ctl.online_agent("v1", "linux", false, 1, work.path());
+    let want = format!("\t{} {}/{}", expected_version(), std::env::consts::ARCH, std::env::consts::OS);
+    let line = wait_for("the agent's build in `wisp nodes`", Duration::from_secs(10), || {
+        ctl.node_line("v1").filter(|l| l.ends_with(&want))
+    });
+    assert!(line.starts_with("v1\tonline\t1\tlinux\t"), "{line}");
+    ctl.add_node("v2", "linux", &[]);
+    let off = ctl.node_line("v2").unwrap();
+    assert!(off.ends_with("\toffline\t1\tlinux\t-"), "an agent not connected has no build: {off}");
 }
 
 #[test]

@@ -910,7 +910,7 @@ impl Agent {
                 Frame::Pong { .. } => {}
                 Frame::InfoRequest => {
                     let info = Frame::AgentInfo {
-                        version: env!("CARGO_PKG_VERSION"),
+                        version: env!("WISP_VERSION"),
                         arch: std::env::consts::ARCH,
                         os: std::env::consts::OS,
                     };

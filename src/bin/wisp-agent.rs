@@ -241,7 +241,7 @@ fn main() {
         }
     };
     if args.version {
-        println!("wisp-agent {}", env!("CARGO_PKG_VERSION"));
+        println!("wisp-agent {}", env!("WISP_VERSION"));
         return;
     }
     wisp::logger::init();

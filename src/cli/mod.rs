@@ -441,10 +441,7 @@ fn die_on_closed_stdout() {
 pub fn main() {
     let top = parse_args();
     if top.version {
-        match option_env!("WISP_COMMIT") {
-            Some(commit) => println!("wisp {} ({commit})", env!("CARGO_PKG_VERSION")),
-            None => println!("wisp {}", env!("CARGO_PKG_VERSION")),
-        }
+        println!("wisp {}", env!("WISP_VERSION"));
         return;
     }
     let Some(cmd) = top.cmd else { usage("give a command, such as `wisp serve` or `wisp demo`") };
@@ -576,7 +573,10 @@ fn client_command(cmd: Cmd) -> i32 {
             let mut out = std::io::stdout().lock();
             for n in list.nodes {
                 let state = if n.online { "online" } else { "offline" };
-                let _ = writeln!(out, "{}\t{state}\t{}\t{}", n.name, n.executors, n.labels.join(" "));
+                // The agent's build last, so that scripts reading the first columns keep working.
+                let agent = n.agent.map_or("-".to_string(), |a| format!("{} {}/{}", a.version, a.arch, a.os));
+                let _ =
+                    writeln!(out, "{}\t{state}\t{}\t{}\t{agent}", n.name, n.executors, n.labels.join(" "));
             }
             Ok(0)
         }),

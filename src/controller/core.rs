@@ -515,6 +515,14 @@ impl Controller {
         self.state().nodes.values().map(|n| (n.rec.clone(), n.conn.is_some(), n.busy)).collect()
     }
 
+    /// What each connected agent said it is (`AgentInfo`: version, architecture, OS), by node.
+    pub fn agent_infos(&self) -> HashMap<String, (String, String, String)> {
+        let st = self.state();
+        let info =
+            |n: &super::nodes::Node| n.conn.as_ref()?.info.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        st.nodes.values().filter_map(|n| Some((n.rec.name.clone(), info(n)?))).collect()
+    }
+
     /// One node with its live status.
     pub fn node_status(&self, name: &str) -> Option<(NodeRecord, bool, u32)> {
         self.state().nodes.get(name).map(|n| (n.rec.clone(), n.conn.is_some(), n.busy))

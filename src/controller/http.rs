@@ -378,7 +378,12 @@ fn jnlp_xml(
     Ok(body)
 }
 
-fn node_entry(rec: &NodeRecord, online: bool, busy: u32) -> api::NodeEntry {
+fn node_entry(
+    rec: &NodeRecord,
+    online: bool,
+    busy: u32,
+    agent: Option<&(String, String, String)>,
+) -> api::NodeEntry {
     api::NodeEntry {
         name: rec.name.clone(),
         labels: rec.labels.clone(),
@@ -388,11 +393,18 @@ fn node_entry(rec: &NodeRecord, online: bool, busy: u32) -> api::NodeEntry {
         websocket: rec.websocket,
         work_dir: rec.work_dir.clone(),
         origin: rec.origin.clone(),
+        agent: agent.map(|(version, arch, os)| api::AgentBuild {
+            version: version.clone(),
+            arch: arch.clone(),
+            os: os.clone(),
+        }),
     }
 }
 
 fn list_nodes(ctl: &Controller) -> Response<Body> {
-    let nodes = ctl.nodes().iter().map(|(r, on, busy)| node_entry(r, *on, *busy)).collect();
+    let agents = ctl.agent_infos();
+    let nodes =
+        ctl.nodes().iter().map(|(r, on, busy)| node_entry(r, *on, *busy, agents.get(&r.name))).collect();
     json_response(StatusCode::OK, api::NodeList { nodes })
 }
 
@@ -435,7 +447,7 @@ fn node_info(
     let (rec, online, busy) =
         ctl.node_status(name).ok_or_else(|| ApiError::new(404, format!("no node named '{name}'")))?;
     let info = api::NodeInfo {
-        node: node_entry(&rec, online, busy),
+        node: node_entry(&rec, online, busy, ctl.agent_infos().get(name)),
         secret: ctl.secret(name),
         command: agent_command(ctl, &public_url(ctl, req, fp), &rec, pin_for(req, fp)),
     };
@@ -467,7 +479,7 @@ async fn add_node(
     };
     ctl.add_node(rec.clone()).await?;
     let info = api::NodeCreated {
-        node: node_entry(&rec, false, 0),
+        node: node_entry(&rec, false, 0, None),
         secret: ctl.secret(&rec.name),
         command: agent_command(ctl, &url, &rec, pin),
     };

@@ -628,8 +628,10 @@ async fn read_loop(ctl: &Arc<Controller>, session: &Arc<Session>, reader: &mut L
                 let _ = session.tx.send(Out::Frame(Frame::Pong { id })).await;
             }
             Frame::AgentInfo { version, arch, os } => {
-                // Shown on the web page: printable ASCII only (the codec bounds the lengths).
-                let clean = |s: &str| s.chars().filter(|c| c.is_ascii_graphic()).collect::<String>();
+                // Shown on the web page and by `wisp nodes`: printable ASCII and spaces only (the
+                // codec bounds the lengths).
+                let clean =
+                    |s: &str| s.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').collect::<String>();
                 *session.info.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some((clean(version), clean(arch), clean(os)));
             }

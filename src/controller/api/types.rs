@@ -160,6 +160,20 @@ pub struct NodeEntry {
     /// Where the node came from: `static` (added by a user) or the cloud that made it.
     #[serde(default = "static_origin")]
     pub origin: String,
+    /// What its agent said it is, while connected (an agent too old to say has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentBuild>,
+}
+
+/// An agent's build, as it tells the controller after the handshake.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AgentBuild {
+    /// `wisp-agent --version` without the name: `0.1.0 (1a2b3c4d5e6f)`.
+    pub version: String,
+    /// CPU architecture (Rust's names: `x86_64`, `aarch64`, `arm`).
+    pub arch: String,
+    /// Operating system (`linux`).
+    pub os: String,
 }
 
 fn static_origin() -> String {
