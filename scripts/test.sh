@@ -27,10 +27,10 @@ section "packages the tests start"
 # iproute2 for the network partitions of tests/faults.rs, mount (tmpfs) and util-linux (unshare) for
 # the full-disk and PID 1 tests, procps (pgrep), podman, runc and busybox-static for the real containers of
 # tests/podman_backend.rs and tests/pods.rs (which also write podman's settings themselves), chromium
-# and its WebDriver (chromium-driver) for the web page's tests in a real browser (tests/web.rs).
-# Installed only if missing.
+# and its WebDriver (chromium-driver) for the web page's tests in a real browser (tests/web.rs), bash
+# and zsh for the shell completions' test (tests/cli.rs). Installed only if missing.
 apt_ensure nginx haproxy iptables iproute2 mount util-linux procps podman runc busybox-static chromium \
-    chromium-driver
+    chromium-driver bash zsh
 # kmock (PyPI), the Kubernetes API emulator of tests/kube_backend.rs, in a venv under the target
 # dir; the test's helper (tests/common/kmock.rs) makes the same venv when it is missing.
 apt_ensure python3 python3-venv

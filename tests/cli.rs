@@ -541,3 +541,63 @@ fn cloud_apply_lists_and_refuses_a_bad_file_keeping_what_was_loaded() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&c.wisp(&["clouds"]).stdout), "");
 }
+
+/// Runs `script` in `shell` (`-c`) and returns its stdout, failing with its stderr.
+fn shell_out(shell: &str, script: &str) -> String {
+    let out = Command::new(shell).arg("-c").arg(script).output().unwrap();
+    assert!(out.status.success(), "{shell}: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// `scripts/completions.py` makes bash and zsh completions from the binaries' own `--help`: each
+/// command, subcommand and option is offered where it belongs, and a file name after an option
+/// that takes a value. zsh's completion system is stood in for by two functions that print what
+/// `_describe` and `_arguments` were given (driving a real zsh line editor needs a terminal).
+#[test]
+fn shell_completions_follow_the_argument_definitions() {
+    let gen = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/completions.py");
+    let dir = TempDir::new("completions");
+    let bash_file = dir.path().join("wisp.bash");
+    let out = Command::new("python3").args([gen, "bash", WISP, AGENT]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::fs::write(&bash_file, &out.stdout).unwrap();
+    std::fs::write(dir.path().join("wisp-data"), "").unwrap();
+    let complete = |words: &str| {
+        let script = format!(
+            "cd {dir} && source {file} && COMP_WORDS=({words}) && COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)) \
+             && f=_${{COMP_WORDS[0]//-/_}} && $f && echo \"${{COMPREPLY[*]}}\"",
+            dir = dir.path().display(),
+            file = bash_file.display()
+        );
+        shell_out("bash", &script).trim().to_string()
+    };
+    assert_eq!(complete("wisp no"), "node nodes");
+    assert_eq!(complete("wisp node ''"), "add secret rm");
+    assert_eq!(complete("wisp node add --la"), "--labels");
+    assert_eq!(complete("wisp log --fo"), "--follow");
+    assert_eq!(complete("wisp run --data wisp-d"), "wisp-data", "a file after an option with a value");
+    assert_eq!(complete("wisp serve --no-t"), "--no-tls");
+    assert_eq!(complete("wisp-agent --webs"), "--websocket");
+    assert_eq!(complete("wisp token ''"), "rotate");
+
+    let out = Command::new("python3").args([gen, "zsh", WISP]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let zsh_file = dir.path().join("_wisp");
+    std::fs::write(&zsh_file, &out.stdout).unwrap();
+    assert!(text(&out.stdout).starts_with("#compdef wisp\n"));
+    let offer = |words: &str| {
+        let script = format!(
+            "_describe() {{ print -l -- ${{(P)2}} }}; _arguments() {{ print -l -- \"$@\" }}; \
+             words=({words}); CURRENT=${{#words}}; source {}",
+            zsh_file.display()
+        );
+        shell_out("zsh", &format!("emulate zsh; {script}"))
+    };
+    let node = offer("wisp node ''");
+    assert!(node.contains("add:add a node and print its secret"), "{node}");
+    assert!(node.contains("rm:remove a node"), "{node}");
+    let log = offer("wisp log ''");
+    assert!(log.contains("-f[keep streaming until the build ends"), "{log}");
+    assert!(log.contains("--data[the controller's data dir"), "{log}");
+    assert!(log.contains(":value:_files"), "{log}");
+}

@@ -294,7 +294,7 @@ client_command! {
 }
 
 client_command! {
-    /// list nodes: name, online or offline, executors, labels
+    /// list nodes: name, online or offline, executors, labels, the agent's version and architecture
     #[argh(subcommand, name = "nodes")]
     struct Nodes {}
 }
