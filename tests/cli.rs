@@ -49,22 +49,6 @@ fn usage_errors_exit_64_never_the_build_failed_code() {
     assert_eq!(out.status.code(), Some(0));
 }
 
-/// The version both binaries print: the package's, with the commit of this checkout when git
-/// can tell it (the binaries are built from the tree the tests run in).
-fn expected_version() -> String {
-    let head = Command::new("git")
-        .args(["rev-parse", "--short=12", "HEAD"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| text(&o.stdout).trim().to_string());
-    match head {
-        Some(c) => format!("{} ({c})", env!("CARGO_PKG_VERSION")),
-        None => env!("CARGO_PKG_VERSION").to_string(),
-    }
-}
-
 #[test]
 fn version_prints_the_version_and_commit() {
     for (bin, name) in [(WISP, "wisp"), (AGENT, "wisp-agent")] {

@@ -8,7 +8,7 @@
 mod common;
 
 use common::browser::Browser;
-use common::{try_http, Controller, TempDir};
+use common::{expected_version, try_http, Controller, TempDir};
 use std::time::{Duration, Instant};
 
 /// Log `b` in to `c` through the login form; lands on the overview.
@@ -56,12 +56,8 @@ fn log_in_and_see_a_node_come_online_without_a_reload() {
     b.click("#show");
     b.wait_text("#command", Duration::from_secs(10), |t| t.contains(&secret));
     let agent = b.text("#agent");
-    let want = format!(
-        "wisp-agent {} ({}, {})",
-        env!("CARGO_PKG_VERSION"),
-        std::env::consts::ARCH,
-        std::env::consts::OS
-    );
+    let want =
+        format!("wisp-agent {} ({}, {})", expected_version(), std::env::consts::ARCH, std::env::consts::OS);
     assert_eq!(agent, want, "what the agent said it is");
     b.screenshot("node");
     b.goto(&c.url());

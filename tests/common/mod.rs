@@ -423,3 +423,19 @@ pub fn require_root() {
          as scripts/test.sh does (it installs iptables and nginx too)"
     );
 }
+
+/// The version both binaries print: the package's, with the commit of this checkout when git
+/// can tell it (the binaries are built from the tree the tests run in).
+pub fn expected_version() -> String {
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    match head {
+        Some(c) => format!("{} ({c})", env!("CARGO_PKG_VERSION")),
+        None => env!("CARGO_PKG_VERSION").to_string(),
+    }
+}
