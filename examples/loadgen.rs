@@ -15,6 +15,7 @@
 //!   loadgen probe --url URL --data DIR --path P --seconds S [--every-ms M]
 //!       GETs P one call after another (M ms apart, default 100) for S seconds and prints
 //!       `latency_ms p50 p99 min max` of the calls answered, `answered N` and `errors E`.
+use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -109,9 +110,9 @@ fn backoff(failures: u32) -> Duration {
     base.mul_f64(1.0 + f64::from(u16::from_be_bytes([r[0], r[1]])) / f64::from(u16::MAX) * 0.5)
 }
 
-/// One idle agent: dial, handshake, then ping and answer pings until the link ends. `Ok(true)`
-/// once it got through the handshake.
-async fn idle_agent(d: &Dialer, name: &str, secret: &str) -> Result<(), (bool, String)> {
+/// One idle agent: dial, handshake, then ping and answer pings until the link ends. It ends
+/// only with an error: whether it got through the handshake, and why it ended.
+async fn idle_agent(d: &Dialer, name: &str, secret: &str) -> Result<Infallible, (bool, String)> {
     let (mut reader, mut writer) = dial::open(&d.target, &d.mode, name, d.tls.as_ref())
         .await
         .map_err(|e| (false, format!("{name}: {e}")))?;
@@ -184,8 +185,7 @@ async fn idle_agent(d: &Dialer, name: &str, secret: &str) -> Result<(), (bool, S
 async fn idle_forever(d: std::rc::Rc<Dialer>, name: String, secret: String, reconnect: bool) -> String {
     let mut failures = 0;
     loop {
-        let (was_online, e) =
-            idle_agent(&d, &name, &secret).await.expect_err("an idle agent only ends with an error");
+        let Err((was_online, e)) = idle_agent(&d, &name, &secret).await;
         if !reconnect {
             return e;
         }
@@ -301,21 +301,16 @@ async fn probe(args: Vec<String>) -> i32 {
         eprintln!("loadgen: no GET {path} was answered");
         return 1;
     }
-    println!(
-        "latency_ms {:.3} {:.3} {:.3} {:.3}",
-        quantile(&lat, 0.5),
-        quantile(&lat, 0.99),
-        lat[0],
-        lat[lat.len() - 1]
-    );
+    print_latency(&lat);
     println!("answered {}", lat.len());
     println!("errors {errors}");
     0
 }
 
-/// The `p` quantile of sorted `v` (nearest rank).
-fn quantile(v: &[f64], p: f64) -> f64 {
-    v[(((v.len() as f64) * p).ceil() as usize).saturating_sub(1).min(v.len() - 1)]
+/// Prints `latency_ms p50 p99 min max` of `v` (sorted, not empty; nearest-rank quantiles).
+fn print_latency(v: &[f64]) {
+    let q = |p: f64| v[(((v.len() as f64) * p).ceil() as usize).saturating_sub(1).min(v.len() - 1)];
+    println!("latency_ms {:.3} {:.3} {:.3} {:.3}", q(0.5), q(0.99), v[0], v[v.len() - 1]);
 }
 
 async fn one_build(c: &Client, yaml: &str) -> Result<(f64, bool), String> {
@@ -380,13 +375,7 @@ async fn dispatch(args: Vec<String>) -> i32 {
         eprintln!("loadgen: no build completed");
         return 1;
     }
-    println!(
-        "latency_ms {:.3} {:.3} {:.3} {:.3}",
-        quantile(&v, 0.5),
-        quantile(&v, 0.99),
-        v[0],
-        v[v.len() - 1]
-    );
+    print_latency(&v);
     println!("builds_per_s {:.1}", v.len() as f64 / secs);
     println!("failures {}", errs.len());
     i32::from(!errs.is_empty())

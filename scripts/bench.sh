@@ -187,7 +187,7 @@ add_labeled() { # NAME LABELS -> secret in $WORK/NAME.secret
     "$WISP" node add "$1" --labels "$2" --executors 1 --data "$CTL" >/dev/null || die "node add $1"
     "$WISP" node secret "$1" --data "$CTL" >"$WORK/$1.secret" || die "node secret $1"
 }
-online_count() { "$WISP" nodes --data "$CTL" 2>/dev/null | awk -F'\t' '$2 == "online"' | wc -l; }
+online_count() { "$WISP" nodes --data "${1:-$CTL}" 2>/dev/null | awk -F'\t' '$2 == "online"' | wc -l; }
 wait_count() { # N: wait until N nodes are online (60 s)
     local i
     for ((i = 0; i < 600; i++)); do
@@ -236,20 +236,66 @@ raw_once() {
     awk -v a="$t0" -v b="$t1" -v m="$stream_mib" 'BEGIN { printf "%.1f", m / ((b - a) / 1e9) }'
 }
 
+# tls_ctl DATA HTTP_PORT AGENT_PORT [SERVE_OPTION...]: start a controller on its defaults (TLS on
+# both ports, a self-signed identity) with data dir DATA (port 0: any free one; its log DATA.log)
+# and wait until it listens; sets TLS_PID, and PIN_URL and PIN_FP for `start_agent NAME pinned`.
+tls_ctl() {
+    local data=$1 http=$2 agent=$3 i
+    shift 3
+    mkdir -p "$data"
+    rm -f "$data/listening"
+    "$WISP" serve --data "$data" --http-port "$http" --agent-port "$agent" --bind 127.0.0.1 "$@" 2>>"$data.log" &
+    TLS_PID=$!
+    HARNESS_PIDS+=("$TLS_PID")
+    for ((i = 0; i < 600; i++)); do
+        if grep -q '^url ' "$data/listening" 2>/dev/null; then
+            PIN_URL=$(sed -n 's/^url //p' "$data/listening")
+            PIN_FP=$(cat "$data/fingerprint")
+            return 0
+        fi
+        kill -0 "$TLS_PID" 2>/dev/null || break
+        sleep 0.05
+    done
+    say "the TLS controller did not start: $(tail -3 "$data.log")"
+    return 1
+}
+
+# start_loadgen WHAT IDLE_OPTION...: `loadgen idle` in the background ($WORK/loadgen.out, .err),
+# waited for until all its agents are connected (300 s); sets LG, LG_T0 (when it started) and
+# LG_CONN (seconds until all were connected).
+start_loadgen() {
+    local what=$1 i
+    shift
+    LG_T0=$(now_ns)
+    "$LOADGEN" idle "$@" >"$WORK/loadgen.out" 2>"$WORK/loadgen.err" &
+    LG=$!
+    HARNESS_PIDS+=("$LG")
+    for ((i = 0; i < 3000; i++)); do
+        grep -qs '^connected' "$WORK/loadgen.out" && break
+        kill -0 "$LG" 2>/dev/null || die "loadgen $what died: $(tail -3 "$WORK/loadgen.err")"
+        sleep 0.1
+    done
+    grep -q '^connected' "$WORK/loadgen.out" || die "loadgen $what did not connect in 300 s"
+    LG_CONN=$(awk -v a="$LG_T0" -v b="$(now_ns)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
+}
+
+# idle_cpu PID: PID's CPU in % of a core over idle_cpu_s, from ping_wait_s after LG_T0 on (until
+# the first ping is due, the agents only sit there).
+idle_cpu() {
+    local wait_s c0 c1
+    sleep 2
+    wait_s=$(awk -v a="$LG_T0" -v b="$(now_ns)" -v w="$ping_wait_s" 'BEGIN { d = w - (b - a) / 1e9; printf "%.1f", (d > 0 ? d : 0) }')
+    sleep "$wait_s"
+    c0=$(cpu_ticks "$1")
+    sleep "$idle_cpu_s"
+    c1=$(cpu_ticks "$1")
+    awk -v a="$c0" -v b="$c1" -v t="$tck" -v s="$idle_cpu_s" 'BEGIN { printf "%.1f", 100 * (b - a) / t / s }'
+}
+
 # The controller's own TLS (its default; the main bench controller runs --no-tls): a second
 # controller for the wss row, the agent pinning its self-signed identity.
 TLS_CTL=$WORK/ctl-tls
-mkdir -p "$TLS_CTL"
-"$WISP" serve --data "$TLS_CTL" --http-port 0 --agent-port 0 --bind 127.0.0.1 2>"$WORK/controller-tls.log" &
-TLS_PID=$!
-HARNESS_PIDS+=("$TLS_PID")
-for ((i = 0; i < 100; i++)); do
-    grep -q '^url ' "$TLS_CTL/listening" 2>/dev/null && [ -s "$TLS_CTL/fingerprint" ] && break
-    sleep 0.1
-done
-PIN_URL=$(sed -n 's/^url //p' "$TLS_CTL/listening" 2>/dev/null)
-[ -n "$PIN_URL" ] || die "the TLS controller did not start: $(tail -3 "$WORK/controller-tls.log")"
-PIN_FP=$(cat "$TLS_CTL/fingerprint")
+tls_ctl "$TLS_CTL" 0 0 || die "the TLS controller for the wss row did not start"
 
 # stream_stored NAME: stream $GEN as a build on node NAME of the controller with data dir $CTL and
 # wait for its result (`wisp run --wait`: step stdout to the stored log, no reader attached); fails
@@ -417,25 +463,9 @@ for n in "${scale_ns[@]}"; do
     wait_online one "$APID" || die "agent one did not come online"
     sleep 1
     base_kb=$(status_kb "$CTL_PID" VmRSS)
-    t0=$(now_ns)
-    "$LOADGEN" idle --url "$URL" --data "$CTL" --addr "$AGENT_ADDR" --n "$n" >"$WORK/loadgen.out" 2>"$WORK/loadgen.err" &
-    LG=$!
-    HARNESS_PIDS+=("$LG")
-    for ((i = 0; i < 3000; i++)); do
-        grep -qs '^connected' "$WORK/loadgen.out" && break
-        kill -0 "$LG" 2>/dev/null || die "loadgen N=$n died: $(tail -3 "$WORK/loadgen.err")"
-        sleep 0.1
-    done
-    grep -q '^connected' "$WORK/loadgen.out" || die "loadgen N=$n did not connect in 300 s"
-    sc_conn[$n]=$(awk -v a="$t0" -v b="$(now_ns)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
-    sleep 2
-    # Until the first ping is due: before that, the agents only sit there.
-    wait_s=$(awk -v a="$t0" -v b="$(now_ns)" -v w="$ping_wait_s" 'BEGIN { d = w - (b - a) / 1e9; printf "%.1f", (d > 0 ? d : 0) }')
-    sleep "$wait_s"
-    c0=$(cpu_ticks "$CTL_PID")
-    sleep "$idle_cpu_s"
-    c1=$(cpu_ticks "$CTL_PID")
-    sc_cpu[$n]=$(awk -v a="$c0" -v b="$c1" -v t="$tck" -v s="$idle_cpu_s" 'BEGIN { printf "%.1f", 100 * (b - a) / t / s }')
+    start_loadgen "N=$n" --url "$URL" --data "$CTL" --addr "$AGENT_ADDR" --n "$n"
+    sc_conn[$n]=$LG_CONN
+    sc_cpu[$n]=$(idle_cpu "$CTL_PID")
     lat_out one "$scale_lat_builds" 1
     sc_lat[$n]=$LAT
     sc_rss[$n]=$(status_kb "$CTL_PID" VmRSS)
@@ -454,104 +484,55 @@ WORK=$ROOT_WORK
 # lost link, dial again with the agent's own backoff; storm_builds real agents run a step each of
 # about 20 s when the controller is SIGKILLed and started again at once.
 WORK=$ROOT_WORK/storm
-SCTL=$WORK/ctl
-mkdir -p "$SCTL"
-# storm_ctl [HTTP_PORT AGENT_PORT]: start that controller (port 0: any free one); sets S_PID, S_URL.
-storm_ctl() {
-    rm -f "$SCTL/listening"
-    "$WISP" serve --data "$SCTL" --http-port "${1:-0}" --agent-port "${2:-0}" --bind 127.0.0.1 \
-        2>>"$WORK/controller.log" &
-    S_PID=$!
-    HARNESS_PIDS+=("$S_PID")
-    local i
-    for ((i = 0; i < 600; i++)); do
-        if grep -q '^url ' "$SCTL/listening" 2>/dev/null; then
-            S_URL=$(sed -n 's/^url //p' "$SCTL/listening")
-            return 0
-        fi
-        kill -0 "$S_PID" 2>/dev/null || break
-        sleep 0.05
-    done
-    say "the TLS controller did not start: $(tail -3 "$WORK/controller.log")"
-    return 1
-}
-# online_in DATA: how many nodes the controller with data dir DATA shows online.
-online_in() { "$WISP" nodes --data "$1" 2>/dev/null | awk -F'\t' '$2 == "online"' | wc -l; }
-storm_ctl || die "the TLS controller for the storm did not start"
-http_port=$(sed -n 's/^http .*://p' "$SCTL/listening")
-agent_port=$(sed -n 's/^agent .*://p' "$SCTL/listening")
+mkdir -p "$WORK"
+CTL=$WORK/ctl
+tls_ctl "$CTL" 0 0 || die "the TLS controller for the storm did not start"
+http_port=$(sed -n 's/^http .*://p' "$CTL/listening")
+agent_port=$(sed -n 's/^agent .*://p' "$CTL/listening")
 sleep 1
-wss_base_kb=$(status_kb "$S_PID" VmRSS)
-t0=$(now_ns)
-"$LOADGEN" idle --url "$S_URL" --data "$SCTL" --ws --reconnect --n "$storm_n" --prefix w \
-    >"$WORK/loadgen.out" 2>"$WORK/loadgen.err" &
-LG=$!
-HARNESS_PIDS+=("$LG")
-for ((i = 0; i < 3000; i++)); do
-    grep -qs '^connected' "$WORK/loadgen.out" && break
-    kill -0 "$LG" 2>/dev/null || die "loadgen over wss died: $(tail -3 "$WORK/loadgen.err")"
-    sleep 0.1
-done
-grep -q '^connected' "$WORK/loadgen.out" || die "loadgen over wss did not connect in 300 s"
-wss_conn=$(awk -v a="$t0" -v b="$(now_ns)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
-sleep 2
-wait_s=$(awk -v a="$t0" -v b="$(now_ns)" -v w="$ping_wait_s" 'BEGIN { d = w - (b - a) / 1e9; printf "%.1f", (d > 0 ? d : 0) }')
-sleep "$wait_s"
-c0=$(cpu_ticks "$S_PID")
-sleep "$idle_cpu_s"
-c1=$(cpu_ticks "$S_PID")
-wss_cpu=$(awk -v a="$c0" -v b="$c1" -v t="$tck" -v s="$idle_cpu_s" 'BEGIN { printf "%.1f", 100 * (b - a) / t / s }')
-wss_rss=$(status_kb "$S_PID" VmRSS)
+wss_base_kb=$(status_kb "$TLS_PID" VmRSS)
+start_loadgen "over wss" --url "$PIN_URL" --data "$CTL" --ws --reconnect --n "$storm_n" --prefix w
+wss_conn=$LG_CONN
+wss_cpu=$(idle_cpu "$TLS_PID")
+wss_rss=$(status_kb "$TLS_PID" VmRSS)
 wss_per=$(awk -v a="$wss_base_kb" -v b="$wss_rss" -v n="$storm_n" 'BEGIN { printf "%.1f", (b - a) / n }')
 say "N=$storm_n over wss: connected in $wss_conn s, controller RSS $wss_rss kB ($wss_per KiB per agent), idle CPU $wss_cpu%"
 
 # The storm's builds: one real agent each (the static agent over wss, identity pinned).
-fp=$(cat "$SCTL/fingerprint")
 for ((i = 0; i < storm_builds; i++)); do
-    "$WISP" node add "s$i" --labels storm --executors 1 --data "$SCTL" >/dev/null || die "node add s$i"
-    "$WISP" node secret "s$i" --data "$SCTL" >"$WORK/s$i.secret" || die "node secret s$i"
-    mkdir -p "$WORK/s$i"
-    "$AGENT" --url "$S_URL" --websocket --instance-identity "$fp" --name "s$i" --secret "@$WORK/s$i.secret" \
-        --work-dir "$WORK/s$i" >"$WORK/s$i.log" 2>&1 &
-    HARNESS_PIDS+=("$!")
+    add_labeled "s$i" storm
+    start_agent "s$i" pinned
 done
 all=$((storm_n + storm_builds))
-for ((i = 0; i < 600; i++)); do
-    [ "$(online_in "$SCTL")" -ge "$all" ] && break
-    sleep 0.1
-done
-[ "$(online_in "$SCTL")" -ge "$all" ] || die "only $(online_in "$SCTL") of $all nodes online before the storm"
+wait_count "$all"
 STORM_STEP='i=0; while [ $i -lt 80 ]; do echo "storm line $i"; i=$((i + 1)); sleep 0.25; done'
 seq 0 79 | sed 's/^/storm line /' >"$WORK/storm.expected"
 storm_bytes=$(stat -c %s "$WORK/storm.expected")
 printf 'name: storm\nagent:\n  label: storm\nsteps:\n  - sh: %s\n' "'$STORM_STEP'" >"$WORK/storm.yaml"
 run_pids=()
 for ((i = 0; i < storm_builds; i++)); do
-    timeout 600 "$WISP" run "$WORK/storm.yaml" --wait --data "$SCTL" >"$WORK/run$i.out" 2>"$WORK/run$i.err" &
+    timeout 600 "$WISP" run "$WORK/storm.yaml" --wait --data "$CTL" >"$WORK/run$i.out" 2>"$WORK/run$i.err" &
     run_pids+=("$!")
 done
-for ((i = 0; i < 300; i++)); do # until every build's step has begun (its agent shows it running)
-    [ "$("$WISP" builds --data "$SCTL" 2>/dev/null | grep -c $'\trunning\t')" -ge "$storm_builds" ] && break
+for ((i = 0; i < 300; i++)); do # until every build runs (`wisp builds`)
+    [ "$("$WISP" builds --data "$CTL" 2>/dev/null | grep -c $'\trunning\t')" -ge "$storm_builds" ] && break
     sleep 0.1
 done
 sleep 2
-kill -KILL "$S_PID"
+kill -KILL "$TLS_PID"
 t_kill=$(now_ns)
-wait "$S_PID" 2>/dev/null || true
-storm_ctl "$http_port" "$agent_port" || die "the controller did not start again after SIGKILL"
+wait "$TLS_PID" 2>/dev/null || true
+tls_ctl "$CTL" "$http_port" "$agent_port" || die "the controller did not start again after SIGKILL"
 t_up=$(now_ns)
-"$LOADGEN" probe --url "$S_URL" --data "$SCTL" --path /api/nodes --seconds "$storm_probe_s" >"$WORK/probe.out" \
+"$LOADGEN" probe --url "$PIN_URL" --data "$CTL" --path /api/nodes --seconds "$storm_probe_s" >"$WORK/probe.out" \
     2>"$WORK/probe.err" &
 probe_pid=$!
 t_back=
 for ((i = 0; i < 1200; i++)); do
-    if [ -z "$t_back" ] && [ "$(online_in "$SCTL")" -ge "$all" ]; then
-        t_back=$(now_ns)
-        break
-    fi
+    [ "$(online_count)" -ge "$all" ] && { t_back=$(now_ns); break; }
     sleep 0.05
 done
-[ -n "$t_back" ] || say "storm: only $(online_in "$SCTL") of $all nodes back after 60 s"
+[ -n "$t_back" ] || say "storm: only $(online_count) of $all nodes back after 60 s"
 wait "$probe_pid" || die "the API probe during the storm failed: $(tail -3 "$WORK/probe.err")"
 storm_lost=0
 for ((i = 0; i < storm_builds; i++)); do
@@ -561,7 +542,7 @@ for ((i = 0; i < storm_builds; i++)); do
         continue
     fi
     id=$(sed -n 's/^build #\([0-9]*\) .*/\1/p' "$WORK/run$i.out")
-    cmp -s "$SCTL/builds/$id/1.log" "$WORK/storm.expected" || {
+    cmp -s "$CTL/builds/$id/1.log" "$WORK/storm.expected" || {
         storm_lost=$((storm_lost + 1))
         say "storm build $i (#$id): its log differs from what the step printed"
     }
@@ -583,39 +564,22 @@ WORK=$ROOT_WORK
 declare -A th_tput th_cpu
 for th in "${threads_ns[@]}"; do
     WORK=$ROOT_WORK/threads$th
-    TCTL=$WORK/ctl
-    mkdir -p "$TCTL"
-    "$WISP" serve --data "$TCTL" --http-port 0 --agent-port 0 --bind 127.0.0.1 --threads "$th" \
-        2>"$WORK/controller.log" &
-    T_PID=$!
-    HARNESS_PIDS+=("$T_PID")
-    for ((i = 0; i < 100; i++)); do
-        grep -q '^url ' "$TCTL/listening" 2>/dev/null && [ -s "$TCTL/fingerprint" ] && break
-        sleep 0.1
-    done
-    T_URL=$(sed -n 's/^url //p' "$TCTL/listening" 2>/dev/null)
-    [ -n "$T_URL" ] || die "the controller with --threads $th did not start: $(tail -3 "$WORK/controller.log")"
+    mkdir -p "$WORK"
+    CTL=$WORK/ctl
+    tls_ctl "$CTL" 0 0 --threads "$th" || die "the controller with --threads $th did not start"
     for ((i = 0; i < threads_agents; i++)); do
-        "$WISP" node add "t$i" --labels "t$i" --executors 1 --data "$TCTL" >/dev/null || die "node add t$i"
-        "$WISP" node secret "t$i" --data "$TCTL" >"$WORK/t$i.secret" || die "node secret t$i"
-        mkdir -p "$WORK/t$i"
-        "$AGENT" --url "$T_URL" --websocket --instance-identity "$(cat "$TCTL/fingerprint")" --name "t$i" \
-            --secret "@$WORK/t$i.secret" --work-dir "$WORK/t$i" >"$WORK/t$i.log" 2>&1 &
-        HARNESS_PIDS+=("$!")
+        add_labeled "t$i" "t$i"
+        start_agent "t$i" pinned
     done
-    for ((i = 0; i < 300; i++)); do
-        [ "$(online_in "$TCTL")" -ge "$threads_agents" ] && break
-        sleep 0.1
-    done
-    [ "$(online_in "$TCTL")" -ge "$threads_agents" ] || die "--threads $th: agents did not come online"
+    wait_count "$threads_agents"
     tgen="yes $LINE | head -c $((threads_mib * 1048576))"
     sync
-    k0=$(cpu_ticks "$T_PID")
+    k0=$(cpu_ticks "$TLS_PID")
     t0=$(now_ns)
     tp=()
     for ((i = 0; i < threads_agents; i++)); do
         printf 'name: t%s\nagent:\n  label: "t%s"\nsteps:\n  - sh: %s\n' "$i" "$i" "$tgen" >"$WORK/t$i.yaml"
-        timeout 600 "$WISP" run "$WORK/t$i.yaml" --wait --data "$TCTL" >"$WORK/t$i.out" 2>&1 &
+        timeout 600 "$WISP" run "$WORK/t$i.yaml" --wait --data "$CTL" >"$WORK/t$i.out" 2>&1 &
         tp+=("$!")
     done
     for ((i = 0; i < threads_agents; i++)); do
@@ -623,7 +587,7 @@ for th in "${threads_ns[@]}"; do
             die "--threads $th: stream t$i failed: $(cat "$WORK/t$i.out")"
     done
     t1=$(now_ns)
-    k1=$(cpu_ticks "$T_PID")
+    k1=$(cpu_ticks "$TLS_PID")
     total=$((threads_agents * threads_mib))
     th_tput[$th]=$(awk -v a="$t0" -v b="$t1" -v m="$total" 'BEGIN { printf "%.1f", m / ((b - a) / 1e9) }')
     th_cpu[$th]=$(awk -v a="$k0" -v b="$k1" -v t="$tck" -v m="$total" 'BEGIN { printf "%.2f", (b - a) / t / (m / 1024) }')

@@ -61,9 +61,14 @@ def command(binary, path=()):
     return {"options": options, "subs": subs}
 
 
+def ident(*words):
+    """A shell function name for a binary and a command path: `_wisp_node_add`."""
+    return "".join("_" + re.sub(r"\W", "_", w) for w in words)
+
+
 def bash(binary, tree):
     name = os.path.basename(binary)
-    fn = "_" + re.sub(r"\W", "_", name)
+    fn = ident(name)
     lines = [
         f"# bash completion for {name}, made by scripts/completions.py from `{name} --help`.",
         f"{fn}() {{",
@@ -113,11 +118,10 @@ def zsh_quote(s):
 
 def zsh(binary, tree):
     name = os.path.basename(binary)
-    fn = "_" + re.sub(r"\W", "_", name)
     lines = [f"#compdef {name}", f"# zsh completion for {name}, made by scripts/completions.py from `{name} --help`."]
 
     def emit(node, p, depth):
-        f = fn + "".join("_" + re.sub(r"\W", "_", s) for s in p)
+        f = ident(name, *p)
         lines.append(f"{f}() {{")
         specs = []
         for o, v, d in node["options"]:
@@ -132,7 +136,7 @@ def zsh(binary, tree):
             lines.append("    fi")
             lines.append(f"    case $words[{depth + 2}] in")
             for s, _, _ in node["subs"]:
-                lines.append(f"        {s}) {f}_{re.sub(chr(92) + 'W', '_', s)} ;;")
+                lines.append(f"        {s}) {ident(name, *p, s)} ;;")
             lines.append("    esac")
         else:
             lines.append("    _arguments " + " ".join(specs) + " '*:argument:_files'")
@@ -141,7 +145,7 @@ def zsh(binary, tree):
             emit(child, (*p, s), depth + 1)
 
     emit(tree, (), 0)
-    lines += [f'{fn} "$@"', ""]
+    lines += [f'{ident(name)} "$@"', ""]
     return "\n".join(lines)
 
 

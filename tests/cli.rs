@@ -294,9 +294,7 @@ fn followers_ride_out_a_controller_restart_and_end_byte_exact() {
 fn run_wait_rides_out_a_controller_restart_with_one_build() {
     let mut ctl = Controller::start_on_fixed_ports(&[]);
     let work = TempDir::new("run-wait");
-    let secret = ctl.add_node("rw1", "follow", &[]);
-    let _agent = ctl.agent("rw1", &secret, true, work.path());
-    ctl.wait_online("rw1");
+    let _agent = ctl.online_agent("rw1", "follow", true, 1, work.path());
     let file = ctl.data.path().join("long.yaml");
     std::fs::write(&file, TEN_SECONDS).unwrap();
     let (out, err) = (work.path().join("run.out"), work.path().join("run.err"));

@@ -82,6 +82,29 @@ pub(super) struct State {
     pub(super) waiters: HashMap<(u64, u32), smol::channel::Sender<Result<String, String>>>,
 }
 
+/// A node with its live status, as the API lists it.
+pub struct NodeStatus {
+    /// The stored node.
+    pub rec: NodeRecord,
+    /// Its agent is connected.
+    pub online: bool,
+    /// Executors running a build now.
+    pub busy: u32,
+    /// What its connected agent said it is: version, architecture, OS.
+    pub agent: Option<(String, String, String)>,
+}
+
+/// What the connected agent of `n` said it is (none while offline, or from an agent too old to say).
+fn agent_of(n: &super::nodes::Node) -> Option<(String, String, String)> {
+    n.conn.as_ref()?.info.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+impl NodeStatus {
+    fn of(n: &super::nodes::Node) -> NodeStatus {
+        NodeStatus { rec: n.rec.clone(), online: n.conn.is_some(), busy: n.busy, agent: agent_of(n) }
+    }
+}
+
 /// A node with its live state, for the web page.
 pub struct NodeView {
     /// As stored.
@@ -505,27 +528,19 @@ impl Controller {
                 since: n.since,
                 held_steps: if n.conn.is_none() { waiting.get(&n.rec.name).copied().unwrap_or(0) } else { 0 },
                 peer: n.conn.as_ref().map(|c| c.peer.clone()),
-                agent: n.conn.as_ref().and_then(|c| c.info.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+                agent: agent_of(n),
             })
             .collect()
     }
 
-    /// Nodes with their live status: (record, online, busy).
-    pub fn nodes(&self) -> Vec<(NodeRecord, bool, u32)> {
-        self.state().nodes.values().map(|n| (n.rec.clone(), n.conn.is_some(), n.busy)).collect()
-    }
-
-    /// What each connected agent said it is (`AgentInfo`: version, architecture, OS), by node.
-    pub fn agent_infos(&self) -> HashMap<String, (String, String, String)> {
-        let st = self.state();
-        let info =
-            |n: &super::nodes::Node| n.conn.as_ref()?.info.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        st.nodes.values().filter_map(|n| Some((n.rec.name.clone(), info(n)?))).collect()
+    /// Nodes with their live status.
+    pub fn nodes(&self) -> Vec<NodeStatus> {
+        self.state().nodes.values().map(NodeStatus::of).collect()
     }
 
     /// One node with its live status.
-    pub fn node_status(&self, name: &str) -> Option<(NodeRecord, bool, u32)> {
-        self.state().nodes.get(name).map(|n| (n.rec.clone(), n.conn.is_some(), n.busy))
+    pub fn node_status(&self, name: &str) -> Option<NodeStatus> {
+        self.state().nodes.get(name).map(NodeStatus::of)
     }
 
     /// The record of one node.

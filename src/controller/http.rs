@@ -3,7 +3,7 @@
 //! percent-decoded before they are matched.
 
 use super::api::types as api;
-use super::core::{ApiError, Controller};
+use super::core::{ApiError, Controller, NodeStatus};
 use super::labels;
 use super::store::{NodeRecord, StepState};
 use crate::link::{self, BoxIo};
@@ -378,22 +378,18 @@ fn jnlp_xml(
     Ok(body)
 }
 
-fn node_entry(
-    rec: &NodeRecord,
-    online: bool,
-    busy: u32,
-    agent: Option<&(String, String, String)>,
-) -> api::NodeEntry {
+fn node_entry(n: &NodeStatus) -> api::NodeEntry {
+    let rec = &n.rec;
     api::NodeEntry {
         name: rec.name.clone(),
         labels: rec.labels.clone(),
         executors: rec.executors,
-        online,
-        busy,
+        online: n.online,
+        busy: n.busy,
         websocket: rec.websocket,
         work_dir: rec.work_dir.clone(),
         origin: rec.origin.clone(),
-        agent: agent.map(|(version, arch, os)| api::AgentBuild {
+        agent: n.agent.as_ref().map(|(version, arch, os)| api::AgentBuild {
             version: version.clone(),
             arch: arch.clone(),
             os: os.clone(),
@@ -402,9 +398,7 @@ fn node_entry(
 }
 
 fn list_nodes(ctl: &Controller) -> Response<Body> {
-    let agents = ctl.agent_infos();
-    let nodes =
-        ctl.nodes().iter().map(|(r, on, busy)| node_entry(r, *on, *busy, agents.get(&r.name))).collect();
+    let nodes = ctl.nodes().iter().map(node_entry).collect();
     json_response(StatusCode::OK, api::NodeList { nodes })
 }
 
@@ -444,12 +438,11 @@ fn node_info(
     name: &str,
     fp: Option<&str>,
 ) -> Result<Response<Body>, ApiError> {
-    let (rec, online, busy) =
-        ctl.node_status(name).ok_or_else(|| ApiError::new(404, format!("no node named '{name}'")))?;
+    let n = ctl.node_status(name).ok_or_else(|| ApiError::new(404, format!("no node named '{name}'")))?;
     let info = api::NodeInfo {
-        node: node_entry(&rec, online, busy, ctl.agent_infos().get(name)),
+        node: node_entry(&n),
         secret: ctl.secret(name),
-        command: agent_command(ctl, &public_url(ctl, req, fp), &rec, pin_for(req, fp)),
+        command: agent_command(ctl, &public_url(ctl, req, fp), &n.rec, pin_for(req, fp)),
     };
     Ok(json_response(StatusCode::OK, info))
 }
@@ -479,9 +472,9 @@ async fn add_node(
     };
     ctl.add_node(rec.clone()).await?;
     let info = api::NodeCreated {
-        node: node_entry(&rec, false, 0, None),
         secret: ctl.secret(&rec.name),
         command: agent_command(ctl, &url, &rec, pin),
+        node: node_entry(&NodeStatus { rec, online: false, busy: 0, agent: None }),
     };
     Ok(json_response(StatusCode::CREATED, info))
 }

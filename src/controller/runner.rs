@@ -900,7 +900,7 @@ mod tests {
             assert_eq!((steps[0].bytes, steps[1].code), (4, Some(3)));
             assert_eq!(std::fs::read(ctl.logs.step_path(id, 2)).unwrap(), b"two\n");
             // The executor is free again.
-            assert_eq!(ctl.node_status("n").unwrap().2, 0);
+            assert_eq!(ctl.node_status("n").unwrap().busy, 0);
         }));
         ctl.shutdown();
         let _ = std::fs::remove_dir_all(&dir);

@@ -465,8 +465,8 @@ async fn overview(
 ) -> Result<Response<Body>, ApiError> {
     let before = http::query_param(req, "before").and_then(|b| b.parse::<u64>().ok());
     let nodes = ctl.nodes();
-    let online = nodes.iter().filter(|(_, on, _)| *on).count();
-    let busy = nodes.iter().filter(|(_, on, b)| *on && *b > 0).count();
+    let online = nodes.iter().filter(|n| n.online).count();
+    let busy = nodes.iter().filter(|n| n.online && n.busy > 0).count();
     let super::core::Activity { queued, running, queue_len } = ctl.activity(QUEUE_SHOWN);
     let ids: Vec<u64> = queued.iter().map(|(id, _)| *id).chain(running.iter().copied()).collect();
     let mut known: HashMap<u64, super::store::BuildRecord> =
