@@ -15,6 +15,7 @@
 //! sockets are is read from the environment at start: `WISP_STEP_SOCKETS`, `WISP_STEP_SOCKET_WAIT`.)
 
 pub mod forward;
+pub mod handover;
 pub mod jnlp;
 pub mod jobs;
 pub mod process;
@@ -438,12 +439,32 @@ pub fn fetch_descriptor(
 /// Run the agent until it is refused for good or `shutdown` completes (then `Ok`: its steps are
 /// killed and its link closed).
 pub fn run(cfg: Config, shutdown: Shutdown) -> Result<(), AgentError> {
+    run_upgradable(cfg, shutdown, None)
+}
+
+/// In-place upgrades of the agent the binary runs: on each request (SIGHUP) it executes `exe`
+/// in its own process and hands its running steps over (see [`handover`]).
+pub struct Upgrade {
+    /// The binary to execute: the path this one was started from. None where it is not known
+    /// (no /proc at start); a request then only says so.
+    pub exe: Option<PathBuf>,
+    /// The command line to execute it with: this one's, the secret overwritten.
+    pub argv: Vec<std::ffi::CString>,
+    /// The requests.
+    pub requests: process::Hangups,
+    /// What the previous agent handed over to this one, and the format version it came in.
+    pub adopted: Option<(handover::State, u32)>,
+}
+
+/// [`run`], upgrading in place on `upgrade`'s requests and adopting the steps a previous agent
+/// handed over.
+pub fn run_upgradable(cfg: Config, shutdown: Shutdown, upgrade: Option<Upgrade>) -> Result<(), AgentError> {
     let ex = Rc::new(LocalExecutor::new());
     // The executor parks between wake-ups and async-io's own thread waits on I/O alone. With
     // `smol::block_on` this thread would poll I/O itself, but async-io's helper thread then wakes
     // on a back-off timer (50 µs up to 10 ms) after each burst and takes the poller over between
     // builds: with 100 agents on 2 cores that cost each agent about a third more CPU per build.
-    smol::future::block_on(ex.run(run_on(ex.clone(), cfg, shutdown)))
+    smol::future::block_on(ex.run(run_on_with(ex.clone(), cfg, shutdown, upgrade)))
 }
 
 /// The work dir as an absolute path, created if missing (a step that changes directory can still
@@ -470,8 +491,17 @@ fn absolute_work_dir(dir: &Path) -> Result<PathBuf, AgentError> {
 /// Run the agent on an executor the caller drives.
 pub async fn run_on(
     ex: Rc<LocalExecutor<'static>>,
+    cfg: Config,
+    shutdown: Shutdown,
+) -> Result<(), AgentError> {
+    run_on_with(ex, cfg, shutdown, None).await
+}
+
+async fn run_on_with(
+    ex: Rc<LocalExecutor<'static>>,
     mut cfg: Config,
     mut shutdown: Shutdown,
+    mut upgrade: Option<Upgrade>,
 ) -> Result<(), AgentError> {
     let target = dial::parse_url(&cfg.url).map_err(|e| AgentError::Config(e.to_string()))?;
     let step_sockets = forward::StepSockets::from_env().map_err(AgentError::Config)?;
@@ -480,8 +510,22 @@ pub async fn run_on(
     // As PID 1 (a container's init) the agent also reaps the orphans the kernel hands it.
     let reaper = Reaper::new(std::process::id() == 1)
         .map_err(|e| AgentError::Config(format!("watching child processes: {e}")))?;
-    // Spools of an earlier agent process belong to steps that died with it.
-    let _ = std::fs::remove_dir_all(cfg.work_dir.join(".wisp").join("spool"));
+    let adopted = upgrade.as_mut().and_then(|u| u.adopted.take());
+    // Spools of an earlier agent process belong to steps that died with it, unless it handed
+    // them over.
+    let spools = cfg.work_dir.join(".wisp").join("spool");
+    match &adopted {
+        None => {
+            let _ = std::fs::remove_dir_all(&spools);
+        }
+        Some((state, _)) => {
+            for e in std::fs::read_dir(&spools).into_iter().flatten().flatten() {
+                if !state.steps.iter().any(|s| s.spool_dir == e.path()) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
     log::debug!("work dir {}", cfg.work_dir.display());
     let agent = Rc::new(Agent {
         cfg,
@@ -492,15 +536,25 @@ pub async fn run_on(
         link: RefCell::new(None),
         generation: Cell::new(0),
         stopping: Cell::new(false),
+        parked: RefCell::new(Vec::new()),
     });
-    let main = {
+    if let Some((state, version)) = adopted {
+        let n = state.steps.len();
+        for s in state.steps {
+            agent.adopt_handed_over(s);
+        }
+        log::info!("resumed {n} running step(s) from the previous agent (version {})", state.agent_version);
+        log::debug!("hand-over state format version {version}");
+    }
+    let connect = || {
         let agent = agent.clone();
+        let (target, tls) = (&target, tls.as_ref());
         async move {
             let mut backoff = Backoff::default();
             let mut cert = CertFailures::default();
             loop {
                 let started = Instant::now();
-                let setback = match agent.session(&target, tls.as_ref()).await {
+                let setback = match agent.session(target, tls).await {
                     Ok(()) => Setback::link("the link ended"),
                     Err(End::Fatal(e)) => return Err(e),
                     Err(End::Retry(s)) => s,
@@ -523,9 +577,34 @@ pub async fn run_on(
             }
         }
     };
+    // The link, until an upgrade is asked for: then the link is closed (the connecting loop is
+    // dropped where it is), the steps are handed to the new program, and if it cannot be
+    // executed the agent goes on with them and connects again.
+    let main = async {
+        loop {
+            let requested = async {
+                match &upgrade {
+                    Some(u) => {
+                        u.requests.next().await;
+                        agent.until_transferable().await;
+                        Ok(())
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            smol::future::or(connect(), requested).await?;
+            if let Some(u) = &upgrade {
+                agent.upgrade(u).await;
+            }
+        }
+    };
     let stop = async {
         shutdown.wait().await;
         agent.stopping.set(true);
+        // Steps parked for a hand-over that will not happen now.
+        for p in agent.parked.borrow_mut().drain(..) {
+            p.child.kill_group(Signal::SIGKILL);
+        }
         let running = agent.steps.borrow().len();
         if running > 0 {
             log::info!("stopping: killing {running} running step(s)");
@@ -592,6 +671,11 @@ struct StepCtl {
     wake_rx: Receiver<()>,
     /// An unpack step's input (`Put` frames go here).
     feed: RefCell<Option<jobs::Feed>>,
+    /// A shell of this agent's own (not a pack, unpack or a container's step): one that can be
+    /// handed over to another program.
+    local: Cell<bool>,
+    /// Park for a hand-over: the step's task ends, leaving its processes running.
+    handover: Cell<bool>,
 }
 
 impl StepCtl {
@@ -609,6 +693,8 @@ impl StepCtl {
             wake_tx,
             wake_rx,
             feed: RefCell::new(None),
+            local: Cell::new(false),
+            handover: Cell::new(false),
         }
     }
     fn wake(&self) {
@@ -670,6 +756,33 @@ struct Agent {
     generation: Cell<u64>,
     /// Told to stop: no more reconnecting.
     stopping: Cell<bool>,
+    /// Steps parked for a hand-over to another program.
+    parked: RefCell<Vec<Parked>>,
+}
+
+/// What a step's task knew when it stopped short: a step parked for a hand-over, or one
+/// adopted from the previous agent.
+#[derive(Default)]
+struct Progress {
+    eof: bool,
+    status: Option<ExitStatus>,
+    reason: Option<ExitStatus>,
+    term_at: Option<Instant>,
+    killed: bool,
+    message: String,
+    fault: bool,
+    logged_end: bool,
+    reads: u64,
+}
+
+/// A step whose task has ended for a hand-over, its processes still running.
+struct Parked {
+    key: (u64, u32),
+    child: StepChild,
+    spool: Spool,
+    deadline: Option<Instant>,
+    cancelled: bool,
+    progress: Progress,
 }
 
 type Writer = Rc<Mutex<LinkWriter>>;
@@ -994,6 +1107,7 @@ impl Agent {
                 ];
                 let env = extra.into_iter().chain(s.env.iter());
                 let mut feed = None;
+                let mut local = false;
                 let child = if s.shell == proto::PACK_SHELL {
                     StepChild::Job(jobs::start_pack(&dir, s.script)?)
                 } else if s.shell == proto::UNPACK_SHELL {
@@ -1002,12 +1116,13 @@ impl Agent {
                     StepChild::Job(job)
                 } else if s.container.is_empty() {
                     let child = process::spawn_shell(s.shell, s.script, &dir, env)?;
+                    local = true;
                     let exited = self.reaper.watch(&self.ex, child.pid);
                     StepChild::Local(child, exited)
                 } else {
                     StepChild::Remote(forward::Remote::start(&self.ex, &self.step_sockets, s, &dir, env)?)
                 };
-                Ok((spool, child, feed))
+                Ok((spool, child, feed, local))
             });
         match started {
             Err(msg) => {
@@ -1027,8 +1142,9 @@ impl Agent {
                     })
                     .detach();
             }
-            Ok((spool, child, feed)) => {
+            Ok((spool, child, feed, local)) => {
                 let ctl = Rc::new(StepCtl::new(s.credit, generation));
+                ctl.local.set(local);
                 self.steps.borrow_mut().insert(key, ctl.clone());
                 if let Some((f, rx, writer)) = feed {
                     let written = f.written.clone();
@@ -1039,14 +1155,220 @@ impl Agent {
                 }
                 let deadline = (s.timeout_secs > 0)
                     .then(|| Instant::now() + Duration::from_secs(u64::from(s.timeout_secs)));
-                let agent = self.clone();
-                self.ex
-                    .spawn(async move {
-                        run_step(key, child, &ctl, deadline, &agent, spool).await;
-                        agent.steps.borrow_mut().remove(&key);
-                    })
-                    .detach();
+                self.spawn_step(key, ctl, child, deadline, spool, Progress::default());
             }
+        }
+    }
+
+    /// Run a step's task; a step parked for a hand-over goes to `parked`.
+    fn spawn_step(
+        self: &Rc<Self>,
+        key: (u64, u32),
+        ctl: Rc<StepCtl>,
+        child: StepChild,
+        deadline: Option<Instant>,
+        spool: Spool,
+        progress: Progress,
+    ) {
+        let agent = self.clone();
+        self.ex
+            .spawn(async move {
+                let parked = run_step(key, child, &ctl, deadline, &agent, spool, progress).await;
+                agent.parked.borrow_mut().extend(parked);
+                agent.steps.borrow_mut().remove(&key);
+            })
+            .detach();
+    }
+
+    /// Take a parked step back (its hand-over did not happen) or an adopted one: it reports
+    /// itself at the next connect and the controller resumes it.
+    fn adopt(self: &Rc<Self>, p: Parked) {
+        let ctl = Rc::new(StepCtl::new(0, 0));
+        ctl.local.set(true);
+        ctl.stored.set(p.spool.acked());
+        ctl.produced.set(p.spool.produced());
+        ctl.cancelled.set(p.cancelled);
+        self.steps.borrow_mut().insert(p.key, ctl.clone());
+        self.spawn_step(p.key, ctl, p.child, p.deadline, p.spool, p.progress);
+    }
+
+    /// Adopt a step the previous agent handed over.
+    fn adopt_handed_over(self: &Rc<Self>, s: handover::StepState) {
+        use std::os::fd::FromRawFd;
+        let (build, step) = (s.build, s.step);
+        let now = Instant::now();
+        // SAFETY: the previous agent handed this descriptor over, and the state was checked to
+        // name each descriptor once; `fd_is_pipe` checks it is open and a pipe first.
+        let child = fd_is_pipe(s.fd)
+            .and_then(|()| process::adopt_child(s.pid, unsafe { std::os::fd::OwnedFd::from_raw_fd(s.fd) }))
+            .map_err(|e| format!("its output pipe (descriptor {}): {e}", s.fd))
+            .and_then(|child| {
+                let spool = Spool::adopt(s.spool_dir.clone(), self.cfg.spool_cap, s.spool)
+                    .map_err(|e| format!("its spool {}: {e}", s.spool_dir.display()))?;
+                Ok((child, spool))
+            });
+        let (child, spool) = match child {
+            Ok(c) => c,
+            Err(m) => {
+                // Its output cannot be delivered: the controller hears it is gone at the connect.
+                log::error!(
+                    "build {build} step {step}: cannot adopt it from the previous agent: {m}; killing it"
+                );
+                process::kill_group(s.pid, Signal::SIGKILL);
+                return;
+            }
+        };
+        // An end the previous agent already knew of must not be waited for again (the pid may
+        // be reused); otherwise its exit comes as any step's, even if it ended meanwhile.
+        let exited = if s.status.is_some() { bounded(1).1 } else { self.reaper.watch(&self.ex, s.pid) };
+        log::info!(
+            "build {build} step {step}: adopted from the previous agent (pid {}, {} output bytes, {} not yet \
+             stored)",
+            s.pid,
+            spool.produced(),
+            spool.pending()
+        );
+        self.adopt(Parked {
+            key: (build, step),
+            child: StepChild::Local(child, exited),
+            spool,
+            deadline: s.deadline_ms.map(|ms| now + Duration::from_millis(ms)),
+            cancelled: s.cancelled,
+            progress: Progress {
+                eof: s.eof,
+                status: s.status,
+                reason: s.reason,
+                term_at: s.term_ms.map(|ms| now.checked_sub(Duration::from_millis(ms)).unwrap_or(now)),
+                killed: s.killed,
+                message: s.message,
+                fault: s.fault,
+                logged_end: s.logged_end,
+                reads: s.reads,
+            },
+        });
+    }
+
+    /// Wait until every step can be handed over (packs, unpacks and steps in other containers
+    /// run inside this process or through its sockets: they are waited for).
+    async fn until_transferable(&self) {
+        let mut said = false;
+        loop {
+            let n = self.steps.borrow().values().filter(|c| !c.local.get()).count();
+            if n == 0 {
+                return;
+            }
+            if !said {
+                log::warn!(
+                    "SIGHUP: {n} archive or container step(s) cannot be handed over to another program; \
+                     upgrading once they have ended"
+                );
+                said = true;
+            }
+            Timer::after(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Upgrade in place: close the link, park every step, flush their spools and execute the new
+    /// binary with the hand-over state. Returns only if that fails; the steps then go on here.
+    async fn upgrade(self: &Rc<Self>, u: &Upgrade) {
+        let Some(exe) = &u.exe else {
+            log::error!(
+                "SIGHUP: cannot upgrade in place: the path of this agent's binary was not known at start \
+                 (no /proc/self/exe); restart the agent instead"
+            );
+            return;
+        };
+        log::info!("SIGHUP: upgrading in place: exec {}", exe.display());
+        // The connecting loop is gone (its session with it); the link is closed cleanly.
+        let link = self.link.borrow_mut().take();
+        if let Some(link) = link {
+            let _ = timeout(CLOSE_TIMEOUT, async { link.writer.lock().await.close().await }).await;
+        }
+        for c in self.steps.borrow().values() {
+            c.handover.set(true);
+            c.wake();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.steps.borrow().is_empty() && Instant::now() < deadline {
+            Timer::after(Duration::from_millis(5)).await;
+        }
+        let error = if self.stopping.get() {
+            return;
+        } else if !self.steps.borrow().is_empty() {
+            "a step did not stop for the hand-over within 10s".to_string()
+        } else {
+            // No await from here to the exec: nothing else runs, so no exit is collected unseen.
+            self.exec(u, exe)
+        };
+        let parked: Vec<Parked> = self.parked.borrow_mut().drain(..).collect();
+        log::error!(
+            "SIGHUP: could not upgrade in place: {error}; this agent goes on with its {} running step(s)",
+            parked.len() + self.steps.borrow().len()
+        );
+        for c in self.steps.borrow().values() {
+            c.handover.set(false);
+        }
+        for p in parked {
+            self.adopt(p);
+        }
+    }
+
+    /// Hand the parked steps over and execute the new binary; returns why that failed.
+    fn exec(&self, u: &Upgrade, exe: &Path) -> String {
+        use std::os::fd::AsRawFd;
+        let mut parked = self.parked.borrow_mut();
+        let mut steps = Vec::new();
+        let mut fds = Vec::new();
+        for p in parked.iter_mut() {
+            let StepChild::Local(child, exited) = &p.child else {
+                return format!("build {} step {} cannot be handed over", p.key.0, p.key.1);
+            };
+            if let Err(e) = p.spool.flush() {
+                return format!(
+                    "build {} step {}: cannot write its spool to disk in {}: {e}",
+                    p.key.0,
+                    p.key.1,
+                    p.spool.dir().display()
+                );
+            }
+            // An exit collected while the link was closing, not yet seen by the step's task.
+            if p.progress.status.is_none() {
+                if let Ok(st) = exited.try_recv() {
+                    p.progress.status = Some(exit_status(st));
+                }
+            }
+            let now = Instant::now();
+            let pr = &p.progress;
+            fds.push(child.output.as_raw_fd());
+            steps.push(handover::StepState {
+                build: p.key.0,
+                step: p.key.1,
+                pid: child.pid,
+                fd: child.output.as_raw_fd(),
+                spool_dir: p.spool.dir().to_path_buf(),
+                spool: [p.spool.acked(), p.spool.produced(), p.spool.spilled(), p.spool.peak()],
+                eof: pr.eof,
+                status: pr.status,
+                reason: pr.reason,
+                cancelled: p.cancelled,
+                deadline_ms: p.deadline.map(|d| d.saturating_duration_since(now).as_millis() as u64),
+                term_ms: pr.term_at.map(|t| now.duration_since(t).as_millis() as u64),
+                killed: pr.killed,
+                fault: pr.fault,
+                logged_end: pr.logged_end,
+                reads: pr.reads,
+                message: pr.message.clone(),
+            });
+        }
+        let state = handover::State {
+            agent_version: env!("WISP_VERSION").to_string(),
+            name: self.cfg.name.clone(),
+            secret: self.cfg.secret.clone(),
+            steps,
+        };
+        match handover::exec(exe, &u.argv, &state, &fds) {
+            Ok(never) => match never {},
+            Err(e) => e,
         }
     }
 
@@ -1139,6 +1461,28 @@ fn fail(child: &StepChild, (build, step): (u64, u32), fault: &mut bool, what: St
     }
 }
 
+/// A shell's end as the protocol says it.
+fn exit_status(st: WaitStatus) -> ExitStatus {
+    match st {
+        WaitStatus::Exited(_, code) => ExitStatus::Code(code),
+        WaitStatus::Signaled(_, sig, _) => ExitStatus::Signal(sig as i32),
+        _ => ExitStatus::Code(-1),
+    }
+}
+
+/// Whether `fd` is an open pipe (a handed-over step's output).
+fn fd_is_pipe(fd: i32) -> std::io::Result<()> {
+    // SAFETY: fstat only fills `st`; a descriptor that is not open makes it fail with EBADF.
+    let mut st: nix::libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { nix::libc::fstat(fd, &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if st.st_mode & nix::libc::S_IFMT != nix::libc::S_IFIFO {
+        return Err(std::io::Error::other("not a pipe"));
+    }
+    Ok(())
+}
+
 /// A step's processes as [`run_step`] drives them.
 enum StepChild {
     /// A shell this agent started: its pipe, and its exit as the reaper learns it.
@@ -1178,14 +1522,7 @@ impl StepChild {
     /// a second wait never completes.
     async fn exited(&self) -> (ExitStatus, String) {
         let got = match self {
-            Self::Local(_, rx) => rx.recv().await.ok().map(|st| {
-                let status = match st {
-                    WaitStatus::Exited(_, code) => ExitStatus::Code(code),
-                    WaitStatus::Signaled(_, sig, _) => ExitStatus::Signal(sig as i32),
-                    _ => ExitStatus::Code(-1),
-                };
-                (status, String::new())
-            }),
+            Self::Local(_, rx) => rx.recv().await.ok().map(|st| (exit_status(st), String::new())),
             Self::Remote(r) => r.ended().recv().await.ok(),
             Self::Job(j) => j.ended().await,
         };
@@ -1220,26 +1557,35 @@ async fn run_step(
     deadline: Option<Instant>,
     agent: &Agent,
     mut spool: Spool,
-) {
+    progress: Progress,
+) -> Option<Parked> {
     let (build, step) = key;
     let mut out = OutputBuf::default();
     let mut sent = 0u64; // output sent on the current link (what the controller will have)
-    let mut eof = false;
-    let mut status: Option<ExitStatus> = None;
-    let mut reason: Option<ExitStatus> = None; // TimedOut or Cancelled
-    let mut term_at: Option<Instant> = None; // when TERM was sent to the group
-    let mut killed = false;
+    let Progress {
+        mut eof,
+        mut status,
+        mut reason,  // TimedOut or Cancelled
+        mut term_at, // when TERM was sent to the group
+        mut killed,
+        mut message, // for the Exit: what went wrong on the agent's side
+        mut fault,   // the agent failed the step after it had started (see `fail`)
+        mut logged_end,
+        mut reads, // pipe reads that brought output
+    } = progress;
     let mut exit_sent_on = 0u64; // the link generation the Exit went out on
-    let mut message = String::new(); // for the Exit: what went wrong on the agent's side
-    let mut fault = false; // the agent failed the step after it had started (see `fail`)
-    let mut logged_end = false;
     let mut drain_since: Option<Instant> = None;
-    let mut reads = 0u64; // pipe reads that brought output
     loop {
         if ctl.abandoned.get() {
             child.kill_group(Signal::SIGKILL);
             log::info!("build {build} step {step}: abandoned; process group killed, output dropped");
-            return;
+            return None;
+        }
+        // A hand-over: what was read is in the spool, the rest waits in the pipe.
+        if ctl.handover.get() && matches!(child, StepChild::Local(..)) {
+            let progress =
+                Progress { eof, status, reason, term_at, killed, message, fault, logged_end, reads };
+            return Some(Parked { key, child, spool, deadline, cancelled: ctl.cancelled.get(), progress });
         }
         if let Some(off) = ctl.resume_at.take() {
             if off < spool.acked() || off > spool.produced() {
@@ -1272,7 +1618,8 @@ async fn run_step(
                 spool.peak(),
                 spool.spilled()
             );
-            return child.release();
+            child.release();
+            return None;
         }
         if reason.is_none() && ctl.cancelled.get() {
             reason = Some(ExitStatus::Cancelled);

@@ -5,8 +5,9 @@
 //! No state here is process-wide: each step's exit is watched through a pidfd of its own (a file
 //! descriptor that becomes readable when the process ends), so any number of agents can run in one
 //! process and no signal handler is needed for them. Signals (SIGTERM and SIGINT for a stop,
-//! SIGCHLD for the orphans PID 1 adopts) come through a signalfd owned by a value, which needs them
-//! blocked in every thread: [`block_signals`] does that and must run before any thread starts.
+//! SIGHUP for an in-place upgrade, SIGCHLD for the orphans PID 1 adopts) come through a signalfd
+//! owned by a value, which needs them blocked in every thread: [`block_signals`] does that and must
+//! run before any thread starts.
 
 use nix::errno::Errno;
 use nix::sys::signal::{self, SigHandler, SigSet, Signal};
@@ -25,7 +26,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 /// The signals the binary takes through file descriptors.
-const SIGNALS: [Signal; 3] = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGCHLD];
+const SIGNALS: [Signal; 4] = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGCHLD];
 
 /// Where pidfds are not available (Linux before 5.3, a seccomp filter that refuses them), a step's
 /// exit is polled for: first after this long, then at doubling intervals up to `EXIT_POLL_MAX`.
@@ -38,7 +39,7 @@ const EXIT_POLL_MAX: Duration = Duration::from_millis(200);
 /// only receives the signals it has a handler for.
 extern "C" fn no_op(_: nix::libc::c_int) {}
 
-/// Block SIGTERM, SIGINT and SIGCHLD in the calling thread, and so in every thread it starts later,
+/// Block SIGTERM, SIGINT, SIGHUP and SIGCHLD in the calling thread, and so in every thread it starts later,
 /// so that [`TermSignals`] and an orphan-reaping [`Reaper`] can read them from a signalfd. Call it
 /// first thing in `main`, before any thread exists. Steps start with an empty signal mask (std
 /// resets it for children).
@@ -56,6 +57,17 @@ pub fn block_signals() -> std::io::Result<()> {
         set.add(sig);
     }
     set.thread_block()?;
+    Ok(())
+}
+
+/// Let SIGHUP do what it does by default again (end the process): for the modes of the binary
+/// that do not upgrade in place (`step-server`, `install`). Call it before any thread starts.
+pub fn unblock_hangup() -> std::io::Result<()> {
+    let dfl = signal::SigAction::new(SigHandler::SigDfl, signal::SaFlags::empty(), SigSet::empty());
+    unsafe { signal::sigaction(Signal::SIGHUP, &dfl) }?;
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGHUP);
+    set.thread_unblock()?;
     Ok(())
 }
 
@@ -87,16 +99,37 @@ impl TermSignals {
 
     /// Wait for SIGTERM or SIGINT; returns which one came.
     pub async fn next(&self) -> Signal {
-        loop {
-            match self.fd.get_ref().read_signal() {
-                Ok(Some(info)) => {
-                    if let Ok(sig) = Signal::try_from(info.ssi_signo as i32) {
-                        return sig;
-                    }
+        next_signal(&self.fd).await
+    }
+}
+
+/// SIGHUP, read from a signalfd (after [`block_signals`]): the binary's "upgrade in place".
+pub struct Hangups {
+    fd: Async<SignalFd>,
+}
+
+impl Hangups {
+    /// Start taking SIGHUP through a file descriptor.
+    pub fn open() -> std::io::Result<Self> {
+        Ok(Self { fd: signalfd(&[Signal::SIGHUP])? })
+    }
+
+    /// Wait for the next SIGHUP.
+    pub async fn next(&self) {
+        next_signal(&self.fd).await;
+    }
+}
+
+async fn next_signal(fd: &Async<SignalFd>) -> Signal {
+    loop {
+        match fd.get_ref().read_signal() {
+            Ok(Some(info)) => {
+                if let Ok(sig) = Signal::try_from(info.ssi_signo as i32) {
+                    return sig;
                 }
-                Ok(None) | Err(_) => {
-                    let _ = self.fd.readable().await;
-                }
+            }
+            Ok(None) | Err(_) => {
+                let _ = fd.readable().await;
             }
         }
     }
@@ -267,6 +300,23 @@ pub fn spawn_shell<'a>(
     }
     let output = Async::new(File::from(r)).map_err(|e| format!("pipe: {e}"))?;
     Ok(Child { pid: child.id() as i32, output })
+}
+
+/// Whether `fd` is closed when this process executes another program.
+pub fn set_cloexec(fd: std::os::fd::RawFd, on: bool) -> std::io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    // SAFETY: only the descriptor's flags change; a closed `fd` makes fcntl fail with EBADF.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let flags = if on { FdFlag::FD_CLOEXEC } else { FdFlag::empty() };
+    fcntl(fd, FcntlArg::F_SETFD(flags))?;
+    Ok(())
+}
+
+/// A step's shell that an earlier agent process started and handed over (see
+/// [`super::handover`]): `output` is the read end of its pipe, which this process now owns.
+pub fn adopt_child(pid: i32, output: OwnedFd) -> std::io::Result<Child> {
+    set_cloexec(std::os::fd::AsRawFd::as_raw_fd(&output), true)?;
+    Ok(Child { pid, output: Async::new(File::from(output))? })
 }
 
 /// Send `sig` to the whole process group `pgid`; a group that is already gone is not an error.

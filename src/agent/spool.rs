@@ -72,6 +72,34 @@ impl Spool {
         })
     }
 
+    /// The spool a previous agent process left in `dir` (see [`super::handover`]): output bytes
+    /// `acked..produced` are in its segment files, none in memory ([`Spool::flush`] put them
+    /// there before the hand-over).
+    pub fn adopt(dir: PathBuf, cap: u64, [acked, produced, spilled, peak]: [u64; 4]) -> io::Result<Self> {
+        if acked > produced {
+            return Err(io::Error::other(format!("acknowledged {acked} bytes of only {produced}")));
+        }
+        Ok(Self {
+            made: dir.exists(),
+            dir,
+            acked,
+            produced,
+            mem_from: produced,
+            mem: Vec::new(),
+            spilled,
+            peak,
+            cap: cap.max(1),
+            tail: None,
+            head: None,
+        })
+    }
+
+    /// Write what only the memory ring holds to disk, so that the segment files hold every
+    /// unacknowledged byte (before a hand-over to another process).
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.spill(self.produced)
+    }
+
     fn segment(&self, i: u64) -> PathBuf {
         self.dir.join(i.to_string())
     }
@@ -316,6 +344,32 @@ mod tests {
         check_back(&mut s, at - 10, 4);
         drop(s);
         assert!(!dir.exists());
+    }
+
+    #[test]
+    fn a_flushed_spool_is_adopted_from_its_files_and_goes_on() {
+        let dir = temp("h");
+        let mut s = Spool::create(dir.clone(), 64 << 20).unwrap();
+        let chunk = pattern();
+        s.append(&chunk[..30_000]).unwrap();
+        s.release(1000);
+        assert!(!dir.exists(), "all of it still in memory");
+        s.flush().unwrap();
+        s.flush().unwrap(); // again: nothing more to write
+        let numbers = [s.acked(), s.produced(), s.spilled(), s.peak()];
+        assert_eq!(numbers, [1000, 30_000, 29_000, 30_000]);
+        // The hand-over: this process forgets the spool without removing it.
+        s.made = false;
+        drop(s);
+        let mut s = Spool::adopt(dir.clone(), 64 << 20, numbers).unwrap();
+        check_back(&mut s, 1000, 4096);
+        s.append(&chunk[30_000..100_000]).unwrap();
+        check_back(&mut s, 1000, 7000);
+        s.release(50_000);
+        check_back(&mut s, 50_000, 333);
+        assert!(Spool::adopt(dir.clone(), 1, [5, 4, 0, 0]).is_err());
+        drop(s);
+        assert!(!dir.exists(), "the adopted spool is removed when done");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `wisp-agent`: the build agent. Parses arguments and the Jenkins-style environment, scrubs the
-//! secret from what /proc shows of this process, and runs the agent until SIGTERM or SIGINT. Also
-//! `wisp-agent step-server` and `wisp-agent install`, for steps in a pod's other containers.
+//! secret from what /proc shows of this process, and runs the agent until SIGTERM or SIGINT; on
+//! SIGHUP it upgrades in place (`agent::handover`). Also `wisp-agent step-server` and
+//! `wisp-agent install`, for steps in a pod's other containers.
 
 /// On musl, dlmalloc instead of musl's malloc: musl returns a page group to the kernel as soon as
 /// it is empty, so each build mapped and unmapped about seven regions (the step's read buffer,
@@ -26,6 +27,12 @@ use wisp::agent::{self, process, AgentError, Mode, Shutdown};
 /// WISP_STEP_SOCKET_WAIT (default 60s; also e.g. 2s, 500ms). In those containers:
 /// `wisp-agent install DEST` (an init container copies the agent into the shared volume) and
 /// `wisp-agent step-server --socket /wisp/NAME.sock [-- CMD ARGS...]`; each has --help.
+///
+/// Signals: SIGTERM or SIGINT stops the agent and its steps. SIGHUP upgrades it in place: it
+/// executes the binary now at the path it was started from (put a new one there with `install` or
+/// `mv`) in the same process, with the same arguments; running steps keep running and their logs
+/// go on where the controller has them. If that binary cannot be executed the agent says why and
+/// goes on as it was.
 #[derive(FromArgs)]
 struct Args {
     /// controller URL, e.g. http://ci.example.com:8080/ (or JENKINS_URL)
@@ -185,6 +192,9 @@ fn raise_open_file_limit() {
 
 /// `wisp-agent step-server ...`: serve steps in this container until stopped; never returns.
 fn step_server(args: &[String]) -> ! {
+    if let Err(e) = process::unblock_hangup() {
+        fail(&format!("cannot set up signal handling: {e}"));
+    }
     let opts = match agent::stepserver::parse_args(args) {
         Ok(Some(o)) => o,
         Ok(None) => {
@@ -199,6 +209,7 @@ fn step_server(args: &[String]) -> ! {
 
 /// `wisp-agent install DEST`: copy this binary to DEST; never returns.
 fn install(args: &[String]) -> ! {
+    let _ = process::unblock_hangup();
     match args {
         [h] if h == "--help" || h == "-h" => {
             println!("{}", agent::stepserver::INSTALL_USAGE);
@@ -217,7 +228,7 @@ fn install(args: &[String]) -> ! {
 
 fn main() {
     // First, while this is the only thread (threads started later inherit the mask): SIGTERM,
-    // SIGINT and SIGCHLD are blocked and read from signalfds.
+    // SIGINT, SIGHUP and SIGCHLD are blocked and read from signalfds.
     if let Err(e) = process::block_signals() {
         fail(&format!("cannot set up signal handling: {e}"));
     }
@@ -227,7 +238,11 @@ fn main() {
         Some("install") => install(&raw[2..]),
         _ => {}
     }
-    let argv: Vec<String> = raw.into_iter().map(jenkins_compat).collect();
+    // Before an upgrade replaces the file (then the link reads "PATH (deleted)").
+    let exe = agent::handover::own_exe();
+    // What a previous agent handed over (and the variable gone before any step can see it).
+    let handed = agent::handover::take_from_env();
+    let argv: Vec<String> = raw.iter().cloned().map(jenkins_compat).collect();
     let strs: Vec<&str> = argv.iter().map(String::as_str).collect();
     let args = match Args::from_args(&strs[..1], &strs[1..]) {
         Ok(a) => a,
@@ -259,18 +274,49 @@ fn main() {
         .or_else(|| env("JENKINS_NAME"))
         .or_else(|| jnlp_name.as_ref().map(|(_, n)| n.clone()))
         .unwrap_or_else(|| fail("no node name: give --name NAME or set JENKINS_AGENT_NAME"));
-    let secret = args
-        .secret
-        .or(pos_secret)
-        .or_else(|| env("JENKINS_SECRET"))
-        .unwrap_or_else(|| fail("no secret: give --secret SECRET, --secret @FILE or set JENKINS_SECRET"));
-    let secret = match secret.strip_prefix('@') {
-        Some(path) => match std::fs::read_to_string(path) {
-            Ok(s) => s.trim().to_string(),
-            Err(e) => fail(&format!("cannot read the secret from {path}: {e}")),
-        },
-        None => secret,
+    let secret = args.secret.or(pos_secret).or_else(|| env("JENKINS_SECRET"));
+    let adopted = match handed {
+        None => None,
+        Some(Ok(state)) => Some(state),
+        Some(Err(e)) => {
+            log::error!("the previous agent's hand-over state is unusable: {e}; starting as a fresh agent");
+            if secret.as_ref().is_none_or(|s| s.bytes().all(|b| b == b'*')) {
+                fail(
+                    "the previous agent's secret was on its command line or in its environment, where it \
+                     is overwritten, and no usable hand-over state has it: start the agent again (prefer \
+                     --secret @FILE)",
+                );
+            }
+            None
+        }
     };
+    let (name, secret) = match (&adopted, secret) {
+        // The node and secret the previous agent used (the secret is not on the command line, or
+        // it is overwritten there).
+        (Some((state, _)), _) => {
+            if state.name != name {
+                log::warn!(
+                    "the command line names node '{name}' but the previous agent ran as '{}': staying that",
+                    state.name
+                );
+            }
+            (state.name.clone(), state.secret.clone())
+        }
+        (None, None) => fail("no secret: give --secret SECRET, --secret @FILE or set JENKINS_SECRET"),
+        (None, Some(secret)) => match secret.strip_prefix('@') {
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(s) => (name, s.trim().to_string()),
+                Err(e) => fail(&format!("cannot read the secret from {path}: {e}")),
+            },
+            None => (name, secret),
+        },
+    };
+    // What an upgrade executes: this command line, the secret overwritten as /proc shows it.
+    let exec_argv: Vec<std::ffi::CString> = raw
+        .iter()
+        .map(|a| if *a == secret { "*".repeat(a.len()) } else { a.clone() })
+        .filter_map(|a| std::ffi::CString::new(a).ok())
+        .collect();
     let kafka = args.kafka.as_deref().map(|brokers| {
         let sasl = [args.kafka_sasl.as_deref(), args.kafka_user.as_deref(), args.kafka_password.as_deref()];
         kafka_mode(brokers, args.kafka_tls, args.kafka_cert.as_deref(), sasl, &name)
@@ -287,6 +333,7 @@ fn main() {
     }
     raise_open_file_limit();
     let signals = process::TermSignals::open().unwrap_or_else(|e| fail(&format!("signals: {e}")));
+    let hangups = process::Hangups::open().unwrap_or_else(|e| fail(&format!("signals: {e}")));
     let mut shutdown = Shutdown::new(async move {
         let sig = signals.next().await;
         log::info!("{sig} received: stopping");
@@ -348,7 +395,8 @@ fn main() {
     }
     let spool_cap = args.spool_cap.unwrap_or(agent::DEFAULT_SPOOL_CAP);
     let cfg = agent::Config { url, name, secret, mode, work_dir, trust, spool_cap };
-    if let Err(e) = agent::run(cfg, shutdown) {
+    let upgrade = agent::Upgrade { exe, argv: exec_argv, requests: hangups, adopted };
+    if let Err(e) = agent::run_upgradable(cfg, shutdown, Some(upgrade)) {
         exit_with(e);
     }
 }
