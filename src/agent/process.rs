@@ -41,8 +41,8 @@ extern "C" fn no_op(_: nix::libc::c_int) {}
 
 /// Block SIGTERM, SIGINT, SIGHUP and SIGCHLD in the calling thread, and so in every thread it starts later,
 /// so that [`TermSignals`] and an orphan-reaping [`Reaper`] can read them from a signalfd. Call it
-/// first thing in `main`, before any thread exists. Steps start with an empty signal mask (std
-/// resets it for children).
+/// first thing in `main`, before any thread exists. Steps start with an empty signal mask again
+/// ([`spawn_shell`]'s hook).
 pub fn block_signals() -> std::io::Result<()> {
     let action = signal::SigAction::new(
         SigHandler::Handler(no_op),
@@ -274,10 +274,15 @@ pub fn spawn_shell<'a>(
     for (k, v) in env {
         cmd.env(k, v);
     }
-    // Its own process group, so a cancel or timeout reaches everything the step started. No
-    // pre_exec hook: std can then use posix_spawn (vfork + exec), much cheaper than a fork. std
-    // also resets SIGPIPE (which the agent ignores) and the signal mask for the child; caught
-    // signals reset on exec.
+    // Its own process group, so a cancel or timeout reaches everything the step started. The
+    // agent blocks the signals it reads from signalfds, and a child inherits the mask (std does
+    // not reset it): a step whose TERM stayed blocked would only ever end by KILL, so the hook
+    // empties it. (The hook costs std's posix_spawn path: the step is forked. Caught signals reset
+    // on exec, and std resets the SIGPIPE the agent ignores.)
+    // SAFETY: the hook only calls sigprocmask, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| SigSet::empty().thread_set_mask().map_err(std::io::Error::from));
+    }
     cmd.process_group(0);
     let child = cmd.spawn().map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound && !std::path::Path::new(shell).exists() {
