@@ -100,7 +100,7 @@ fn show_wait(d: Duration) -> String {
     if d.subsec_millis() == 0 {
         format!("{} s", d.as_secs())
     } else {
-        format!("{:.1} s", d.as_secs_f64())
+        format!("{} s", crate::text::Tenths(d))
     }
 }
 

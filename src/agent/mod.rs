@@ -266,11 +266,11 @@ impl Setback {
     fn describe(&self, delay: Duration) -> String {
         match self.kind {
             SetbackKind::Busy(_) => format!(
-                "the controller is overloaded / refusing for now ({}); retrying in {:.1}s",
+                "the controller is overloaded / refusing for now ({}); retrying in {}s",
                 self.msg,
-                delay.as_secs_f64()
+                crate::text::Tenths(delay)
             ),
-            _ => format!("{}; retrying in {:.1}s", self.msg, delay.as_secs_f64()),
+            _ => format!("{}; retrying in {}s", self.msg, crate::text::Tenths(delay)),
         }
     }
 }
@@ -571,7 +571,7 @@ async fn run_on_with(
                     log::warn!("{}", setback.describe(delay));
                 } else {
                     log::warn!("{}", setback.msg);
-                    log::info!("reconnecting in {:.1}s", delay.as_secs_f64());
+                    log::info!("reconnecting in {}s", crate::text::Tenths(delay));
                 }
                 Timer::after(delay).await;
             }
