@@ -583,3 +583,209 @@ fn shell_completions_follow_the_argument_definitions() {
     assert!(log.contains("--data[the controller's data dir"), "{log}");
     assert!(log.contains(":value:_files"), "{log}");
 }
+
+// ---- the README against the binaries' own --help ----
+
+/// README.md, whose sections these tests hold to the binaries' `--help`.
+fn readme() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap()
+}
+
+/// The text of the README section whose `###` heading is `heading`, up to the next `###` or `##`.
+fn readme_section(readme: &str, heading: &str) -> String {
+    let start = readme
+        .lines()
+        .position(|l| l == format!("### {heading}"))
+        .unwrap_or_else(|| panic!("README.md has no section `### {heading}`"));
+    let body: Vec<&str> = readme
+        .lines()
+        .skip(start + 1)
+        .take_while(|l| !(l.starts_with("### ") || l.starts_with("## ")))
+        .collect();
+    body.join("\n")
+}
+
+/// The options a `--help` text lists, each as its long name and its short one if any
+/// (`-f, --follow`), without `--help`.
+fn help_options(help: &str) -> Vec<(String, Option<String>)> {
+    let list = help.split("\nOptions:\n").nth(1).unwrap_or("");
+    let list = list.split("\nCommands:\n").next().unwrap();
+    let mut opts = Vec::new();
+    for line in list.lines() {
+        let Some(names) = line.strip_prefix("  ").filter(|l| l.starts_with('-')) else { continue };
+        let names = names.split("  ").next().unwrap().trim();
+        let mut short = None;
+        let mut long = None;
+        for n in names.split(", ") {
+            if n.starts_with("--") {
+                long = Some(n.to_string());
+            } else if n.starts_with('-') {
+                short = Some(n.to_string());
+            }
+        }
+        let long = long.unwrap_or_else(|| panic!("an option without a long name in {line:?}"));
+        if long != "--help" {
+            opts.push((long, short));
+        }
+    }
+    assert!(!opts.is_empty(), "no options found in:\n{help}");
+    opts
+}
+
+/// The option names (`--word-word`) written in code spans or code blocks of `text`: what follows a
+/// backtick or sits in a ``` block, up to a character that cannot be in an option's name.
+fn mentioned_options(text: &str) -> std::collections::BTreeSet<String> {
+    let mut found = std::collections::BTreeSet::new();
+    let bytes = text.as_bytes();
+    for (i, _) in text.match_indices("--") {
+        let before = if i == 0 { b' ' } else { bytes[i - 1] };
+        if !matches!(before, b'`' | b' ' | b'[' | b'(' | b'|' | b'\n') {
+            continue;
+        }
+        let name: String = text[i + 2..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')
+            .collect();
+        if !name.is_empty() && !name.ends_with('-') {
+            found.insert(format!("--{name}"));
+        }
+    }
+    found
+}
+
+/// Whether `text` names the option as a user would type it: `` `--opt`` in a code span, or `--opt`
+/// in a code block or a usage line, followed by the end of its name.
+fn names_option(text: &str, opt: &str) -> bool {
+    text.match_indices(opt).any(|(i, _)| {
+        let next = text[i + opt.len()..].chars().next().unwrap_or(' ');
+        let prev = text[..i].chars().last().unwrap_or(' ');
+        !(next.is_ascii_alphanumeric() || next == '-') && matches!(prev, '`' | ' ' | '[' | '(' | '|' | '\n')
+    })
+}
+
+/// The description `--help` gives `opt`, its lines joined by single spaces.
+fn help_entry(help: &str, opt: &str) -> Option<String> {
+    let mut lines = help.lines().skip_while(|l| {
+        let l = l.trim_start();
+        !(l.starts_with(opt) && l[opt.len()..].chars().next().is_none_or(char::is_whitespace))
+    });
+    let first = lines.next()?.trim_start()[opt.len()..].to_string();
+    let rest = lines.take_while(|l| l.starts_with("      "));
+    Some(
+        std::iter::once(first.as_str())
+            .chain(rest)
+            .flat_map(str::split_whitespace)
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+}
+
+#[test]
+fn serve_help_and_the_readme_table_agree_on_options_and_defaults() {
+    let help = text(&wisp_alone(&["serve", "--help"]).stdout);
+    let section = readme_section(&readme(), "`wisp serve`");
+    let opts = help_options(&help);
+    for (long, _) in &opts {
+        assert!(
+            names_option(&section, long),
+            "`wisp serve --help` has {long}; README's `wisp serve` section does not"
+        );
+    }
+    // Every row of the table is an option the controller has, and its default is what --help says.
+    let mut rows = 0;
+    for row in section.lines().filter(|l| l.starts_with("| `--")) {
+        rows += 1;
+        let cells: Vec<&str> = row.split(" | ").collect();
+        let opt = cells[0].trim_start_matches("| `").split([' ', '`']).next().unwrap();
+        let entry = help_entry(&help, opt)
+            .unwrap_or_else(|| panic!("README's `wisp serve` table has {opt}; `wisp serve --help` does not"));
+        let readme_default = cells.get(1).map(|c| c.trim().trim_matches('`')).unwrap_or("");
+        if let Some(d) = entry.split("(default ").nth(1) {
+            let help_default = d.split([')', ';']).next().unwrap();
+            if !help_default.starts_with(char::is_alphabetic) || help_default.starts_with("./") {
+                assert_eq!(readme_default, help_default, "{opt}: README's default is not --help's ({entry})");
+            }
+        }
+    }
+    assert!(rows >= 15, "README's `wisp serve` table: only {rows} rows found");
+}
+
+#[test]
+fn agent_help_and_the_readme_agree_on_options() {
+    let help = text(&Command::new(AGENT).arg("--help").output().unwrap().stdout);
+    let readme = readme();
+    let sections = readme_section(&readme, "`wisp-agent`") + &readme_section(&readme, "Agents through Kafka");
+    let opts = help_options(&help);
+    for (long, _) in &opts {
+        assert!(
+            names_option(&sections, long),
+            "`wisp-agent --help` has {long}; README's agent sections do not"
+        );
+    }
+    // The usage block at the top of the section names only options the agent has.
+    let usage =
+        sections.split("```").nth(1).expect("README's `wisp-agent` section starts with a usage block");
+    for opt in mentioned_options(usage) {
+        assert!(
+            opts.iter().any(|(l, _)| *l == opt),
+            "README's agent usage names {opt}; `wisp-agent --help` has no such option"
+        );
+    }
+}
+
+/// The client command lines `wisp --help` leads to, each with its `--help` text: `["node", "add"]`.
+fn client_commands() -> Vec<(Vec<String>, String)> {
+    fn commands(help: &str) -> Vec<String> {
+        let Some(list) = help.split("\nCommands:\n").nth(1) else { return Vec::new() };
+        list.lines()
+            .filter_map(|l| l.strip_prefix("  ").filter(|l| !l.starts_with(' ')))
+            .map(|l| l.split_whitespace().next().unwrap().to_string())
+            .collect()
+    }
+    let mut out = Vec::new();
+    let mut todo: Vec<Vec<String>> =
+        commands(&text(&wisp_alone(&["--help"]).stdout)).into_iter().map(|c| vec![c]).collect();
+    while let Some(path) = todo.pop() {
+        let mut args: Vec<&str> = path.iter().map(String::as_str).collect();
+        args.push("--help");
+        let help = text(&wisp_alone(&args).stdout);
+        let subs = commands(&help);
+        if subs.is_empty() {
+            out.push((path, help));
+        } else {
+            todo.extend(subs.into_iter().map(|s| [path.clone(), vec![s]].concat()));
+        }
+    }
+    out
+}
+
+#[test]
+fn every_client_command_and_option_is_in_the_readme() {
+    let readme = readme();
+    let section = readme_section(&readme, "Client commands");
+    // Options every client command shares; the section names each once.
+    let shared = ["--url", "--token", "--data", "--instance-identity", "--cert", "--no-certificate-check"];
+    for opt in shared {
+        assert!(names_option(&section, opt), "README's Client commands do not name {opt}");
+    }
+    let commands = client_commands();
+    assert!(commands.len() >= 15, "only {} client commands found", commands.len());
+    for (path, help) in &commands {
+        let line = format!("wisp {}", path.join(" "));
+        if path[0] == "serve" {
+            continue; // its own section, checked above
+        }
+        assert!(
+            section.contains(&format!("`{line}")),
+            "`{line}` is a command (`wisp --help`) that README's Client commands do not show"
+        );
+        for (long, short) in help_options(help) {
+            if shared.contains(&long.as_str()) {
+                continue;
+            }
+            let named =
+                names_option(&section, &long) || short.as_deref().is_some_and(|s| names_option(&section, s));
+            assert!(named, "`{line} --help` has {long}; README's Client commands do not");
+        }
+    }
+}
