@@ -210,3 +210,107 @@ fn two_sighups_in_a_row_on_an_idle_agent_are_re_execs_and_it_still_serves() {
     assert!(alive(agent.pid()));
     ctl.wait_online("idle");
 }
+
+/// `git` in this checkout; its trimmed output when it succeeds.
+fn git(args: &[&str]) -> Option<String> {
+    let out = Command::new("git").args(args).current_dir(env!("CARGO_MANIFEST_DIR")).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The agent of the commit before this checkout's HEAD (or of `WISP_UPGRADE_FROM`, any revision),
+/// built from that commit's files (`git archive`) in a target dir of its own under this one's
+/// `upgrade-from/`, and its commit. `None`, with the reason on stderr, where there is no such
+/// commit to build (not a git checkout, a shallow clone) or it has no in-place upgrade to hand over
+/// from (it predates `src/agent/handover.rs`). A failed build of a commit that has it is a failure.
+fn previous_agent() -> Option<(PathBuf, String)> {
+    let rev = std::env::var("WISP_UPGRADE_FROM").unwrap_or_else(|_| "HEAD~1".into());
+    let Some(commit) = git(&["rev-parse", "--short=12", "--verify", &format!("{rev}^{{commit}}")]) else {
+        eprintln!("SKIP: no commit {rev} in this checkout (not a git checkout, or a shallow clone)");
+        return None;
+    };
+    if git(&["cat-file", "-e", &format!("{commit}:src/agent/handover.rs")]).is_none() {
+        eprintln!("SKIP: {rev} ({commit}) predates the in-place upgrade (no src/agent/handover.rs)");
+        return None;
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let root = target.join("upgrade-from");
+    let src = root.join(&commit);
+    let exe = root.join("target/debug/wisp-agent");
+    if !src.join("Cargo.toml").exists() {
+        let tmp = root.join(format!("{commit}.tmp"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).unwrap();
+        let st = Command::new("sh")
+            .arg("-c")
+            .arg("git archive --format=tar \"$1\" | tar -x -C \"$2\"")
+            .args(["sh", &commit])
+            .arg(&tmp)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .unwrap();
+        assert!(st.success(), "git archive {commit} failed");
+        std::fs::rename(&tmp, &src).unwrap();
+    }
+    // Its own target dir (the one running these tests is locked by cargo); dependencies at
+    // opt-level 0, which builds in about half the time.
+    eprintln!("building the agent of {rev} ({commit}) in {}", src.display());
+    let out = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "--no-default-features", "--bin", "wisp-agent"])
+        .args(["--config", "profile.dev.package.\"*\".opt-level=0"])
+        .env("CARGO_TARGET_DIR", root.join("target"))
+        .env("WISP_COMMIT", &commit)
+        .env_remove("WISP_RELEASE_VERSION")
+        .current_dir(&src)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "building the agent of {commit} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some((exe, commit))
+}
+
+/// The acceptance test of an upgrade as users make it: an agent of the previous commit runs a
+/// build, this commit's agent is put at its path and the old one gets SIGHUP. The process stays,
+/// runs the new binary, the controller sees the new version, and the build ends with every line
+/// once. Skips (saying why) where the previous commit cannot be built; see [`previous_agent`].
+#[test]
+fn an_agent_of_the_previous_commit_is_replaced_by_this_ones_mid_build() {
+    let Some((old_agent, old_commit)) = previous_agent() else { return };
+    let ctl = Controller::start();
+    let work = TempDir::new("upgrade-prev");
+    let bin = work.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let exe = bin.join("wisp-agent");
+    std::fs::copy(&old_agent, &exe).unwrap();
+    let secret = ctl.add_node("prev", "prev", &[]);
+    let agent = start_agent(&ctl, &exe, "prev", &secret, true, &work.path().join("w"));
+    let old_version = format!("{} ({old_commit})", env!("CARGO_PKG_VERSION"));
+    let node_has = |version: &str| {
+        let want = format!("\t{version} ");
+        wait_for(&format!("node prev online with {version}"), Duration::from_secs(30), || {
+            ctl.node_line("prev").filter(|l| l.starts_with("prev\tonline\t") && l.contains(&want))
+        })
+    };
+    node_has(&old_version);
+    let pid = agent.pid();
+    let id = ctl.submit(&slow_pipeline("prev"));
+    wait_lines(&ctl, id, 5);
+    let new = replace(&exe, &std::fs::read(AGENT).unwrap(), 0o755);
+    hup(&agent);
+    let log = wait_log(&agent, &format!("from the previous agent (version {old_version})"), 1);
+    assert!(alive(pid), "the same process goes on:\n{log}");
+    assert_eq!(std::fs::metadata(format!("/proc/{pid}/exe")).unwrap().ino(), new, "it runs the new binary");
+    if expected_version() != old_version {
+        node_has(&expected_version());
+    }
+    assert_whole_log(&ctl, id, &agent);
+    assert!(
+        ctl.log_text().contains(&format!("build {id} step 1: resumed on node prev")),
+        "{}",
+        ctl.log_text()
+    );
+}
