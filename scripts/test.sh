@@ -3,7 +3,8 @@
 # static/ARM/container checks. Installs what it needs (rustup components and targets, Debian
 # packages, cargo-fuzz) itself, so it works on a fresh machine.
 #   WISP_FUZZ_SECONDS   seconds per fuzz target (default 20; four targets)
-#   WISP_SKIP_STATIC=1  skip the static-binary, image and ARM tests (for quick local runs)
+#   WISP_SKIP_STATIC=1  skip the static-binary, image, ARM, release and systemd tests (for quick
+#                       local runs)
 # Some tests need root: network namespaces and iptables (tests/faults.rs), a small tmpfs for the
 # full-disk test (tests/controller.rs) and a PID namespace (tests/agent.rs). tests/kube_backend.rs
 # runs kmock, an in-memory Kubernetes API emulator from PyPI (no real API server installs here);
@@ -73,6 +74,17 @@ bash scripts/fuzz.sh "${WISP_FUZZ_SECONDS:-20}"
 if [ "${WISP_SKIP_STATIC:-0}" != 1 ]; then
     section "static agent, image, ARM under emulation"
     bash scripts/test-static.sh
+fi
+
+if [ "${WISP_SKIP_STATIC:-0}" != 1 ]; then
+    # A smoke release (the controller without LTO) checked as a user meets it, then the README's
+    # install section followed under a real systemd with its files.
+    section "release smoke: scripts/release.sh, check-release.sh, test-systemd.sh"
+    # Cargo.toml's own version from a clean tree: the agents are the cargo builds test-static.sh
+    # has just made (release.sh only copies them), the controllers are built --quick.
+    smoke=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)
+    bash scripts/release.sh --quick --allow-dirty --check "$smoke"
+    bash scripts/test-systemd.sh "${CARGO_TARGET_DIR:-target}/release-$smoke"
 fi
 
 section "bench smoke"
