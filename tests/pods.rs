@@ -237,6 +237,9 @@ fn one_hundred_builds_against_a_cap_of_three_never_see_a_fourth_pod() {
                 let n = pods_with("wisp.dev/controller", &id).len();
                 most.fetch_max(n, Ordering::SeqCst);
                 looks += 1;
+                // Each look is a `podman pod ps`; back to back they would hold a core of the two
+                // the pods themselves need. The controller's log below catches any pod between.
+                std::thread::sleep(Duration::from_millis(50));
             }
             looks
         })
