@@ -4,7 +4,8 @@
 //! kind of wire (TCP, WebSocket) and `link` tags and codes them over any transport; `dial` opens
 //! connections to the controller for the agent and the CLI; `tls` holds the certificate checks and
 //! identity fingerprints; `agent` is the agent. With the `controller` feature, `controller` is the
-//! controller and `cli` the `wisp` command line and its HTTP client.
+//! controller and `cli` the `wisp` command line and its HTTP client (the `parsers` feature alone
+//! builds just the controller's parsers).
 #![warn(missing_docs)]
 
 pub mod agent;
@@ -22,5 +23,5 @@ pub mod transport;
 
 #[cfg(feature = "controller")]
 pub mod cli;
-#[cfg(feature = "controller")]
+#[cfg(feature = "parsers")]
 pub mod controller;

@@ -6,8 +6,8 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PersistentVolumeClaim, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use serde::de::DeserializeOwned;
-use wisp::controller::cloud::template::parse_clouds;
 use wisp::controller::pipeline;
+use wisp::controller::template::parse_clouds;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 

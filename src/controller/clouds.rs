@@ -3,9 +3,9 @@
 
 use super::cloud::backend::PodBackend;
 use super::cloud::pods::PodCloud;
-use super::cloud::template::{self, CloudKind, CloudSpec};
 use super::cloud::{self, Cloud, CloudFuture, CloudView, Dial, Host, TemplateView};
 use super::core::{ApiError, Controller};
+use super::template::{self, CloudKind, CloudSpec};
 use std::sync::Arc;
 
 impl Controller {

@@ -683,7 +683,7 @@ impl Controller {
         build: &LiveBuild,
         unit: u32,
         expr: crate::controller::labels::LabelExpr,
-        inline: Option<crate::controller::cloud::template::PodTemplate>,
+        inline: Option<crate::controller::template::PodTemplate>,
     ) -> smol::channel::Receiver<Result<String, String>> {
         let (tx, rx) = smol::channel::bounded(1);
         {

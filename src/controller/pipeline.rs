@@ -4,7 +4,7 @@
 //! name: hello                  # [A-Za-z0-9._-], 1 to 64 characters
 //! agent: {label: "linux && x86_64"}   # optional; see `labels::parse`
 //! # agent: {kubernetes: {containers: [{name: build, image: maven}]}}  # an inline pod template,
-//! #   fields as in a cloud's template (`cloud::template`), `name` optional
+//! #   fields as in a cloud's template (`template`), `name` optional
 //! env: {GREETING: hi}          # optional; numbers and booleans are kept as written
 //! steps:                       # 1 to 256
 //!   - sh: echo "$GREETING"     # the script, run as `SHELL -c SCRIPT`
@@ -50,8 +50,8 @@ pub mod stages;
 pub use plan::{Kind, Plan, Planned};
 pub use stages::{Parameter, Selection, Stage};
 
-use super::cloud::template::PodTemplate;
 use super::labels::{self, LabelExpr};
+use super::template::PodTemplate;
 use crate::proto::MAX_FRAME;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use stages::{StepKind, StepSpec};

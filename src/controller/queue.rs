@@ -2,10 +2,10 @@
 //! for a cloud, and why each of the others waits. Pure: no I/O and no locks of its own; the
 //! controller calls it under its state lock and acts on the decisions after releasing it.
 
-use super::cloud::template::PodTemplate;
 use super::cloud::{Cloud, Reserve, Want, STATIC};
 use super::labels::LabelExpr;
 use super::nodes::{Node, Nodes};
+use super::template::PodTemplate;
 use std::collections::VecDeque;
 use std::sync::Arc;
 

@@ -6,7 +6,7 @@
 use super::backend::{
     BackendFuture, ContainerState, Diagnosis, Phase, PodBackend, PodEvent, PodInfo, Selector,
 };
-use super::template::CloudSpec;
+use crate::controller::template::CloudSpec;
 use crate::text::truncate;
 use async_compat::Compat;
 use futures_rustls::pki_types::{pem::PemObject, CertificateDer};

@@ -9,22 +9,22 @@
 //! through [`Host`]: a pod that failed fails the build it was started for, with the reason; a pod
 //! deleted or evicted under a running build fails that build at once.
 //!
-//! `pods.rs` is the one implementation: pod templates (`template.rs`) run by a [`backend`]
-//! (`kubernetes.rs` through the Kubernetes API, `podman.rs` through the local podman).
+//! `pods.rs` is the one implementation: pod templates ([`super::template`], which pipelines use
+//! too) run by a [`backend`] (`kubernetes.rs` through the Kubernetes API, `podman.rs` through the
+//! local podman).
 
 pub mod backend;
 pub mod kubernetes;
 pub mod podman;
 pub mod podman_api;
 pub mod pods;
-pub mod template;
 
 use super::labels::LabelExpr;
 use super::store::NodeRecord;
+use super::template::PodTemplate;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use template::PodTemplate;
 
 /// A future a cloud answers with.
 pub type CloudFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;

@@ -22,9 +22,9 @@
 //!   whenever one appears. Nodes whose pod vanished while the controller was down are removed.
 
 use super::backend::{ContainerState, Phase, PodBackend, PodEvent, PodInfo, Selector};
-use super::template::{self, AgentEnv, CloudSpec, PodTemplate, Retention};
 use super::{AfterBuild, Cloud, CloudFuture, CloudView, Host, Reserve, TemplateView, Want};
 use crate::controller::store::NodeRecord;
+use crate::controller::template::{self, AgentEnv, CloudSpec, PodTemplate, Retention};
 use event_listener::Event;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};

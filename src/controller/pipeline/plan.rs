@@ -11,8 +11,8 @@
 
 use super::stages::{fill, Body, Parameter, Retry, Selection, Stage, StepKind, StepSpec};
 use super::{env_entry_len, frame_len, labels, Pipeline, PipelineError, Step, MAX_ENV_VARS, MAX_FRAME};
-use crate::controller::cloud::template::PodTemplate;
 use crate::controller::labels::LabelExpr;
+use crate::controller::template::PodTemplate;
 use std::collections::BTreeMap;
 
 /// Steps one build may plan (after matrix expansion).

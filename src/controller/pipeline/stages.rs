@@ -31,8 +31,8 @@ use super::{
     check_env_value, check_label, check_name, check_step_name, valid_env_name, EnvSeed, Field, Nullable,
     Text, MAX_ENV_VARS,
 };
-use crate::controller::cloud::template::PodTemplate;
 use crate::controller::labels::LabelExpr;
+use crate::controller::template::PodTemplate;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use std::fmt;
 

@@ -39,7 +39,7 @@ mod pod;
 pub use merge::{combine, resolve};
 pub use pod::{pod_manifest, pod_name, AgentEnv, TOOLS_DIR, WORKSPACE_DIR};
 
-use super::super::labels::LabelExpr;
+use super::labels::LabelExpr;
 use serde::{Deserialize, Serialize, Serializer};
 use std::collections::BTreeMap;
 use std::fmt;
