@@ -6,9 +6,9 @@
 #   WISP_FUZZ_SANITIZER  the fuzz build's sanitizer (default here: none; `address` for ASan)
 #   WISP_SKIP_STATIC=1  skip the static-binary, image, ARM, release and systemd tests (for quick
 #                       local runs)
-#   WISP_RELEASE_SMOKE=1  also make a smoke release and check it (release.sh --quick --check,
-#                       then test-systemd.sh): about ten minutes more; off until the whole run is
-#                       measured within CI's time with it
+#   WISP_RELEASE_SMOKE=0  skip the smoke release (release.sh --quick --check, then
+#                       test-systemd.sh; about ten minutes), which runs by default after the static
+#                       tests
 # Some tests need root: network namespaces and iptables (tests/faults.rs), a small tmpfs for the
 # full-disk test (tests/controller.rs) and a PID namespace (tests/agent.rs). tests/kube_backend.rs
 # runs kmock, an in-memory Kubernetes API emulator from PyPI (no real API server installs here);
@@ -104,7 +104,7 @@ if [ "${WISP_SKIP_STATIC:-0}" != 1 ]; then
     bash scripts/test-static.sh
 fi
 
-if [ "${WISP_SKIP_STATIC:-0}" != 1 ] && [ "${WISP_RELEASE_SMOKE:-0}" = 1 ]; then
+if [ "${WISP_SKIP_STATIC:-0}" != 1 ] && [ "${WISP_RELEASE_SMOKE:-1}" = 1 ]; then
     # A smoke release (the controller without LTO) checked as a user meets it, then the README's
     # install section followed under a real systemd with its files.
     section "release smoke: scripts/release.sh, check-release.sh, test-systemd.sh"
