@@ -23,6 +23,12 @@ pub const TAG_LEN: usize = 16;
 pub const MAX_WIRE_FRAME: usize = MAX_FRAME + TAG_LEN;
 /// Largest output payload in one `Output` frame: leaves room for the header within `MAX_FRAME`.
 pub const MAX_OUTPUT_CHUNK: usize = 32 * 1024;
+/// Output bytes of one step that may be sent and not yet stored on a direct link (TCP or
+/// WebSocket): the controller's credit window, and the agent's in-memory ring of output
+/// (`agent::spool::MEMORY`) is as large, so on a live link output never leaves the agent's memory
+/// before the controller has it (the disk spool is for a lost link). 64 KiB: a ring of 128 KiB
+/// put the agent over its heap budget on WebSocket (256 KiB, the counting-allocator tests).
+pub const STEP_WINDOW: usize = 64 * 1024;
 /// Longest node name; also the limit on each label.
 pub const MAX_NAME: usize = 64;
 /// Longest free-text message (rejections, exit explanations).

@@ -19,11 +19,11 @@ use std::path::{Path, PathBuf};
 /// Bytes per segment file.
 pub const SEGMENT: u64 = 8 << 20;
 
-/// Bytes of output held in memory: a quarter of the controller's credit window for a direct link
-/// (`controller::steps::STEP_CREDIT`), as much as the agent's heap budget (256 KiB, the
-/// counting-allocator tests) leaves room for. A stream faster than the controller stores it keeps
-/// the whole window unacknowledged, and what is beyond the ring then goes to disk.
-pub const MEMORY: usize = 64 * 1024;
+/// Bytes of output held in memory: the controller's whole credit window for a direct link
+/// ([`proto::STEP_WINDOW`](crate::proto::STEP_WINDOW)). On a live link the agent has at most that
+/// much sent and not yet stored, so however fast a step writes, nothing goes to disk; a Kafka
+/// link (a larger window) or a lost one spills what leaves the ring unacknowledged.
+pub const MEMORY: usize = crate::proto::STEP_WINDOW;
 
 /// One step's spool.
 pub struct Spool {

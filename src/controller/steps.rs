@@ -17,15 +17,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-/// Output bytes an agent may send per step before the controller grants more: enough to keep a
-/// loopback link busy, small enough that a stalled controller holds the step's pipe, not memory.
-pub const STEP_CREDIT: u32 = 256 * 1024;
+/// Output bytes an agent may send per step before the controller grants more
+/// ([`proto::STEP_WINDOW`](crate::proto::STEP_WINDOW)): enough to keep a loopback link busy,
+/// small enough that a stalled controller holds the step's pipe, not memory, and never more than
+/// the agent holds in memory.
+pub const STEP_CREDIT: u32 = crate::proto::STEP_WINDOW as u32;
 /// The credit window of a step whose agent goes through Kafka: a round trip there is a produce
 /// and a fetch each way (tens of ms), and one window per round trip is the most a stream gets.
 pub const KAFKA_STEP_CREDIT: u32 = 4 << 20;
-/// Output credit is granted back in batches of this many bytes (a quarter of the window), so a
-/// fast stream costs one Credit frame per 64 KiB instead of one per output frame.
-pub const CREDIT_BATCH: u32 = STEP_CREDIT / 4;
+/// Output credit is granted back in batches of this many bytes (half the window: the agent
+/// always has the other half to send while the grant travels), so a fast stream costs one Credit
+/// frame per 32 KiB stored, one per output frame at most.
+pub const CREDIT_BATCH: u32 = STEP_CREDIT / 2;
 /// How long a step whose log cannot be written waits before the write is tried again.
 pub const WRITE_RETRY: Duration = Duration::from_secs(1);
 /// Events that may wait for the runner: a step has one exit and a few stall changes.

@@ -2,13 +2,16 @@
 //! allocator measures every allocation made by the agent's threads in this process (the
 //! controller is a separate process; the test's own thread is excluded). Each transport is
 //! measured in its own test binary (`agent_heap_tcp`, `agent_heap_ws`), so one agent's heap never
-//! shows up in the other's figure.
+//! shows up in the other's figure. The same run shows that on a live link the output never goes
+//! through the agent's disk spool, however fast the step writes: the agent's own log line for
+//! the step says how many bytes it wrote to disk, and that is 0.
 
 use super::common::*;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicIsize, Ordering};
-use std::time::Duration;
+use std::fmt;
+use std::sync::atomic::{AtomicIsize, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 /// The budget the issue asks for: the agent's live heap never exceeds this while streaming.
 pub const BUDGET: isize = 256 * 1024;
@@ -55,6 +58,49 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static A: Counting = Counting;
 
+/// Bytes the agent's step wrote to its disk spool, from the step's "done" log line (`u64::MAX`
+/// until that line is seen).
+static SPILLED: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// The agent's log, read for that one line without allocating (the line is formatted into a
+/// buffer on the stack, so the logger adds nothing to the heap it measures).
+struct SpillLog;
+
+struct Line {
+    buf: [u8; 512],
+    len: usize,
+}
+
+impl fmt::Write for Line {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let n = s.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
+}
+
+impl log::Log for SpillLog {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::Level::Info
+    }
+    fn log(&self, r: &log::Record) {
+        let mut line = Line { buf: [0; 512], len: 0 };
+        let _ = fmt::write(&mut line, *r.args());
+        let bytes = &line.buf[..line.len];
+        let text = std::str::from_utf8(bytes)
+            .unwrap_or_else(|e| std::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or_default());
+        if let Some(head) = text.strip_suffix(" bytes of it written to disk") {
+            if let Some(n) = head.rsplit(", ").next().and_then(|n| n.parse().ok()) {
+                SPILLED.store(n, Ordering::SeqCst);
+            }
+        }
+    }
+    fn flush(&self) {}
+}
+
+static LOGGER: SpillLog = SpillLog;
+
 /// Start an agent in this process, let a step write 1 GiB through it, and return its heap when
 /// connected and idle and its peak over its whole life (connecting included).
 fn stream_one_gib(ws: bool) -> (isize, isize) {
@@ -86,12 +132,19 @@ fn stream_one_gib(ws: bool) -> (isize, isize) {
     let b = ctl.wait_build_state(id, Duration::from_secs(600));
     assert_eq!(b["state"], "success", "{b}\n{}", ctl.log_text());
     assert_eq!(b["steps"][0]["bytes"], 1_073_741_824u64 + 5, "every byte stored: {b}");
+    // The agent logs the step's end once the controller has acknowledged its exit.
+    let until = Instant::now() + Duration::from_secs(30);
+    while SPILLED.load(Ordering::SeqCst) == u64::MAX && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     (idle, PEAK.load(Ordering::SeqCst))
 }
 
 /// The test body for one transport.
 pub fn check(ws: bool) {
     EXCLUDED.with(|e| e.set(true));
+    log::set_logger(&LOGGER).expect("the only logger");
+    log::set_max_level(log::LevelFilter::Info);
     // What other threads (libtest's own) hold before the agent starts is not the agent's.
     let before = CURRENT.load(Ordering::SeqCst);
     PEAK.store(before, Ordering::SeqCst);
@@ -103,4 +156,8 @@ pub fn check(ws: bool) {
     );
     assert!(peak > 0 && idle > 0, "the counting allocator saw the agent");
     assert!(peak <= BUDGET, "{transport}: peak agent heap {peak} bytes is over the {BUDGET}-byte budget");
+    let spilled = SPILLED.load(Ordering::SeqCst);
+    println!("agent spool ({transport}): {spilled} bytes of 1 GiB written to disk");
+    assert_ne!(spilled, u64::MAX, "the agent logged the step's end");
+    assert_eq!(spilled, 0, "{transport}: on a live link the output went through the agent's disk");
 }
