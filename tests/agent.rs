@@ -318,7 +318,8 @@ fn a_node_with_many_executors_notices_every_step_exit() {
 
 #[test]
 fn a_spool_failure_mid_run_is_not_reported_as_a_failure_to_start() {
-    let ctl = Controller::start();
+    // Fixed ports: the agent finds the controller again after it is killed and started.
+    let mut ctl = Controller::start_on_fixed_ports(&[]);
     let work = TempDir::new("spoolfail");
     let secret = ctl.add_node("sp", "sp", &[]);
     let mut cmd = agent_cmd(&ctl, "sp", &secret, &work.path().join("w"));
@@ -326,8 +327,9 @@ fn a_spool_failure_mid_run_is_not_reported_as_a_failure_to_start() {
     let agent = spawn_logged(cmd, work.path(), "sp");
     ctl.wait_online("sp");
     // The step puts a file where its output spool goes, then writes more than the agent holds in
-    // memory while the controller is stopped (so none of it is acknowledged): the agent must
-    // spool it to disk and cannot.
+    // memory while the controller is down (so none of it is acknowledged): the agent must spool
+    // it to disk and cannot. (A controller that is only stopped, its link still up, would not do:
+    // the agent sends within its credit window, which its memory holds, and the step waits.)
     let (ready, go) = (work.path().join("ready"), work.path().join("go"));
     let id = ctl.submit(&format!(
         "name: sp\nagent: {{label: sp}}\nsteps:\n  - sh: |\n      \
@@ -339,14 +341,12 @@ fn a_spool_failure_mid_run_is_not_reported_as_a_failure_to_start() {
         go = go.display()
     ));
     wait_for("the step to be ready", Duration::from_secs(20), || ready.exists().then_some(()));
-    let pid = ctl.proc.as_ref().unwrap().pid().to_string();
-    let signal = |sig: &str| assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
-    signal("-STOP");
+    ctl.kill();
     std::fs::write(&go, "").unwrap();
     wait_for("the agent to fail writing its spool", Duration::from_secs(20), || {
         agent.log_text().contains("cannot write the output spool").then_some(())
     });
-    signal("-CONT");
+    ctl.launch();
     let b = ctl.wait_build_state(id, Duration::from_secs(20));
     let text = b.to_string();
     assert_eq!(b["state"], "failure", "{text}");
