@@ -399,8 +399,10 @@ fn delete_removes_a_pod_and_a_pod_already_gone_is_ok() {
     assert_eq!(list(&run, &[]).len(), 1);
     let started = Instant::now();
     block(podman().delete(&name)).expect("delete");
+    // A stop with a grace would wait podman's 10 s before the KILL (`sleep` as PID 1 ignores
+    // TERM); what stays under that was killed at once, however busy the machine is.
     assert!(
-        started.elapsed() < Duration::from_secs(5),
+        started.elapsed() < Duration::from_secs(9),
         "delete waited {:?} (no grace wanted)",
         started.elapsed()
     );
