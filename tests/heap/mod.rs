@@ -11,7 +11,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::fmt;
 use std::sync::atomic::{AtomicIsize, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The budget the issue asks for: the agent's live heap never exceeds this while streaming.
 pub const BUDGET: isize = 256 * 1024;
@@ -133,10 +133,9 @@ fn stream_one_gib(ws: bool) -> (isize, isize) {
     assert_eq!(b["state"], "success", "{b}\n{}", ctl.log_text());
     assert_eq!(b["steps"][0]["bytes"], 1_073_741_824u64 + 5, "every byte stored: {b}");
     // The agent logs the step's end once the controller has acknowledged its exit.
-    let until = Instant::now() + Duration::from_secs(30);
-    while SPILLED.load(Ordering::SeqCst) == u64::MAX && Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for("the agent to log the step's end", Duration::from_secs(30), || {
+        (SPILLED.load(Ordering::SeqCst) != u64::MAX).then_some(())
+    });
     (idle, PEAK.load(Ordering::SeqCst))
 }
 
@@ -158,6 +157,5 @@ pub fn check(ws: bool) {
     assert!(peak <= BUDGET, "{transport}: peak agent heap {peak} bytes is over the {BUDGET}-byte budget");
     let spilled = SPILLED.load(Ordering::SeqCst);
     println!("agent spool ({transport}): {spilled} bytes of 1 GiB written to disk");
-    assert_ne!(spilled, u64::MAX, "the agent logged the step's end");
     assert_eq!(spilled, 0, "{transport}: on a live link the output went through the agent's disk");
 }
